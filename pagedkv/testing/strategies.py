@@ -1,0 +1,96 @@
+"""Hypothesis strategies for paged-KV inputs that pass pagedkv's validation.
+
+Every strategy here yields inputs a correct kernel must accept: slots inside
+the pool, unique write destinations, block tables whose used entries are real
+blocks (unused ones are set to -1, which a kernel must never read), copy lists
+whose sources and destinations are disjoint. Sizes default small so that
+hundreds of examples run in seconds (and under the CUDA simulator).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ..config import CacheConfig
+from ..layout import LAYOUTS
+from ..pool import KVPool
+
+__all__ = [
+    "configs", "slot_mappings", "block_tables", "block_copies", "token_arrays", "filled_pool",
+]
+
+
+@st.composite
+def configs(draw, *, max_layers: int = 3, max_kv_heads: int = 4, max_head_dim: int = 8,
+            max_blocks: int = 8, max_block_size: int = 8, layouts=LAYOUTS) -> CacheConfig:
+    """A small :class:`CacheConfig` in one of ``layouts``."""
+    return CacheConfig(
+        num_layers=draw(st.integers(1, max_layers)),
+        num_kv_heads=draw(st.integers(1, max_kv_heads)),
+        head_dim=draw(st.integers(1, max_head_dim)),
+        num_blocks=draw(st.integers(1, max_blocks)),
+        block_size=draw(st.integers(1, max_block_size)),
+        layout=draw(st.sampled_from(layouts)),
+    )
+
+
+@st.composite
+def slot_mappings(draw, config: CacheConfig, *, max_tokens: int = 24, padding: bool = True,
+                  unique: bool = True) -> np.ndarray:
+    """An int64 slot mapping: real slots (distinct if ``unique``) mixed with -1 padding."""
+    slot = st.integers(0, config.num_slots - 1)
+    real = draw(st.lists(slot, max_size=min(max_tokens, config.num_slots) if unique else max_tokens,
+                         unique=unique))
+    n_pad = draw(st.integers(0, max(0, max_tokens - len(real)))) if padding else 0
+    slots = np.array(real + [-1] * n_pad, dtype=np.int64)
+    return draw(st.permutations(slots.tolist()).map(lambda x: np.array(x, dtype=np.int64)))
+
+
+@st.composite
+def block_tables(draw, config: CacheConfig, *, max_seqs: int = 4, max_blocks_per_seq: int = 4,
+                 min_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(block_tables int32 [B, M], context_lens int32 [B])``.
+
+    Blocks may repeat within and across rows (forks and shared prefixes do
+    this); entries past a sequence's length are -1, which must never be read.
+    """
+    bs = config.block_size
+    b = draw(st.integers(1, max_seqs))
+    m = draw(st.integers(1, max_blocks_per_seq))
+    lens = [draw(st.integers(min(min_len, m * bs), m * bs)) for _ in range(b)]
+    tables = np.full((b, m), -1, dtype=np.int32)
+    for i, n in enumerate(lens):
+        used = -(-n // bs)
+        tables[i, :used] = draw(st.lists(st.integers(0, config.num_blocks - 1), min_size=used, max_size=used))
+    return tables, np.array(lens, dtype=np.int32)
+
+
+@st.composite
+def block_copies(draw, config: CacheConfig, *, same_pool: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(src, dst)`` int64 block lists valid for one call of copy_blocks (or swap_blocks).
+
+    Destinations are distinct; with ``same_pool`` no block is both a source
+    and a destination.
+    """
+    nb = config.num_blocks
+    perm = draw(st.permutations(range(nb)))
+    k = draw(st.integers(0, nb // 2 if same_pool else nb))
+    dst = perm[:k]
+    sources = perm[k:] if same_pool else list(range(nb))  # a source may feed several copies
+    src = [draw(st.sampled_from(sources)) for _ in dst]
+    return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+
+
+def token_arrays(config: CacheConfig, num_tokens: int, seed: int, count: int = 2) -> list[np.ndarray]:
+    """``count`` float32 ``[num_tokens, H, D]`` arrays of standard normal numbers."""
+    rng = np.random.default_rng(seed)
+    shape = (num_tokens, config.num_kv_heads, config.head_dim)
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+
+
+def filled_pool(config: CacheConfig, seed: int) -> KVPool:
+    """A CPU pool whose every element is a distinct-looking random number."""
+    pool = KVPool(config)
+    pool.data[:] = np.random.default_rng(seed).standard_normal(pool.data.size, dtype=np.float32)
+    return pool

@@ -1,0 +1,226 @@
+"""Front-door checks shared by every backend.
+
+A numba or CUDA kernel has no bounds checks: an index that is out of range
+there corrupts memory silently. So every public routine calls these checks
+first, and a kernel only ever sees inputs that passed them. Each check raises
+a specific :class:`~pagedkv.errors.PagedKVError` that says what was wrong and
+what was expected; none of them changes anything.
+
+Index arrays (slot mappings, block tables, context lengths, block lists) are
+checked by value, so they must be on the host here; a GPU backend copies them
+over before calling these functions (see :func:`host_array`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import (
+    BlockCopyError, BlockIndexError, ContextLengthError, ContiguityError, DTypeError,
+    DuplicateSlotError, PoolMismatchError, ShapeError, SlotIndexError,
+)
+from . import _scan
+from .pool import KVPool
+
+INT64 = np.dtype(np.int64)
+INT32 = np.dtype(np.int32)
+
+
+def host_array(a, name: str) -> np.ndarray:
+    """``a`` as a numpy array: numpy as is, a GPU array copied to the host.
+
+    Accepts numpy arrays, numba device arrays, CuPy arrays and any object
+    with ``__cuda_array_interface__`` (torch CUDA tensors).
+    """
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    if hasattr(a, "__cuda_array_interface__"):
+        from numba import cuda
+
+        return cuda.as_cuda_array(a).copy_to_host()
+    raise DTypeError(f"{name} must be an array, got {type(a).__name__}")
+
+
+def _is_c_contiguous(a) -> bool:
+    flags = getattr(a, "flags", None)
+    if flags is not None:
+        try:
+            return bool(flags["C_CONTIGUOUS"])
+        except (KeyError, TypeError):
+            return bool(flags.c_contiguous)
+    return bool(a.is_c_contiguous())
+
+
+def pool(p, device: str | None = None) -> KVPool:
+    """Check that ``p`` is a :class:`KVPool` (on ``device`` when given)."""
+    if not isinstance(p, KVPool):
+        raise PoolMismatchError(f"expected a KVPool, got {type(p).__name__}")
+    if device is not None and p.device != device:
+        raise PoolMismatchError(f"this backend needs a pool on {device!r}, this one is on {p.device!r}")
+    return p
+
+
+def layer(p: KVPool, layer) -> int:
+    """The layer number as an int, checked against ``0 <= layer < num_layers``."""
+    return p.config.check_layer(layer)
+
+
+def index_array(a, name: str, dtype: np.dtype, ndim: int) -> np.ndarray:
+    """A host index array of exactly ``dtype`` and ``ndim`` dimensions."""
+    a = host_array(a, name)
+    if a.dtype != dtype:
+        raise DTypeError(f"{name} must be {dtype}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ShapeError(f"{name} must have {ndim} dimension(s), got shape {a.shape}")
+    return a
+
+
+def tokens(p: KVPool, name: str, a, num_tokens: int | None = None) -> int:
+    """Check a ``[T, H, D]`` float32 C-contiguous array of this pool's heads; return T."""
+    c = p.config
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or not hasattr(a, "shape"):
+        raise DTypeError(f"{name} must be an array of {c.dtype}, got {type(a).__name__}")
+    if np.dtype(dtype) != c.dtype:
+        raise DTypeError(f"{name} must be {c.dtype} like the pool, got {dtype}")
+    shape = tuple(a.shape)
+    if len(shape) != 3 or shape[1:] != (c.num_kv_heads, c.head_dim):
+        raise ShapeError(f"{name} must have shape [T, {c.num_kv_heads}, {c.head_dim}], got {list(shape)}")
+    if num_tokens is not None and shape[0] != num_tokens:
+        raise ShapeError(f"{name} has {shape[0]} tokens, expected {num_tokens}")
+    if not _is_c_contiguous(a):
+        raise ContiguityError(f"{name} must be C-contiguous (np.ascontiguousarray makes it so)")
+    return shape[0]
+
+
+def slot_mapping(p: KVPool, slots, num_tokens: int | None, *, unique: bool) -> np.ndarray:
+    """Check an int64 ``[T]`` slot mapping; negative slots are padding.
+
+    Every other slot must be below ``num_blocks * block_size``; with
+    ``unique=True`` (write destinations) no slot may appear twice.
+    """
+    slots = index_array(slots, "slot_mapping", INT64, 1)
+    if num_tokens is not None and slots.shape[0] != num_tokens:
+        raise ShapeError(f"slot_mapping has {slots.shape[0]} entries for {num_tokens} tokens")
+    c = p.config
+    code, slot, _ = _scan.scan_slots(slots, c.num_slots, unique)
+    if code == _scan.SLOT_OUT_OF_RANGE:
+        raise SlotIndexError(
+            f"slot {slot} is outside the pool: slots run 0..{c.num_slots - 1} "
+            f"({c.num_blocks} blocks of {c.block_size}); negative slots mean padding"
+        )
+    if code == _scan.SLOT_REPEATED:
+        raise DuplicateSlotError(f"slot {slot} is written by more than one token of this call")
+    return slots
+
+
+def block_tables(p: KVPool, tables, lens) -> tuple[np.ndarray, np.ndarray]:
+    """Check int32 ``block_tables [B, max_blocks]`` and ``context_lens [B]``.
+
+    Each length must lie in ``0..max_blocks * block_size``, and the blocks a
+    sequence actually uses (its first ``ceil(len / block_size)`` entries) must
+    be real blocks; entries past that are padding and are never read. A block
+    may appear in several tables, or twice in one (shared prefixes do this).
+    """
+    tables = index_array(tables, "block_tables", INT32, 2)
+    lens = index_array(lens, "context_lens", INT32, 1)
+    if lens.shape[0] != tables.shape[0]:
+        raise ShapeError(
+            f"context_lens has {lens.shape[0]} entries for {tables.shape[0]} block-table rows"
+        )
+    c = p.config
+    code, b, j = _scan.scan_tables(tables, lens, c.block_size, c.num_blocks)
+    if code == _scan.LEN_NEGATIVE:
+        raise ContextLengthError(f"context_lens[{b}] = {lens[b]} is negative")
+    if code == _scan.LEN_TOO_LONG:
+        raise ContextLengthError(
+            f"context_lens[{b}] = {lens[b]} needs more than the {tables.shape[1]} "
+            f"blocks of its block-table row ({tables.shape[1] * c.block_size} tokens)"
+        )
+    if code == _scan.TABLE_ENTRY_BAD:
+        raise BlockIndexError(
+            f"block_tables[{b}, {j}] = {tables[b, j]} is not a block "
+            f"(0..{c.num_blocks - 1}) but sequence {b} uses it"
+        )
+    return tables, lens
+
+
+def block_copies(src_pool: KVPool, dst_pool: KVPool, src, dst) -> tuple[np.ndarray, np.ndarray]:
+    """Check a list of block copies ``src[i] -> dst[i]``, applied as if all at once.
+
+    Within one pool, a copy list is only well defined if no block is copied
+    onto itself and no destination is also a source (otherwise the result
+    would depend on the order of the copies). Across two pools only the
+    destinations must be distinct. Both pools must have the same geometry.
+    """
+    if not src_pool.same_geometry(dst_pool):
+        raise PoolMismatchError(
+            f"pools differ in geometry: {src_pool.strides} vs {dst_pool.strides}"
+        )
+    src = index_array(src, "src", INT64, 1)
+    dst = index_array(dst, "dst", INT64, 1)
+    if src.shape != dst.shape:
+        raise ShapeError(f"src has {src.size} blocks, dst has {dst.size}")
+    nb = src_pool.config.num_blocks
+    code, a, b = _scan.scan_copies(src, dst, nb, nb, src_pool is dst_pool)
+    if code == _scan.BLOCK_OUT_OF_RANGE:
+        raise BlockIndexError(f"{('src', 'dst')[a]} names block {b}; blocks run 0..{nb - 1}")
+    if code == _scan.DST_REPEATED:
+        raise BlockCopyError(f"block {a} is the destination of more than one copy")
+    if code == _scan.COPY_ONTO_ITSELF:
+        raise BlockCopyError(f"block {a} is copied onto itself")
+    if code == _scan.DST_IS_SRC:
+        raise BlockCopyError(
+            f"block {a} is both a source and a destination; split the copies into two calls"
+        )
+    return src, dst
+
+
+# One combined check per routine, so every backend validates identically.
+
+def write_args(p, layer_, key, value, slots, device: str) -> tuple[int, np.ndarray]:
+    """Everything :func:`write` needs checked; returns ``(layer, host slot_mapping)``."""
+    pool(p, device)
+    layer_ = layer(p, layer_)
+    t = tokens(p, "key", key)
+    tokens(p, "value", value, t)
+    return layer_, slot_mapping(p, slots, t, unique=True)
+
+
+def outputs(p: KVPool, out, num_tokens: int) -> None:
+    """Check ``out``: None, or a pair ``(key, value)`` of separate ``[T, H, D]`` float32 arrays."""
+    if out is None:
+        return
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ShapeError(f"out must be a pair (key, value) of arrays, got {type(out).__name__}")
+    tokens(p, "out[0]", out[0], num_tokens)
+    tokens(p, "out[1]", out[1], num_tokens)
+    if isinstance(out[0], np.ndarray) and np.may_share_memory(out[0], out[1]):
+        raise ShapeError("out[0] and out[1] overlap; keys and values need separate buffers")
+
+
+def read_args(p, layer_, slots, out, device: str) -> tuple[int, np.ndarray]:
+    """Everything :func:`read` needs checked; returns ``(layer, host slot_mapping)``."""
+    pool(p, device)
+    layer_ = layer(p, layer_)
+    slots = slot_mapping(p, slots, None, unique=False)
+    outputs(p, out, slots.shape[0])
+    return layer_, slots
+
+
+def gather_args(p, layer_, tables, lens, out, device: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """Everything :func:`gather` needs checked; returns ``(layer, block_tables, context_lens)``."""
+    pool(p, device)
+    layer_ = layer(p, layer_)
+    tables, lens = block_tables(p, tables, lens)
+    outputs(p, out, int(lens.sum(dtype=np.int64)))
+    return layer_, tables, lens
+
+
+def copy_args(src_pool, dst_pool, src, dst, src_device: str, dst_device: str):
+    """Everything :func:`copy_blocks` / :func:`swap_blocks` need checked; returns host ``(src, dst)``."""
+    pool(src_pool, src_device)
+    pool(dst_pool, dst_device)
+    return block_copies(src_pool, dst_pool, src, dst)

@@ -1,0 +1,79 @@
+"""Shared test setup: hypothesis profiles, the backend fixture, pool helpers.
+
+The numba.cuda kernels run under numba's CUDA simulator unless a real NVIDIA
+GPU is present; the simulator must be switched on before numba is imported,
+which is why this happens first.
+"""
+
+import os
+import shutil
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import pagedkv  # noqa: E402
+from pagedkv import KVPool  # noqa: E402
+
+# deadline=None: a first call compiles a kernel, which takes far longer than 200 ms.
+# function_scoped_fixture: the backend fixtures return stateless modules.
+_common = dict(deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_common)
+settings.register_profile("dev", max_examples=60, **_common)
+settings.register_profile("thorough", max_examples=1000, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# Adding a backend to pagedkv adds it here, and so to every agreement and error test.
+BACKENDS = list(pagedkv.BACKENDS)
+_AVAILABLE = pagedkv.available_backends()
+
+
+def _backend(request):
+    reason = _AVAILABLE[request.param]
+    if reason is not None:
+        pytest.skip(reason)
+    if request.param == "cuda":
+        request.applymarker(pytest.mark.cuda)
+    return pagedkv.get_backend(request.param)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every backend in turn; one that cannot run here is skipped with its reason."""
+    return _backend(request)
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b != "numpy"])
+def fast_backend(request):
+    """Every backend but the reference, to be compared with it."""
+    return _backend(request)
+
+
+def on_device(host_pool: KVPool, backend) -> KVPool:
+    """A pool for ``backend`` holding a copy of ``host_pool``'s numbers."""
+    pool = KVPool(host_pool.config, device=backend.DEVICE)
+    if backend.DEVICE == "cpu":
+        pool.data[:] = host_pool.data
+    else:
+        pool.data.copy_to_device(host_pool.data)
+    return pool
+
+
+def device_empty(backend, shape) -> object:
+    """An uninitialised float32 array where ``backend`` keeps its outputs."""
+    if backend.DEVICE == "cpu":
+        return np.full(shape, np.nan, dtype=np.float32)  # NaN: a row left unwritten shows
+    from numba import cuda
+
+    return cuda.to_device(np.full(shape, np.nan, dtype=np.float32))
+
+
+def host(x) -> np.ndarray:
+    """Any array or pool as a numpy array (copied from the GPU when needed)."""
+    if isinstance(x, KVPool):
+        return x.to_host().copy()
+    return pagedkv.validate.host_array(x, "result").copy()

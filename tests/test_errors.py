@@ -1,0 +1,108 @@
+"""Bad input gets a specific error, with a message that says what was wrong, and changes nothing.
+
+Each case runs on every backend: the same checks guard every kernel.
+"""
+
+import numpy as np
+import pytest
+
+import pagedkv as pk
+from pagedkv import CacheConfig
+from pagedkv.testing import strategies as pst
+
+from .conftest import host, on_device
+
+CONFIG = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=4)
+OTHER = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=5, block_size=4)
+T = 3
+KEY = np.ones((T, 2, 4), np.float32)
+SLOTS = np.array([0, 5, -1], np.int64)
+TABLES = np.array([[0, 1], [2, -1]], np.int32)
+LENS = np.array([5, 3], np.int32)
+OUT = np.empty((T, 2, 4), np.float32)
+I64 = lambda *x: np.array(x, np.int64)  # noqa: E731
+
+# name: (call(backend, pool, other_pool), exception, words the message must contain)
+CASES = {
+    "write key float64": (lambda b, p, o: b.write(p, 0, KEY.astype(np.float64), KEY, SLOTS), pk.DTypeError, "float32"),
+    "write key a list": (lambda b, p, o: b.write(p, 0, KEY.tolist(), KEY, SLOTS), pk.DTypeError, "array"),
+    "write key 2-D": (lambda b, p, o: b.write(p, 0, KEY[0], KEY[0], SLOTS), pk.ShapeError, "[T, 2, 4]"),
+    "write key wrong heads": (lambda b, p, o: b.write(p, 0, np.ones((T, 3, 4), np.float32), KEY, SLOTS),
+                              pk.ShapeError, "[T, 2, 4]"),
+    "write value fewer tokens": (lambda b, p, o: b.write(p, 0, KEY, KEY[:2], SLOTS), pk.ShapeError, "expected 3"),
+    "write key not contiguous": (lambda b, p, o: b.write(p, 0, np.ones((T, 2, 8), np.float32)[:, :, ::2], KEY, SLOTS),
+                                 pk.ContiguityError, "C-contiguous"),
+    "write slots int32": (lambda b, p, o: b.write(p, 0, KEY, KEY, SLOTS.astype(np.int32)), pk.DTypeError, "int64"),
+    "write slots a list": (lambda b, p, o: b.write(p, 0, KEY, KEY, [0, 1, 2]), pk.DTypeError, "slot_mapping"),
+    "write slots 2-D": (lambda b, p, o: b.write(p, 0, KEY, KEY, SLOTS[None]), pk.ShapeError, "dimension"),
+    "write slots too few": (lambda b, p, o: b.write(p, 0, KEY, KEY, SLOTS[:2]), pk.ShapeError, "2 entries for 3"),
+    "write slot past the pool": (lambda b, p, o: b.write(p, 0, KEY, KEY, I64(0, 16, 1)), pk.SlotIndexError, "slot 16"),
+    "write duplicate slot": (lambda b, p, o: b.write(p, 0, KEY, KEY, I64(7, -1, 7)), pk.DuplicateSlotError, "slot 7"),
+    "write layer too big": (lambda b, p, o: b.write(p, 2, KEY, KEY, SLOTS), pk.LayerIndexError, "layer 2"),
+    "write layer negative": (lambda b, p, o: b.write(p, -1, KEY, KEY, SLOTS), pk.LayerIndexError, "layer -1"),
+    "write layer not int": (lambda b, p, o: b.write(p, 0.0, KEY, KEY, SLOTS), pk.LayerIndexError, "integer"),
+    "write not a pool": (lambda b, p, o: b.write(p.data, 0, KEY, KEY, SLOTS), pk.PoolMismatchError, "KVPool"),
+    "read slot past the pool": (lambda b, p, o: b.read(p, 0, I64(99)), pk.SlotIndexError, "slot 99"),
+    "read slots float": (lambda b, p, o: b.read(p, 0, np.zeros(2)), pk.DTypeError, "int64"),
+    "gather tables int64": (lambda b, p, o: b.gather(p, 0, TABLES.astype(np.int64), LENS), pk.DTypeError, "int32"),
+    "gather lens int64": (lambda b, p, o: b.gather(p, 0, TABLES, LENS.astype(np.int64)), pk.DTypeError, "int32"),
+    "gather tables 1-D": (lambda b, p, o: b.gather(p, 0, TABLES[0], LENS), pk.ShapeError, "dimension"),
+    "gather lens mismatch": (lambda b, p, o: b.gather(p, 0, TABLES, LENS[:1]), pk.ShapeError, "1 entries for 2"),
+    "gather negative len": (lambda b, p, o: b.gather(p, 0, TABLES, np.array([1, -2], np.int32)),
+                            pk.ContextLengthError, "negative"),
+    "gather len past table": (lambda b, p, o: b.gather(p, 0, TABLES, np.array([9, 0], np.int32)),
+                              pk.ContextLengthError, "context_lens[0] = 9"),
+    "gather padding block used": (lambda b, p, o: b.gather(p, 0, TABLES, np.array([1, 5], np.int32)),
+                                  pk.BlockIndexError, "block_tables[1, 1] = -1"),
+    "gather block past the pool": (lambda b, p, o: b.gather(p, 0, np.array([[4]], np.int32), np.array([1], np.int32)),
+                                   pk.BlockIndexError, "= 4"),
+    "gather out too short": (lambda b, p, o: b.gather(p, 0, TABLES, LENS, out=(np.empty((7, 2, 4), np.float32),) * 2),
+                             pk.ShapeError, "expected 8"),
+    "read out not a pair": (lambda b, p, o: b.read(p, 0, SLOTS, out=np.empty((3, 2, 4), np.float32)),
+                            pk.ShapeError, "pair"),
+    "read out overlapping": (lambda b, p, o: b.read(p, 0, SLOTS, out=(OUT, OUT)), pk.ShapeError, "overlap"),
+    "copy src past the pool": (lambda b, p, o: b.copy_blocks(p, I64(4), I64(0)), pk.BlockIndexError, "block 4"),
+    "copy dst negative": (lambda b, p, o: b.copy_blocks(p, I64(0), I64(-1)), pk.BlockIndexError, "block -1"),
+    "copy lengths differ": (lambda b, p, o: b.copy_blocks(p, I64(0, 1), I64(2)), pk.ShapeError, "src has 2"),
+    "copy onto itself": (lambda b, p, o: b.copy_blocks(p, I64(1, 2), I64(3, 2)), pk.BlockCopyError, "onto itself"),
+    "copy two into one": (lambda b, p, o: b.copy_blocks(p, I64(0, 1), I64(3, 3)), pk.BlockCopyError, "more than one"),
+    "copy chain": (lambda b, p, o: b.copy_blocks(p, I64(0, 1), I64(1, 2)), pk.BlockCopyError, "both a source"),
+    "copy int32 ids": (lambda b, p, o: b.copy_blocks(p, np.array([0], np.int32), I64(1)), pk.DTypeError, "int64"),
+    "swap geometry differs": (lambda b, p, o: b.swap_blocks(o, p, I64(0), I64(1)), pk.PoolMismatchError, "geometry"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_rejected_and_changes_nothing(backend, case):
+    call, error, words = CASES[case]
+    pool = on_device(pst.filled_pool(CONFIG, 1), backend)
+    other = on_device(pst.filled_pool(OTHER, 2), backend)
+    before, other_before = host(pool), host(other)
+    with pytest.raises(error) as info:
+        call(backend, pool, other)
+    assert words in str(info.value)
+    assert isinstance(info.value, pk.PagedKVError)
+    np.testing.assert_array_equal(host(pool), before)
+    np.testing.assert_array_equal(host(other), other_before)
+
+
+def test_swap_into_one_destination_twice(backend):
+    src = on_device(pst.filled_pool(CONFIG, 1), backend)
+    dst = on_device(pst.filled_pool(CONFIG, 2), backend)
+    before = host(dst)
+    with pytest.raises(pk.BlockCopyError, match="more than one"):
+        backend.swap_blocks(src, dst, I64(0, 1), I64(2, 2))
+    np.testing.assert_array_equal(host(dst), before)
+
+
+def test_errors_are_also_builtin_kinds():
+    assert issubclass(pk.SlotIndexError, IndexError)
+    assert issubclass(pk.DTypeError, TypeError)
+    assert issubclass(pk.ShapeError, ValueError)
+    assert issubclass(pk.UnknownSequenceError, KeyError)
+    assert str(pk.UnknownSequenceError("no sequence 3")) == "no sequence 3"
+
+
+def test_unknown_backend():
+    with pytest.raises(pk.BackendUnavailableError, match="unknown backend"):
+        pk.get_backend("fortran")
