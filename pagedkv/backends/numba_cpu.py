@@ -1,0 +1,147 @@
+"""The routines as parallel CPU kernels compiled by ``numba.njit``.
+
+Each public function validates exactly as the reference does (same checks,
+same errors), then hands the checked arrays and the layout's strides, as plain
+integers, to a kernel. The kernels call the helpers of :mod:`pagedkv.layout`
+compiled for the CPU, so the arithmetic is the reference's, line for line; one
+kernel serves both layouts because only the strides differ.
+
+Kernels are compiled on first use (about a second each) and cached on disk
+(``cache=True``), so a second process starts fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .. import layout, validate
+from ..pool import KVPool
+from .reference import cu_seqlens, new_outputs
+
+NAME = "numba"
+DEVICE = "cpu"
+
+# The layout arithmetic, compiled for the CPU: the same source as the reference uses.
+block_base = njit(inline="always", cache=True)(layout.block_base)
+token_base = njit(inline="always", cache=True)(layout.token_base)
+table_slot = njit(inline="always", cache=True)(layout.table_slot)
+
+
+# The copies below are slice assignments: numba compiles them to a vectorised
+# copy (several times faster than an element loop) with memmove semantics.
+
+# Token buffers reach the kernels flattened to 1-D (``key.reshape(-1)``, a view):
+# numba copies flat slices several times faster than rows of a 3-D array.
+
+@njit(parallel=True, cache=True)
+def write_kernel(data, layer, key, value, slots, num_heads, head_dim, block_size,
+                 layer_stride, kv_stride, block_stride, pos_stride, head_stride):
+    """Store token t of the flat key/value at ``slots[t]``; negative slots are skipped."""
+    for t in prange(slots.shape[0]):
+        slot = slots[t]
+        if slot < 0:  # padding
+            continue
+        base = token_base(layer, 0, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride)
+        for h in range(num_heads):
+            row = base + h * head_stride
+            src = (t * num_heads + h) * head_dim
+            data[row:row + head_dim] = key[src:src + head_dim]
+            data[row + kv_stride:row + kv_stride + head_dim] = value[src:src + head_dim]
+
+
+@njit(inline="always")
+def _load_token(data, base, out_k, out_v, i, num_heads, head_dim, kv_stride, head_stride):
+    """Copy the token whose (head 0, dim 0) is at ``base`` into row i of the flat outputs."""
+    for h in range(num_heads):
+        row = base + h * head_stride
+        dst = (i * num_heads + h) * head_dim
+        out_k[dst:dst + head_dim] = data[row:row + head_dim]
+        out_v[dst:dst + head_dim] = data[row + kv_stride:row + kv_stride + head_dim]
+
+
+@njit(parallel=True, cache=True)
+def read_kernel(data, layer, slots, out_k, out_v, num_heads, head_dim, block_size,
+                layer_stride, kv_stride, block_stride, pos_stride, head_stride):
+    """Load the token at ``slots[t]`` into row t of the flat outputs; zeros for padding."""
+    row_len = num_heads * head_dim
+    for t in prange(slots.shape[0]):
+        slot = slots[t]
+        if slot < 0:
+            out_k[t * row_len:(t + 1) * row_len] = 0.0
+            out_v[t * row_len:(t + 1) * row_len] = 0.0
+            continue
+        base = token_base(layer, 0, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride)
+        _load_token(data, base, out_k, out_v, t, num_heads, head_dim, kv_stride, head_stride)
+
+
+@njit(parallel=True, cache=True)
+def gather_kernel(data, layer, tables, cu, out_k, out_v, num_heads, head_dim, block_size,
+                  layer_stride, kv_stride, block_stride, pos_stride, head_stride):
+    """Row i of the packed output is token ``i - cu[b]`` of the sequence b with ``cu[b] <= i < cu[b+1]``."""
+    for i in prange(cu[cu.shape[0] - 1]):
+        b = np.searchsorted(cu, i, side="right") - 1  # skips empty sequences
+        p = i - cu[b]
+        slot = table_slot(np.int64(tables[b, p // block_size]), p, block_size)
+        base = token_base(layer, 0, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride)
+        _load_token(data, base, out_k, out_v, i, num_heads, head_dim, kv_stride, head_stride)
+
+
+@njit(parallel=True, cache=True)
+def move_blocks_kernel(src_data, dst_data, src, dst, num_layers, layer_stride, kv_stride, block_stride):
+    """Copy block ``src[i]`` of src_data to ``dst[i]`` of dst_data, every layer, K and V."""
+    halves = num_layers * 2
+    for job in prange(src.shape[0] * halves):
+        i = job // halves
+        layer = (job % halves) // 2
+        kv = job % 2
+        s0 = block_base(layer, kv, src[i], layer_stride, kv_stride, block_stride)
+        d0 = block_base(layer, kv, dst[i], layer_stride, kv_stride, block_stride)
+        dst_data[d0:d0 + block_stride] = src_data[s0:s0 + block_stride]
+
+
+def token_strides(s: layout.Strides) -> tuple[int, ...]:
+    """The trailing integer arguments of the token kernels, in their order."""
+    return s.num_kv_heads, s.head_dim, s.block_size, s.layer_stride, s.kv_stride, s.block_stride, s.pos_stride, s.head_stride
+
+
+def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_mapping: np.ndarray) -> None:
+    """Same contract as :func:`pagedkv.backends.reference.write`."""
+    layer, slot_mapping = validate.write_args(pool, layer, key, value, slot_mapping, DEVICE)
+    write_kernel(pool.data, layer, key.reshape(-1), value.reshape(-1), slot_mapping, *token_strides(pool.strides))
+
+
+def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None) -> tuple[np.ndarray, np.ndarray]:
+    """Same contract as :func:`pagedkv.backends.reference.read`."""
+    layer, slot_mapping = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
+    out_k, out_v = new_outputs(pool, slot_mapping.shape[0], out)
+    read_kernel(pool.data, layer, slot_mapping, out_k.reshape(-1), out_v.reshape(-1), *token_strides(pool.strides))
+    return out_k, out_v
+
+
+def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray, *, out=None):
+    """Same contract as :func:`pagedkv.backends.reference.gather`."""
+    layer, block_tables, context_lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
+    cu = cu_seqlens(context_lens)
+    out_k, out_v = new_outputs(pool, int(cu[-1]), out)
+    gather_kernel(pool.data, layer, block_tables, cu, out_k.reshape(-1), out_v.reshape(-1),
+                  *token_strides(pool.strides))
+    return out_k, out_v, cu
+
+
+def _move_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
+    s = src_pool.strides
+    move_blocks_kernel(src_pool.data, dst_pool.data, src, dst,
+                       s.num_layers, s.layer_stride, s.kv_stride, s.block_stride)
+
+
+def copy_blocks(pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
+    """Same contract as :func:`pagedkv.backends.reference.copy_blocks`."""
+    src, dst = validate.copy_args(pool, pool, src, dst, DEVICE, DEVICE)
+    _move_blocks(pool, pool, src, dst)
+
+
+def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
+    """Same contract as :func:`pagedkv.backends.reference.swap_blocks`."""
+    src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
+    _move_blocks(src_pool, dst_pool, src, dst)

@@ -1,0 +1,294 @@
+"""Benchmark workloads and the peers pagedkv is measured against.
+
+Shared by the asv suite (``benchmarks/``) and ``pagedkv bench``. A workload
+is one routine's inputs at a decode-sized or prefill-sized shape; a peer is
+what a user would write instead: numpy fancy indexing on the 4-D views, torch
+CPU indexing on the same memory (when torch is installed), and a contiguous
+copy of the same number of bytes, the memory-bandwidth limit.
+
+Bytes moved count what is read plus what is written, so that a routine and a
+plain copy of the same bytes compare directly as GB/s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import CacheConfig
+from .pool import KVPool
+
+H, D, BLOCK_SIZE = 8, 128, 16
+ROUTINES = ("write", "read", "gather", "gather_out", "copy_blocks", "swap_blocks")
+PEER_ROUTINES = ("write", "gather", "copy_blocks")
+SHAPES = {"decode": 64, "prefill": 8192}  # tokens per call
+NUM_BLOCKS = 1024  # one layer, 128 MiB: room for the prefill shape twice over
+
+
+@dataclass
+class Workload:
+    """Inputs of every routine at one shape, on a CPU pool."""
+
+    config: CacheConfig
+    pool: KVPool
+    key: np.ndarray
+    value: np.ndarray
+    slots: np.ndarray  # write/read: distinct slots, scattered (decode) or whole blocks (prefill)
+    tables: np.ndarray  # gather
+    lens: np.ndarray
+    src: np.ndarray  # copy_blocks / swap_blocks
+    dst: np.ndarray
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of K plus V of the tokens written, read or gathered."""
+        return 2 * self.key.nbytes
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes of the blocks copied, every layer, K and V."""
+        return self.src.size * self.config.bytes_per_block
+
+
+def make_workload(shape: str, layout: str = "NHD", seed: int = 0) -> Workload:
+    """A workload of ``SHAPES[shape]`` tokens, H=8, D=128, block_size=16, in ``layout``."""
+    t = SHAPES[shape]
+    rng = np.random.default_rng(seed)
+    config = CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D, num_blocks=NUM_BLOCKS,
+                         block_size=BLOCK_SIZE, layout=layout)
+    pool = KVPool(config)
+    pool.data[:] = rng.standard_normal(pool.data.size, dtype=np.float32)
+    key, value = (rng.standard_normal((t, H, D), dtype=np.float32) for _ in range(2))
+    blocks = rng.permutation(NUM_BLOCKS)
+    if shape == "decode":  # one new token for each of t sequences: scattered slots
+        slots = rng.choice(config.num_slots, size=t, replace=False)
+        num_seqs = 4
+    else:  # prompts: whole blocks, in random block order
+        slots = (blocks[: t // BLOCK_SIZE, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE)).ravel()
+        num_seqs = 8
+    per_seq = t // num_seqs
+    tables = blocks[: t // BLOCK_SIZE].reshape(num_seqs, -1).astype(np.int32)
+    lens = np.full(num_seqs, per_seq, dtype=np.int32)
+    n_copy = max(1, t // BLOCK_SIZE)
+    return Workload(config, pool, key, value, slots.astype(np.int64), tables, lens,
+                    blocks[:n_copy].astype(np.int64), blocks[n_copy:2 * n_copy].astype(np.int64))
+
+
+def median_seconds(fn: Callable[[], object], *, repeat: int = 7, min_time: float = 0.02) -> float:
+    """Median over ``repeat`` runs of the time of one call, each run long enough to time."""
+    fn()  # warm up (and compile)
+    number, t = 1, 0.0
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        t = time.perf_counter() - start
+        if t >= min_time or number >= 1 << 16:
+            break
+        number *= 2
+    times = [t / number]
+    for _ in range(repeat - 1):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - start) / number)
+    return float(np.median(times))
+
+
+# ---- peers ----------------------------------------------------------------------------------
+
+def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
+    """Plain copies of ``nbytes / 2`` bytes (each reads and writes ``nbytes`` in all).
+
+    ``np.copyto`` (one thread), a parallel numba slice copy, and torch's
+    ``copy_`` when torch is installed: the memory-bandwidth limit is the
+    fastest of them on the machine at hand.
+    """
+    n = max(1, nbytes // 8)
+    src = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    copies: dict[str, Callable[[], object]] = {"numpy": lambda: np.copyto(dst, src)}
+    try:
+        from numba import njit, prange
+    except ImportError:
+        pass
+    else:
+        @njit(parallel=True, cache=True)
+        def parallel_copy(out, x, chunks):
+            step = (x.size + chunks - 1) // chunks
+            for c in prange(chunks):
+                out[c * step:min(x.size, (c + 1) * step)] = x[c * step:min(x.size, (c + 1) * step)]
+        copies["numba"] = lambda: parallel_copy(dst, src, 64)
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        ts, td = torch.from_numpy(src), torch.from_numpy(dst)
+        copies["torch"] = lambda: td.copy_(ts)
+    return copies
+
+
+def copy_limit_seconds(nbytes: int) -> float:
+    """Median time of the fastest plain copy of the same bytes (see :func:`contiguous_copies`)."""
+    return min(median_seconds(f) for f in contiguous_copies(nbytes).values())
+
+
+def _block_pos(w: Workload) -> tuple[np.ndarray, np.ndarray]:
+    return np.divmod(w.slots, BLOCK_SIZE)
+
+
+def numpy_peer(w: Workload, routine: str) -> Callable[[], object]:
+    """The routine written with numpy fancy indexing on ``pool.k()`` / ``pool.v()``."""
+    k, v = w.pool.k(0), w.pool.v(0)
+    blocks, pos = _block_pos(w)
+    nhd = w.config.layout == "NHD"
+    if routine == "write":
+        if nhd:
+            def f():
+                k[blocks, pos] = w.key
+                v[blocks, pos] = w.value
+        else:
+            def f():
+                k[blocks, :, pos] = w.key
+                v[blocks, :, pos] = w.value
+        return f
+    if routine == "gather":
+        from .backends.reference import gather_slots
+
+        gb, gp = np.divmod(gather_slots(w.tables, w.lens, BLOCK_SIZE), BLOCK_SIZE)
+        if nhd:
+            return lambda: (k[gb, gp], v[gb, gp])
+        return lambda: (k[gb, :, gp], v[gb, :, gp])
+    if routine == "copy_blocks":
+        def f():
+            k[w.dst] = k[w.src]
+            v[w.dst] = v[w.src]
+        return f
+    raise ValueError(routine)
+
+
+def torch_peer(w: Workload, routine: str) -> Callable[[], object] | None:
+    """The routine with torch CPU ``index_copy_`` / ``index_select`` on the same memory, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    k, v = torch.from_numpy(w.pool.k(0)), torch.from_numpy(w.pool.v(0))
+    blocks, pos = (torch.from_numpy(a) for a in _block_pos(w))
+    nhd = w.config.layout == "NHD"
+    if routine == "write":
+        key, value = torch.from_numpy(w.key), torch.from_numpy(w.value)
+        if nhd:
+            flat_k, flat_v = k.view(-1, H, D), v.view(-1, H, D)
+            slots = torch.from_numpy(w.slots)
+            def f():
+                flat_k.index_copy_(0, slots, key)
+                flat_v.index_copy_(0, slots, value)
+        else:
+            def f():
+                k[blocks, :, pos] = key
+                v[blocks, :, pos] = value
+        return f
+    if routine == "gather":
+        from .backends.reference import gather_slots
+
+        slots = gather_slots(w.tables, w.lens, BLOCK_SIZE)
+        if nhd:
+            flat_k, flat_v = k.view(-1, H, D), v.view(-1, H, D)
+            idx = torch.from_numpy(slots)
+            return lambda: (flat_k.index_select(0, idx), flat_v.index_select(0, idx))
+        gb, gp = (torch.from_numpy(a) for a in np.divmod(slots, BLOCK_SIZE))
+        return lambda: (k[gb, :, gp], v[gb, :, gp])
+    if routine == "copy_blocks":
+        src, dst = torch.from_numpy(w.src), torch.from_numpy(w.dst)
+        def f():
+            k.index_copy_(0, dst, k.index_select(0, src))
+            v.index_copy_(0, dst, v.index_select(0, src))
+        return f
+    raise ValueError(routine)
+
+
+def backend_call(backend, w: Workload, routine: str) -> Callable[[], object]:
+    """One call of ``backend``'s routine on the workload, validation included."""
+    if routine == "write":
+        return lambda: backend.write(w.pool, 0, w.key, w.value, w.slots)
+    if routine == "read":
+        return lambda: backend.read(w.pool, 0, w.slots)
+    if routine == "gather":
+        return lambda: backend.gather(w.pool, 0, w.tables, w.lens)
+    if routine == "gather_out":  # reusing output buffers, as a decode loop does
+        from .backends.reference import new_outputs
+
+        out = new_outputs(w.pool, int(w.lens.sum()))
+        return lambda: backend.gather(w.pool, 0, w.tables, w.lens, out=out)
+    if routine == "copy_blocks":
+        return lambda: backend.copy_blocks(w.pool, w.src, w.dst)
+    if routine == "swap_blocks":
+        other = KVPool(w.config)
+        return lambda: backend.swap_blocks(w.pool, other, w.src, w.dst)
+    raise ValueError(routine)
+
+
+def bytes_moved(w: Workload, routine: str) -> int:
+    """Bytes read plus written by one call of ``routine``."""
+    return 2 * (w.copy_bytes if routine in ("copy_blocks", "swap_blocks") else w.token_bytes)
+
+
+def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") -> dict[str, float | None]:
+    """One routine of ``backend`` beside its yardsticks, all timed here and now (medians).
+
+    Returns GB/s and the ratios the performance targets are stated in:
+    ``vs_copy`` (bandwidth over the fastest plain copy of the same bytes),
+    ``vs_torch`` (speed over torch CPU indexing; None without torch),
+    ``vs_numpy_fancy``, ``vs_numpy`` (over the reference backend) and
+    ``call_over_kernel`` (validation's share: whole call over bare kernel).
+    """
+    from .backends import get_backend
+
+    w = make_workload(shape, layout)
+    n = bytes_moved(w, routine)
+    t = median_seconds(backend_call(get_backend(backend), w, routine))
+    t_out = median_seconds(backend_call(get_backend(backend), w, "gather_out")) if routine == "gather" else t
+    t_copy = copy_limit_seconds(n)
+    torch_call = torch_peer(w, routine)
+    t_torch = median_seconds(torch_call) if torch_call else None
+    t_fancy = median_seconds(numpy_peer(w, routine))
+    t_ref = median_seconds(backend_call(get_backend("numpy"), w, routine), repeat=3)
+    t_kernel = median_seconds(bare_kernel(w, routine)) if backend == "numba" else None
+    return {
+        "seconds": t,
+        "gbps": n / t / 1e9,
+        "copy_gbps": n / t_copy / 1e9,
+        "vs_copy": t_copy / t,
+        "vs_copy_out": t_copy / t_out,
+        "vs_torch": t_torch / t if t_torch else None,
+        "vs_numpy_fancy": t_fancy / t,
+        "vs_numpy": t_ref / t,
+        "call_over_kernel": t_out / t_kernel if t_kernel else None,
+    }
+
+
+def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
+    """The numba kernel alone on already-checked arguments: what validation is measured against."""
+    from .backends import numba_cpu as nb
+
+    s = w.pool.strides
+    ts = nb.token_strides(s)
+    if routine == "write":
+        key, value = w.key.reshape(-1), w.value.reshape(-1)
+        return lambda: nb.write_kernel(w.pool.data, 0, key, value, w.slots, *ts)
+    if routine == "gather":
+        from .backends.reference import cu_seqlens
+
+        cu = cu_seqlens(w.lens)
+        out_k = np.empty(int(cu[-1]) * H * D, np.float32)
+        out_v = np.empty_like(out_k)
+        return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, cu, out_k, out_v, *ts)
+    if routine == "copy_blocks":
+        return lambda: nb.move_blocks_kernel(w.pool.data, w.pool.data, w.src, w.dst, s.num_layers,
+                                             s.layer_stride, s.kv_stride, s.block_stride)
+    raise ValueError(routine)
