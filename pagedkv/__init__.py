@@ -7,6 +7,7 @@ sequences. The routines that move data in and out of the pool exist in several
 backends that agree exactly with the numpy reference (:func:`get_backend`).
 """
 
+from .allocator import BlockAllocator
 from .backends import BACKENDS, available_backends, get_backend
 from .config import CacheConfig
 from .errors import (
@@ -16,12 +17,13 @@ from .errors import (
     SlotIndexError, UnknownSequenceError,
 )
 from .layout import Strides
+from .manager import Appended, BlockManager, SequenceExistsError
 from .pool import KVPool
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
+    "Appended", "BlockAllocator", "BlockManager", "SequenceExistsError", "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
     "CacheConfig", "ConfigError", "ContextLengthError", "ContiguityError", "DTypeError",
     "DuplicateSlotError", "InvariantError", "KVPool", "LayerIndexError", "OutOfBlocksError",
     "PagedKVError", "PoolMismatchError", "ShapeError", "SlotIndexError", "Strides",

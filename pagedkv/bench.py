@@ -292,3 +292,25 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
         return lambda: nb.move_blocks_kernel(w.pool.data, w.pool.data, w.src, w.dst, s.num_layers,
                                              s.layer_stride, s.kv_stride, s.block_stride)
     raise ValueError(routine)
+
+
+def report(shapes=tuple(SHAPES), layouts=("NHD", "HND"), routines=PEER_ROUTINES) -> str:
+    """A markdown table of :func:`measure` for every routine, layout and shape (numba backend)."""
+    def fmt(x, spec=".2f"):
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        "| routine | shape | layout | numba GB/s | copy-limit GB/s | x copy | x copy (out=) | x torch | x numpy fancy | x reference | call / kernel |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for shape in shapes:
+        for routine in routines:
+            for layout in layouts:
+                m = measure(routine, layout, shape)
+                out = fmt(m["vs_copy_out"]) if routine == "gather" else ""
+                lines.append(
+                    f"| {routine} | {shape} | {layout} | {m['gbps']:.1f} | {m['copy_gbps']:.1f} | "
+                    f"{m['vs_copy']:.2f} | {out} | {fmt(m['vs_torch'])} | {m['vs_numpy_fancy']:.2f} | "
+                    f"{m['vs_numpy']:.1f} | {fmt(m['call_over_kernel'])} |"
+                )
+    return "\n".join(lines)

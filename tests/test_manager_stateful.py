@@ -1,0 +1,170 @@
+"""A hypothesis state machine drives a BlockManager against a dense shadow model.
+
+Every rule writes real K/V through the numpy reference at the slots the
+manager hands out (applying its copy-on-write copies first), and after every
+rule each live sequence must read back exactly its own tokens. A token's K/V
+is a function of its sequence's whole prefix and salt, as in a real model, so
+a prefix-cache hit that served the wrong block reads back wrong.
+"""
+
+import itertools
+import os
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import pagedkv
+from pagedkv import BlockManager, CacheConfig, KVPool, OutOfBlocksError
+
+ref = pagedkv.get_backend("numpy")
+LAYERS, H, D = 2, 1, 2
+TOKEN = st.integers(0, 2)  # a tiny vocabulary, so that prompts share prefixes often
+
+
+def token_kv(salt, prefix, layer) -> np.ndarray:
+    """K and V ([2, H, D]) of the last token of ``prefix``: a function of the whole prefix."""
+    h = zlib.crc32(repr((salt, tuple(prefix), layer)).encode())
+    return np.array([[[h % 4096, h // 4096 % 4096]], [[h // 2**24, -(h % 977)]]], dtype=np.float32)
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    @initialize(block_size=st.integers(1, 4), num_blocks=st.integers(2, 10),
+                layout=st.sampled_from(["NHD", "HND"]), caching=st.booleans())
+    def setup(self, block_size, num_blocks, layout, caching):
+        self.pool = KVPool(CacheConfig(num_layers=LAYERS, num_kv_heads=H, head_dim=D,
+                                       num_blocks=num_blocks, block_size=block_size, layout=layout))
+        self.m = BlockManager(block_size, num_blocks=num_blocks, enable_prefix_caching=caching)
+        self.shadow = {}  # seq -> {"ids": held tokens, "pending": rest of the prompt, "salt"}
+        self.unknown = itertools.count(1000)  # ids the manager is never told
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def snapshot(self):
+        m = self.m
+        return ({s: (m.block_table(s), m.context_len(s)) for s in m.seq_ids}, m.stats(),
+                m.allocator.num_parked, self.pool.data.copy())
+
+    def unchanged_since(self, before):
+        after = self.snapshot()
+        assert after[:3] == before[:3]
+        np.testing.assert_array_equal(after[3], before[3])
+
+    def new_ids(self, seq, n, known):
+        """Ids of seq's next n tokens: its pending prompt first, then fresh ones; and what to tell."""
+        sh = self.shadow[seq]
+        ids = sh["pending"][:n]
+        extra = n - len(ids)
+        tell = known or extra == 0
+        fresh = [next(self.unknown) for _ in range(extra)] if not known else None
+        return ids, extra, tell, fresh
+
+    def append_batch(self, seqs, counts, ids_lists, told):
+        before = self.snapshot()
+        try:
+            r = self.m.append_batch(seqs, counts, told)
+        except OutOfBlocksError:
+            self.unchanged_since(before)
+            return False
+        if r.copy_src.size:
+            ref.copy_blocks(self.pool, r.copy_src, r.copy_dst)
+        starts = []
+        for seq, n, ids in zip(seqs, counts, ids_lists):
+            sh = self.shadow[seq]
+            starts.append(len(sh["ids"]))
+            sh["ids"].extend(ids)
+            del sh["pending"][:n]
+        for layer in range(LAYERS):
+            rows = [token_kv(self.shadow[s]["salt"], self.shadow[s]["ids"][:p + 1], layer)
+                    for s, n, start in zip(seqs, counts, starts) for p in range(start, start + n)]
+            if rows:
+                kv = np.stack(rows)
+                ref.write(self.pool, layer, np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1]),
+                          r.slots)
+        return True
+
+    def grow(self, seq, n, known):
+        ids, extra, _, fresh = self.new_ids(seq, n, known)
+        if known:
+            fresh_ids = [7 + i % 3 for i in range(extra)]  # known ids (7..9) beyond the prompt
+            return ids + fresh_ids, ids + fresh_ids
+        return ids + fresh, None
+
+    # -- rules -------------------------------------------------------------------------------
+
+    @rule(prompt=st.lists(TOKEN, min_size=1, max_size=10), salt=st.sampled_from([None, "t"]))
+    def add(self, prompt, salt):
+        seq = self.m.add_sequence(prompt_token_ids=prompt, cache_salt=salt)
+        cached = self.m.num_cached_tokens(seq)
+        bs = self.m.block_size
+        assert cached % bs == 0 and cached <= len(prompt) - 1
+        self.shadow[seq] = {"ids": prompt[:cached], "pending": prompt[cached:], "salt": salt}
+        self.append_batch([seq], [len(prompt) - cached], [prompt[cached:]], None)
+
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data(), n=st.integers(1, 5), known=st.booleans())
+    def append(self, data, n, known):
+        seq = data.draw(st.sampled_from(sorted(self.shadow)))
+        ids, told = self.grow(seq, n, known)
+        self.append_batch([seq], [n], [ids], None if told is None else [told])
+
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data(), known=st.booleans())
+    def step(self, data, known):
+        """A batched step: several sequences, some with no new token."""
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.shadow)), min_size=1, unique=True))
+        counts = [data.draw(st.integers(0, 3)) for _ in seqs]
+        grown = [self.grow(s, n, known) for s, n in zip(seqs, counts)]
+        told = [t for _, t in grown] if known else None
+        self.append_batch(seqs, counts, [ids for ids, _ in grown], told)
+
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.shadow)))
+        child = self.m.fork(parent)
+        sh = self.shadow[parent]
+        self.shadow[child] = {"ids": list(sh["ids"]), "pending": list(sh["pending"]), "salt": sh["salt"]}
+
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data())
+    def truncate(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.shadow)))
+        sh = self.shadow[seq]
+        new_len = data.draw(st.integers(0, len(sh["ids"])))
+        self.m.truncate(seq, new_len)
+        del sh["ids"][new_len:]
+        sh["pending"] = []  # the manager forgets prompt ids past the cut too
+
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.shadow)))
+        self.m.free(seq)
+        del self.shadow[seq]
+
+    # -- after every rule --------------------------------------------------------------------
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "m"):
+            return
+        self.m.check()
+        for seq, sh in self.shadow.items():
+            assert self.m.context_len(seq) == len(sh["ids"])
+            tables, lens = self.m.block_tables([seq]), self.m.context_lens([seq])
+            for layer in range(LAYERS):
+                k, v, _ = ref.gather(self.pool, layer, tables, lens)
+                if sh["ids"]:
+                    want = np.stack([token_kv(sh["salt"], sh["ids"][:p + 1], layer)
+                                     for p in range(len(sh["ids"]))])
+                    np.testing.assert_array_equal(k, want[:, 0])
+                    np.testing.assert_array_equal(v, want[:, 1])
+
+
+ManagerMachine.TestCase.settings = settings(
+    settings(), max_examples=max(200, settings().max_examples), stateful_step_count=25,
+)
+TestManagerMachine = ManagerMachine.TestCase
