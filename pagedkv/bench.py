@@ -314,3 +314,45 @@ def report(shapes=tuple(SHAPES), layouts=("NHD", "HND"), routines=PEER_ROUTINES)
                     f"{m['vs_numpy']:.1f} | {fmt(m['call_over_kernel'])} |"
                 )
     return "\n".join(lines)
+
+
+class DecodeStep:
+    """The bookkeeping of one decode step of ``num_seqs`` running sequences, one new token each:
+    slot mapping (``append_batch``), padded block tables and context lengths."""
+
+    def __init__(self, num_seqs: int = 256, context: int = 512, block_size: int = BLOCK_SIZE,
+                 rewind_every: int = 1024) -> None:
+        from .manager import BlockManager
+
+        blocks_per_seq = -(-(context + rewind_every) // block_size)
+        self.manager = BlockManager(block_size, num_blocks=num_seqs * blocks_per_seq)
+        self.seq_ids = [self.manager.add_sequence() for _ in range(num_seqs)]
+        self.manager.append_batch(self.seq_ids, [context] * num_seqs)
+        self.ones = np.ones(num_seqs, dtype=np.int64)
+        self.context, self.rewind_every, self.steps = context, rewind_every, 0
+
+    def __call__(self):
+        m = self.manager
+        self.steps += 1
+        if self.steps % self.rewind_every == 0:  # keep the pool from filling; amortised in the timing
+            for s in self.seq_ids:
+                m.truncate(s, self.context)
+        step = m.append_batch(self.seq_ids, self.ones)
+        return step.slots, m.block_tables(self.seq_ids), m.context_lens(self.seq_ids)
+
+
+def bookkeeping_vs_write(num_seqs: int = 256) -> dict[str, float]:
+    """Seconds of one decode step's bookkeeping beside the numpy reference writing that
+    step's K/V for one layer (H=8, D=128), and their ratio (below 1 is the target)."""
+    from .backends import get_backend
+
+    step = DecodeStep(num_seqs)
+    slots, _, _ = step()
+    config = CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D,
+                         num_blocks=step.manager.allocator.num_blocks, block_size=BLOCK_SIZE)
+    pool = KVPool(config)
+    key = np.random.default_rng(0).standard_normal((num_seqs, H, D), dtype=np.float32)
+    ref = get_backend("numpy")
+    t_book = median_seconds(step)
+    t_write = median_seconds(lambda: ref.write(pool, 0, key, key, slots))
+    return {"bookkeeping_s": t_book, "numpy_write_s": t_write, "ratio": t_book / t_write}

@@ -69,6 +69,7 @@ class _Entry:
 
 @dataclass(slots=True)
 class _Sequence:
+    row: int  # this sequence's row in the manager's block-table array
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0
     # Known ids of positions 0..len-1 (a prompt may run ahead of num_tokens); a token
@@ -101,6 +102,10 @@ class BlockManager:
         self.allocator.register(self)
         self.enable_prefix_caching = enable_prefix_caching
         self._seqs: dict[Hashable, _Sequence] = {}
+        # Every sequence's blocks also live in one int32 array (a row each, -1 past its end),
+        # kept in step with the lists, so block_tables() is one fancy-index, not a loop.
+        self._table = np.full((8, 8), -1, dtype=np.int32)
+        self._free_rows = list(range(7, -1, -1))
         self._next_id = itertools.count()
         self._cache: dict[tuple, _Entry] = {}  # key -> entry
         self._cached_block: dict[int, _Entry] = {}  # block -> entry
@@ -132,11 +137,13 @@ class BlockManager:
                     seq_id = next(self._next_id)
             elif seq_id in self._seqs:
                 raise SequenceExistsError(f"sequence {seq_id!r} exists already")
-            seq = _Sequence(salt=cache_salt)
-            if prompt_token_ids is not None:
-                seq.token_ids = [operator.index(t) for t in prompt_token_ids]
+            ids = None if prompt_token_ids is None else [operator.index(t) for t in prompt_token_ids]
+            seq = _Sequence(self._take_row(), salt=cache_salt)
+            if ids is not None:
+                seq.token_ids = ids
                 if self.enable_prefix_caching:
                     self._attach_cached_prefix(seq)
+                    self._write_row(seq, 0)
             self._seqs[seq_id] = seq
             return seq_id
 
@@ -173,6 +180,7 @@ class BlockManager:
             for block in parent.blocks:
                 self.allocator.incref(block)
             child.blocks = list(parent.blocks)
+            self._write_row(child, 0)
             child.num_tokens = parent.num_tokens
             child.token_ids = list(parent.token_ids)
             child.generations = list(parent.generations)
@@ -187,6 +195,8 @@ class BlockManager:
         with self.allocator.lock:
             seq = self._get(seq_id)
             returned = sum(self._release(block) == 0 for block in reversed(seq.blocks))
+            self._table[seq.row, :len(seq.blocks)] = -1
+            self._free_rows.append(seq.row)
             del self._seqs[seq_id]
             return returned
 
@@ -206,6 +216,7 @@ class BlockManager:
                 )
             keep = math.ceil(new_len / self.block_size)
             returned = sum(self._release(block) == 0 for block in reversed(seq.blocks[keep:]))
+            self._table[seq.row, keep:len(seq.blocks)] = -1
             del seq.blocks[keep:]
             seq.num_tokens = new_len
             del seq.token_ids[new_len:]
@@ -308,7 +319,10 @@ class BlockManager:
                 dst.append(copy)
                 self._release(seq.blocks[-1])
                 seq.blocks[-1] = copy
-            seq.blocks.extend(itertools.islice(fresh, grow))
+                self._table[seq.row, len(seq.blocks) - 1] = copy
+            if grow:
+                seq.blocks.extend(itertools.islice(fresh, grow))
+                self._write_row(seq, len(seq.blocks) - grow)
             starts.append(seq.num_tokens)
             rows.append(seq.blocks)
             self._note_tokens(seq, n, None if token_ids is None else token_ids[i])
@@ -322,6 +336,24 @@ class BlockManager:
         if ids is not None and seq.num_tokens <= known < seq.num_tokens + n:  # no gap before them
             seq.token_ids.extend(operator.index(t) for t in ids[known - seq.num_tokens:])
         seq.num_tokens += n
+
+    # -- the block-table array ---------------------------------------------------------------
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            rows = self._table.shape[0]
+            self._table = np.concatenate([self._table, np.full_like(self._table, -1)])
+            self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        return self._free_rows.pop()
+
+    def _write_row(self, seq: _Sequence, start: int) -> None:
+        """Copy ``seq.blocks[start:]`` into its row, widening the array when needed."""
+        n = len(seq.blocks)
+        if n > self._table.shape[1]:
+            wider = np.full((self._table.shape[0], max(n, 2 * self._table.shape[1])), -1, dtype=np.int32)
+            wider[:, :self._table.shape[1]] = self._table
+            self._table = wider
+        self._table[seq.row, start:n] = seq.blocks[start:]
 
     # -- prefix cache ------------------------------------------------------------------------
 
@@ -378,13 +410,16 @@ class BlockManager:
 
         ``max_blocks`` defaults to the longest table among ``seq_ids``.
         """
-        rows = [self._get(s).blocks for s in seq_ids]
-        width = max(map(len, rows), default=0) if max_blocks is None else max_blocks
-        out = np.full((len(rows), width), -1, dtype=np.int32)
-        for i, row in enumerate(rows):
-            if len(row) > width:
-                raise PagedKVError(f"a sequence holds {len(row)} blocks, more than max_blocks={width}")
-            out[i, :len(row)] = row
+        seqs = [self._get(s) for s in seq_ids]
+        longest = max((len(s.blocks) for s in seqs), default=0)
+        width = longest if max_blocks is None else max_blocks
+        if longest > width:
+            raise PagedKVError(f"a sequence holds {longest} blocks, more than max_blocks={width}")
+        rows = np.fromiter((s.row for s in seqs), dtype=np.intp, count=len(seqs))
+        if width <= self._table.shape[1]:
+            return self._table[rows, :width]
+        out = np.full((len(seqs), width), -1, dtype=np.int32)
+        out[:, :self._table.shape[1]] = self._table[rows]
         return out
 
     def context_lens(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
@@ -473,6 +508,9 @@ class BlockManager:
                     )
                 if len(seq.generations) > seq.num_tokens // bs:
                     raise InvariantError(f"sequence {seq_id!r} chains more cached blocks than it has full")
+                row = self._table[seq.row]
+                if row[:len(seq.blocks)].tolist() != seq.blocks or (row[len(seq.blocks):] != -1).any():
+                    raise InvariantError(f"sequence {seq_id!r}: block-table array row differs from its blocks")
             for key, entry in self._cache.items():
                 if entry.key != key or self._cached_block.get(entry.block) is not entry:
                     raise InvariantError(f"prefix-cache entry of block {entry.block} is inconsistent")
