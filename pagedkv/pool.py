@@ -47,9 +47,9 @@ class KVPool:
         if device == "cpu":
             self.data = np.zeros(self.strides.size, dtype=config.dtype)
         else:
-            from .backends import cuda as cuda_backend
+            from .backends import get_backend  # a clear error without numba-cuda or a GPU
 
-            self.data = cuda_backend.device_zeros(self.strides.size, config.dtype)
+            self.data = get_backend("cuda").device_zeros(self.strides.size, config.dtype)
 
     def __repr__(self) -> str:
         c = self.config

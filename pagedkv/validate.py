@@ -36,10 +36,11 @@ def host_array(a, name: str) -> np.ndarray:
         return a
     if hasattr(a, "copy_to_host"):
         return a.copy_to_host()
-    if hasattr(a, "__cuda_array_interface__"):
+    if hasattr(a, "__cuda_array_interface__"):  # CuPy, torch CUDA tensors
         from numba import cuda
 
-        return cuda.as_cuda_array(a).copy_to_host()
+        if hasattr(cuda, "as_cuda_array"):  # absent under the CUDA simulator
+            return cuda.as_cuda_array(a).copy_to_host()
     raise DTypeError(f"{name} must be an array, got {type(a).__name__}")
 
 
@@ -197,7 +198,7 @@ def outputs(p: KVPool, out, num_tokens: int) -> None:
         raise ShapeError(f"out must be a pair (key, value) of arrays, got {type(out).__name__}")
     tokens(p, "out[0]", out[0], num_tokens)
     tokens(p, "out[1]", out[1], num_tokens)
-    if isinstance(out[0], np.ndarray) and np.may_share_memory(out[0], out[1]):
+    if out[0] is out[1] or (isinstance(out[0], np.ndarray) and np.may_share_memory(out[0], out[1])):
         raise ShapeError("out[0] and out[1] overlap; keys and values need separate buffers")
 
 

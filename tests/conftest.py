@@ -11,6 +11,8 @@ import shutil
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -36,9 +38,12 @@ def _backend(request):
     reason = _AVAILABLE[request.param]
     if reason is not None:
         pytest.skip(reason)
+    backend = pagedkv.get_backend(request.param)
     if request.param == "cuda":
         request.applymarker(pytest.mark.cuda)
-    return pagedkv.get_backend(request.param)
+        if SIMULATED:  # tiny CUDA blocks, so that tiny cases still span several of them
+            backend.THREADS_PER_BLOCK = 32
+    return backend
 
 
 @pytest.fixture(params=BACKENDS)

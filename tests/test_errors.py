@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 
 import pagedkv as pk
-from pagedkv import CacheConfig
+from pagedkv import CacheConfig, KVPool
 from pagedkv.testing import strategies as pst
 
-from .conftest import host, on_device
+from .conftest import device_empty, host, on_device
+
+
+def out(backend, tokens):
+    """An output buffer of ``tokens`` rows where ``backend`` keeps its outputs."""
+    return device_empty(backend, (tokens, 2, 4))
 
 CONFIG = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=4)
 OTHER = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=5, block_size=4)
@@ -19,7 +24,6 @@ KEY = np.ones((T, 2, 4), np.float32)
 SLOTS = np.array([0, 5, -1], np.int64)
 TABLES = np.array([[0, 1], [2, -1]], np.int32)
 LENS = np.array([5, 3], np.int32)
-OUT = np.empty((T, 2, 4), np.float32)
 I64 = lambda *x: np.array(x, np.int64)  # noqa: E731
 
 # name: (call(backend, pool, other_pool), exception, words the message must contain)
@@ -56,11 +60,11 @@ CASES = {
                                   pk.BlockIndexError, "block_tables[1, 1] = -1"),
     "gather block past the pool": (lambda b, p, o: b.gather(p, 0, np.array([[4]], np.int32), np.array([1], np.int32)),
                                    pk.BlockIndexError, "= 4"),
-    "gather out too short": (lambda b, p, o: b.gather(p, 0, TABLES, LENS, out=(np.empty((7, 2, 4), np.float32),) * 2),
+    "gather out too short": (lambda b, p, o: b.gather(p, 0, TABLES, LENS, out=(out(b, 7), out(b, 7))),
                              pk.ShapeError, "expected 8"),
-    "read out not a pair": (lambda b, p, o: b.read(p, 0, SLOTS, out=np.empty((3, 2, 4), np.float32)),
-                            pk.ShapeError, "pair"),
-    "read out overlapping": (lambda b, p, o: b.read(p, 0, SLOTS, out=(OUT, OUT)), pk.ShapeError, "overlap"),
+    "read out not a pair": (lambda b, p, o: b.read(p, 0, SLOTS, out=out(b, 3)), pk.ShapeError, "pair"),
+    "read out the same array twice": (lambda b, p, o: (lambda x: b.read(p, 0, SLOTS, out=(x, x)))(out(b, 3)),
+                                      pk.ShapeError, "overlap"),
     "copy src past the pool": (lambda b, p, o: b.copy_blocks(p, I64(4), I64(0)), pk.BlockIndexError, "block 4"),
     "copy dst negative": (lambda b, p, o: b.copy_blocks(p, I64(0), I64(-1)), pk.BlockIndexError, "block -1"),
     "copy lengths differ": (lambda b, p, o: b.copy_blocks(p, I64(0, 1), I64(2)), pk.ShapeError, "src has 2"),
@@ -106,3 +110,21 @@ def test_errors_are_also_builtin_kinds():
 def test_unknown_backend():
     with pytest.raises(pk.BackendUnavailableError, match="unknown backend"):
         pk.get_backend("fortran")
+
+
+def test_cuda_backend_wants_device_outputs():
+    backend = pytest.importorskip("pagedkv.backends.cuda")
+    if pk.available_backends()["cuda"] is not None:
+        pytest.skip("no GPU and no simulator")
+    pool = KVPool(CONFIG, device="cuda")
+    with pytest.raises(pk.DTypeError, match="device arrays"):
+        backend.read(pool, 0, SLOTS, out=(np.empty((3, 2, 4), np.float32), np.empty((3, 2, 4), np.float32)))
+
+
+def test_a_cpu_backend_refuses_a_gpu_pool_and_back():
+    if pk.available_backends()["cuda"] is not None:
+        pytest.skip("no GPU and no simulator")
+    with pytest.raises(pk.PoolMismatchError, match="needs a pool on 'cpu'"):
+        pk.get_backend("numba").write(KVPool(CONFIG, device="cuda"), 0, KEY, KEY, SLOTS)
+    with pytest.raises(pk.PoolMismatchError, match="needs a pool on 'cuda'"):
+        pk.get_backend("cuda").write(KVPool(CONFIG), 0, KEY, KEY, SLOTS)

@@ -1,0 +1,97 @@
+"""What only the cuda backend does: host <-> device swaps, device inputs, its unavailability error.
+
+These run under numba's CUDA simulator on a machine without a GPU, and on the
+real device when there is one.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import pagedkv
+from pagedkv import KVPool
+from pagedkv.testing import strategies as pst
+
+from .conftest import host, on_device
+
+pytestmark = pytest.mark.cuda
+ref = pagedkv.get_backend("numpy")
+
+
+@pytest.fixture
+def gpu():
+    reason = pagedkv.available_backends()["cuda"]
+    if reason is not None:
+        pytest.skip(reason)
+    backend = pagedkv.get_backend("cuda")
+    backend.THREADS_PER_BLOCK = 32
+    return backend
+
+
+small = pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=4, max_blocks=5, max_block_size=3)
+
+
+@given(small, st.data(), st.integers(0, 2**32 - 1), st.booleans())
+def test_offload_and_reload_match_the_reference(gpu, config, data, seed, offload):
+    """swap_blocks between a host pool and a device pool, either way."""
+    src_host = pst.filled_pool(config, seed)
+    dst_host = pst.filled_pool(config, seed + 1)
+    src, dst = data.draw(pst.block_copies(config, same_pool=False))
+    expected = pst.filled_pool(config, seed + 1)
+    ref.swap_blocks(src_host, expected, src, dst)
+    if offload:  # device -> host
+        gpu.swap_blocks(on_device(src_host, gpu), dst_host, src, dst)
+        np.testing.assert_array_equal(dst_host.data, expected.data)
+    else:  # host -> device
+        dst_dev = on_device(dst_host, gpu)
+        gpu.swap_blocks(src_host, dst_dev, src, dst)
+        np.testing.assert_array_equal(host(dst_dev), expected.data)
+
+
+def test_device_inputs_and_index_arrays_are_taken_as_they_are(gpu):
+    from numba import cuda
+
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=3, num_blocks=3, block_size=2)
+    pool = KVPool(config, device="cuda")
+    key, value = pst.token_arrays(config, 3, 0)
+    slots = np.array([4, -1, 1])
+    gpu.write(pool, 0, cuda.to_device(key), cuda.to_device(value), cuda.to_device(slots))
+    k, v = gpu.read(pool, 0, cuda.to_device(slots))
+    np.testing.assert_array_equal(host(k)[[0, 2]], key[[0, 2]])
+    assert not host(k)[1].any()
+    np.testing.assert_array_equal(pool.k(0).copy_to_host()[2, 0], key[0])  # a device view
+    tables, lens = cuda.to_device(np.array([[2, 0]], np.int32)), cuda.to_device(np.array([3], np.int32))
+    k, v, cu = gpu.gather(pool, 0, tables, lens)
+    np.testing.assert_array_equal(host(k), host(gpu.read(pool, 0, np.array([4, 5, 0]))[0]))
+    gpu.copy_blocks(pool, cuda.to_device(np.array([2])), cuda.to_device(np.array([1])))
+    np.testing.assert_array_equal(pool.k(0).copy_to_host()[1], pool.k(0).copy_to_host()[2])
+
+
+def test_swap_between_two_host_pools_is_refused(gpu):
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=2, block_size=1)
+    with pytest.raises(pagedkv.PoolMismatchError, match="both pools are on the CPU"):
+        gpu.swap_blocks(KVPool(config), KVPool(config), np.array([0]), np.array([1]))
+
+
+def test_without_a_gpu_the_backend_says_what_is_missing():
+    """A fresh process with no simulator and no GPU: pagedkv imports, and cuda is refused clearly."""
+    if pagedkv.backends.cuda.cuda.is_available() and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("a real GPU is present")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    code = (
+        "import pagedkv\n"
+        "try:\n"
+        "    pagedkv.get_backend('cuda')\n"
+        "except pagedkv.BackendUnavailableError as e:\n"
+        "    print('refused:', e)\n"
+        "print(pagedkv.get_backend('auto').NAME)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: backend 'cuda'" in out.stdout
+    assert "NUMBA_ENABLE_CUDASIM" in out.stdout  # says how to run without a GPU
+    assert out.stdout.strip().endswith("numba")
