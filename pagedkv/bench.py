@@ -30,7 +30,7 @@ NUM_BLOCKS = 1024  # one layer, 128 MiB: room for the prefill shape twice over
 
 @dataclass
 class Workload:
-    """Inputs of every routine at one shape, on a CPU pool."""
+    """Inputs of every routine at one shape (a CPU pool; see :func:`on_gpu` for a GPU copy)."""
 
     config: CacheConfig
     pool: KVPool
@@ -53,24 +53,30 @@ class Workload:
         return self.src.size * self.config.bytes_per_block
 
 
-def make_workload(shape: str, layout: str = "NHD", seed: int = 0) -> Workload:
-    """A workload of ``SHAPES[shape]`` tokens, H=8, D=128, block_size=16, in ``layout``."""
-    t = SHAPES[shape]
+def make_workload(shape: str, layout: str = "NHD", seed: int = 0, *, tokens: int | None = None,
+                  heads: int = H, head_dim: int = D, num_blocks: int = NUM_BLOCKS) -> Workload:
+    """A workload of ``SHAPES[shape]`` tokens, H=8, D=128, block_size=16, in ``layout``.
+
+    The keyword arguments shrink it (tests run the GPU paths on the simulator that way).
+    """
+    t = SHAPES[shape] if tokens is None else tokens
     rng = np.random.default_rng(seed)
-    config = CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D, num_blocks=NUM_BLOCKS,
+    config = CacheConfig(num_layers=1, num_kv_heads=heads, head_dim=head_dim, num_blocks=num_blocks,
                          block_size=BLOCK_SIZE, layout=layout)
     pool = KVPool(config)
     pool.data[:] = rng.standard_normal(pool.data.size, dtype=np.float32)
-    key, value = (rng.standard_normal((t, H, D), dtype=np.float32) for _ in range(2))
-    blocks = rng.permutation(NUM_BLOCKS)
+    key, value = (rng.standard_normal((t, heads, head_dim), dtype=np.float32) for _ in range(2))
+    blocks = rng.permutation(num_blocks)
     if shape == "decode":  # one new token for each of t sequences: scattered slots
         slots = rng.choice(config.num_slots, size=t, replace=False)
         num_seqs = 4
     else:  # prompts: whole blocks, in random block order
         slots = (blocks[: t // BLOCK_SIZE, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE)).ravel()
         num_seqs = 8
+    # gather: the t tokens as num_seqs sequences of whole blocks, in random block order
+    num_seqs = max(1, min(num_seqs, t // BLOCK_SIZE))
     per_seq = t // num_seqs
-    tables = blocks[: t // BLOCK_SIZE].reshape(num_seqs, -1).astype(np.int32)
+    tables = blocks[: num_seqs * -(-per_seq // BLOCK_SIZE)].reshape(num_seqs, -1).astype(np.int32)
     lens = np.full(num_seqs, per_seq, dtype=np.int32)
     n_copy = max(1, t // BLOCK_SIZE)
     return Workload(config, pool, key, value, slots.astype(np.int64), tables, lens,
@@ -221,13 +227,13 @@ def backend_call(backend, w: Workload, routine: str) -> Callable[[], object]:
     if routine == "gather":
         return lambda: backend.gather(w.pool, 0, w.tables, w.lens)
     if routine == "gather_out":  # reusing output buffers, as a decode loop does
-        from .backends.reference import new_outputs
+        from .validate import host_array
 
-        out = new_outputs(w.pool, int(w.lens.sum()))
+        out = backend.new_outputs(w.pool, int(host_array(w.lens, "lens").sum()))
         return lambda: backend.gather(w.pool, 0, w.tables, w.lens, out=out)
     if routine == "copy_blocks":
         return lambda: backend.copy_blocks(w.pool, w.src, w.dst)
-    if routine == "swap_blocks":
+    if routine == "swap_blocks":  # to a second pool in host memory (an offload, for the GPU)
         other = KVPool(w.config)
         return lambda: backend.swap_blocks(w.pool, other, w.src, w.dst)
     raise ValueError(routine)
@@ -356,3 +362,75 @@ def bookkeeping_vs_write(num_seqs: int = 256) -> dict[str, float]:
     t_book = median_seconds(step)
     t_write = median_seconds(lambda: ref.write(pool, 0, key, key, slots))
     return {"bookkeeping_s": t_book, "numpy_write_s": t_write, "ratio": t_book / t_write}
+
+
+# ---- the GPU side: the same workloads on the device, and the GPU peers -----------------------
+
+def on_gpu(w: Workload) -> Workload:
+    """The workload with its pool and every array moved to the GPU (numba device arrays)."""
+    from numba import cuda
+
+    pool = KVPool(w.config, device="cuda")
+    pool.data.copy_to_device(w.pool.data)
+    dev = cuda.to_device
+    return Workload(w.config, pool, dev(w.key), dev(w.value), dev(w.slots), dev(w.tables), dev(w.lens),
+                    dev(w.src), dev(w.dst))
+
+
+def gpu_sync() -> None:
+    """Wait for the GPU (a timing must include the kernels, not only their launch)."""
+    from numba import cuda
+
+    cuda.synchronize()
+
+
+def device_copy(nbytes: int) -> Callable[[], None]:
+    """A device-to-device copy of ``nbytes / 2`` bytes: the GPU's bandwidth limit."""
+    from numba import cuda
+
+    n = max(1, nbytes // 8)
+    src = cuda.to_device(np.random.default_rng(1).standard_normal(n, dtype=np.float32))
+    dst = cuda.device_array_like(src)
+    return lambda: dst.copy_to_device(src)
+
+
+def gpu_peer(w: Workload, routine: str, library: str) -> Callable[[], object] | None:
+    """The routine with CuPy (``library="cupy"``) or torch CUDA fancy indexing on the device
+    pool's own memory; None when that library is missing."""
+    try:
+        lib = __import__(library)
+    except ImportError:
+        return None
+    if library == "cupy":
+        wrap = lib.asarray
+    else:
+        wrap = lambda x: lib.as_tensor(x, device="cuda")  # noqa: E731
+    k, v = wrap(w.pool.k(0)), wrap(w.pool.v(0))
+    nhd = w.config.layout == "NHD"
+    slots = wrap(w.slots)
+    blocks, pos = slots // BLOCK_SIZE, slots % BLOCK_SIZE
+    if routine == "write":
+        key, value = wrap(w.key), wrap(w.value)
+        def f():
+            if nhd:
+                k[blocks, pos] = key
+                v[blocks, pos] = value
+            else:
+                k[blocks, :, pos] = key
+                v[blocks, :, pos] = value
+        return f
+    if routine == "gather":
+        from .backends.reference import gather_slots
+
+        g = wrap(gather_slots(w.tables.copy_to_host(), w.lens.copy_to_host(), BLOCK_SIZE))
+        gb, gp = g // BLOCK_SIZE, g % BLOCK_SIZE
+        if nhd:
+            return lambda: (k[gb, gp], v[gb, gp])
+        return lambda: (k[gb, :, gp], v[gb, :, gp])
+    if routine == "copy_blocks":
+        src, dst = wrap(w.src), wrap(w.dst)
+        def f():
+            k[dst] = k[src]
+            v[dst] = v[src]
+        return f
+    raise ValueError(routine)

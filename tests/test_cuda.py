@@ -95,3 +95,15 @@ def test_without_a_gpu_the_backend_says_what_is_missing():
     assert "refused: backend 'cuda'" in out.stdout
     assert "NUMBA_ENABLE_CUDASIM" in out.stdout  # says how to run without a GPU
     assert out.stdout.strip().endswith("numba")
+
+
+def test_gpu_benchmark_workloads_run(gpu):
+    """The GPU benchmarks' code paths, at a size the simulator can run (no timing)."""
+    from pagedkv import bench
+
+    for layout in ("NHD", "HND"):
+        w = bench.on_gpu(bench.make_workload("prefill", layout, tokens=32, heads=2, head_dim=4, num_blocks=8))
+        for routine in ("write", "gather", "gather_out", "copy_blocks", "swap_blocks"):
+            bench.backend_call(gpu, w, routine)()
+        bench.device_copy(64)()
+        bench.gpu_sync()

@@ -233,7 +233,8 @@ def _device_index(original, checked: np.ndarray):
         else cuda.to_device(checked)
 
 
-def _new_outputs(pool: KVPool, num_tokens: int, out):
+def new_outputs(pool: KVPool, num_tokens: int, out=None):
+    """``out`` if given, else two new float32 ``[num_tokens, H, D]`` device arrays."""
     if out is not None:
         return out[0], out[1]
     c = pool.config
@@ -267,7 +268,7 @@ def read(pool: KVPool, layer: int, slot_mapping, *, out=None):
     """Same contract as :func:`pagedkv.backends.reference.read`; returns device arrays."""
     out = _outputs_on_device(out)
     layer, slots = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
-    out_k, out_v = _new_outputs(pool, slots.shape[0], out)
+    out_k, out_v = new_outputs(pool, slots.shape[0], out)
     if slots.shape[0]:
         fk, fv = _flat(out_k), _flat(out_v)
         read_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
@@ -283,7 +284,7 @@ def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None):
     out = _outputs_on_device(out)
     layer, tables, lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
     cu = cu_seqlens(lens)
-    out_k, out_v = _new_outputs(pool, int(cu[-1]), out)
+    out_k, out_v = new_outputs(pool, int(cu[-1]), out)
     if cu[-1]:
         fk, fv = _flat(out_k), _flat(out_v)
         gather_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
