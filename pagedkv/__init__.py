@@ -11,7 +11,7 @@ from .allocator import BlockAllocator
 from .backends import BACKENDS, available_backends, get_backend
 from .config import CacheConfig
 from .errors import (
-    AllocatorError, BackendUnavailableError, BlockCopyError, BlockIndexError, ConfigError,
+    AllocatorError, ArgumentError, BackendUnavailableError, BlockCopyError, BlockIndexError, ConfigError,
     ContextLengthError, ContiguityError, DTypeError, DuplicateSlotError, InvariantError,
     LayerIndexError, OutOfBlocksError, PagedKVError, PoolMismatchError, ShapeError,
     SlotIndexError, UnknownSequenceError,
@@ -23,7 +23,7 @@ from .pool import KVPool
 __version__ = "0.1.0"
 
 __all__ = [
-    "Appended", "BlockAllocator", "BlockManager", "SequenceExistsError", "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
+    "Appended", "ArgumentError", "BlockAllocator", "BlockManager", "SequenceExistsError", "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
     "CacheConfig", "ConfigError", "ContextLengthError", "ContiguityError", "DTypeError",
     "DuplicateSlotError", "InvariantError", "KVPool", "LayerIndexError", "OutOfBlocksError",
     "PagedKVError", "PoolMismatchError", "ShapeError", "SlotIndexError", "Strides",

@@ -58,6 +58,10 @@ class ContextLengthError(PagedKVError, ValueError):
     """A context length below zero or longer than its block table can hold."""
 
 
+class ArgumentError(PagedKVError, ValueError):
+    """An option out of its range (an attention scale, window or soft cap, say)."""
+
+
 class OutOfBlocksError(PagedKVError, RuntimeError):
     """The allocator has fewer free blocks than a call needs; nothing was taken."""
 

@@ -13,10 +13,12 @@ over before calling these functions (see :func:`host_array`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .errors import (
-    BlockCopyError, BlockIndexError, ContextLengthError, ContiguityError, DTypeError,
+    ArgumentError, BlockCopyError, BlockIndexError, ContextLengthError, ContiguityError, DTypeError,
     DuplicateSlotError, PoolMismatchError, ShapeError, SlotIndexError,
 )
 from . import _scan
@@ -225,3 +227,88 @@ def copy_args(src_pool, dst_pool, src, dst, src_device: str, dst_device: str):
     pool(src_pool, src_device)
     pool(dst_pool, dst_device)
     return block_copies(src_pool, dst_pool, src, dst)
+
+
+class AttentionArgs(NamedTuple):
+    """Checked arguments of ``paged_attention``, ready for a kernel."""
+
+    layer: int
+    tables: np.ndarray  # int32 [B, max_blocks]
+    lens: np.ndarray  # int32 [B]
+    row_seq: np.ndarray  # int32 [N]: the sequence of each query row
+    row_pos: np.ndarray  # int64 [N]: the position of each query row; -1 if it has no context
+    scale: float
+    window: int  # 0: no sliding window
+    soft_cap: float  # 0: no soft cap
+
+
+def attention_args(p: KVPool, layer_, q, tables, lens, scale, sliding_window, soft_cap, query_lens,
+                   device: str) -> AttentionArgs:
+    """Check everything ``paged_attention`` takes and place each query row in its sequence.
+
+    Decode (``query_lens`` None): row b is the last position of sequence b
+    (it has ``context_lens[b] - 1`` before it). With ``query_lens``, the rows
+    of sequence b are its last ``query_lens[b]`` positions, in order.
+    """
+    pool(p, device)
+    layer_ = layer(p, layer_)
+    c = p.config
+    dtype = getattr(q, "dtype", None)
+    if dtype is None or np.dtype(dtype) != c.dtype:
+        raise DTypeError(f"q must be an array of {c.dtype}, got {dtype if dtype is not None else type(q).__name__}")
+    shape = tuple(q.shape)
+    if len(shape) != 3 or shape[2] != c.head_dim:
+        raise ShapeError(f"q must have shape [N, Hq, {c.head_dim}], got {list(shape)}")
+    if shape[1] == 0 or shape[1] % c.num_kv_heads:
+        raise ShapeError(
+            f"q has {shape[1]} heads; grouped-query attention needs a multiple of the cache's {c.num_kv_heads}"
+        )
+    if not _is_c_contiguous(q):
+        raise ContiguityError("q must be C-contiguous (np.ascontiguousarray makes it so)")
+    tables, lens = block_tables(p, tables, lens)
+    if query_lens is None:
+        if shape[0] != lens.shape[0]:
+            raise ShapeError(f"decode attention needs one query per sequence: q has {shape[0]} rows "
+                             f"for {lens.shape[0]} sequences")
+        row_seq = np.arange(lens.shape[0], dtype=np.int32)
+        row_pos = lens.astype(np.int64) - 1
+    else:
+        query_lens = index_array(query_lens, "query_lens", INT32, 1)
+        if query_lens.shape != lens.shape:
+            raise ShapeError(f"query_lens has {query_lens.shape[0]} entries for {lens.shape[0]} sequences")
+        bad = np.flatnonzero((query_lens < 0) | (query_lens > lens))
+        if bad.size:
+            b = int(bad[0])
+            raise ContextLengthError(
+                f"query_lens[{b}] = {query_lens[b]} must lie in 0..context_lens[{b}] = {lens[b]}"
+            )
+        total = int(query_lens.sum(dtype=np.int64))
+        if shape[0] != total:
+            raise ShapeError(f"q has {shape[0]} rows but query_lens add up to {total}")
+        row_seq = np.repeat(np.arange(lens.shape[0], dtype=np.int32), query_lens)
+        first = np.cumsum(query_lens, dtype=np.int64) - query_lens  # first row of each sequence
+        row_pos = (lens - query_lens).astype(np.int64)[row_seq] + np.arange(total) - first[row_seq]
+    scale = 1.0 / float(np.sqrt(c.head_dim)) if scale is None else _finite(scale, "scale")
+    if scale == 0:
+        raise ArgumentError("scale must not be 0")
+    window = 0
+    if sliding_window is not None:
+        if not isinstance(sliding_window, (int, np.integer)) or sliding_window < 1:
+            raise ArgumentError(f"sliding_window must be a positive integer, got {sliding_window!r}")
+        window = int(sliding_window)
+    cap = 0.0
+    if soft_cap is not None:
+        cap = _finite(soft_cap, "soft_cap")
+        if cap <= 0:
+            raise ArgumentError(f"soft_cap must be positive, got {soft_cap!r}")
+    return AttentionArgs(layer_, tables, lens, row_seq, row_pos, scale, window, cap)
+
+
+def _finite(x, name: str) -> float:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be a number, got {x!r}") from None
+    if not np.isfinite(x):
+        raise ArgumentError(f"{name} must be finite, got {x}")
+    return x

@@ -23,11 +23,13 @@ without ``NUMBA_ENABLE_CUDASIM=1``) :func:`pagedkv.get_backend` raises a
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
 
 from .. import layout, validate
-from ..errors import BackendUnavailableError, DTypeError, PoolMismatchError
+from ..errors import ArgumentError, BackendUnavailableError, DTypeError, PoolMismatchError
 from ..layout import Strides
 from ..pool import KVPool
 from .reference import cu_seqlens
@@ -37,6 +39,10 @@ DEVICE = "cuda"
 
 #: threads per CUDA block of every launch
 THREADS_PER_BLOCK = 256
+#: threads per CUDA block of paged_attention (one block per query row and head); at most MAX_TILE
+ATTENTION_THREADS = 128
+MAX_TILE = 256  # positions scored at once; sizes a shared array, so it is a constant
+MAX_HEAD_DIM = 512  # sizes the shared accumulator
 
 
 def check_available() -> None:
@@ -349,3 +355,96 @@ def _pack_host(p: KVPool, blocks: np.ndarray) -> np.ndarray:
 
 def _unpack_host(p: KVPool, blocks: np.ndarray, packed: np.ndarray) -> None:
     p.data[_block_offsets(p, blocks).reshape(-1)] = packed
+
+
+@cuda.jit
+def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap,
+                     num_heads, head_dim, block_size, layer_stride, kv_stride, block_stride,
+                     pos_stride, head_stride):
+    """One CUDA block per (query row, query head): online softmax over tiles of positions.
+
+    Per tile of ``blockDim.x`` positions: each thread scores one position
+    (a dot product over D); thread 0 folds the tile into the running max and
+    sum (in shared memory) and turns the scores into weights; then each
+    thread updates its share of the D accumulators (consecutive threads,
+    consecutive d: coalesced reads of V).
+    """
+    r = cuda.blockIdx.x
+    hq = cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    h = hq // (q.shape[1] // num_heads)
+    weights = cuda.shared.array(MAX_TILE, float32)
+    acc = cuda.shared.array(MAX_HEAD_DIM, float32)
+    state = cuda.shared.array(3, float32)  # running max, running sum, this tile's correction
+    for d in range(t, head_dim, threads):
+        acc[d] = 0.0
+    if t == 0:
+        state[0] = -math.inf
+        state[1] = 0.0
+    cuda.syncthreads()
+    pos = row_pos[r]
+    if pos >= 0:  # the same for the whole block, so the barriers inside are safe
+        b = row_seq[r]
+        start = 0
+        if window > 0:
+            start = max(0, pos - window + 1)
+        for tile in range(start, pos + 1, threads):
+            n = min(threads, pos + 1 - tile)
+            x = -math.inf
+            if t < n:
+                p = tile + t
+                at = token_base(layer, 0, table_slot(tables[b, p // block_size], p, block_size), block_size,
+                                layer_stride, kv_stride, block_stride, pos_stride) + h * head_stride
+                dot = float32(0.0)
+                for d in range(head_dim):
+                    dot += q[r, hq, d] * data[at + d]
+                x = dot * scale
+                if cap > 0:
+                    x = cap * math.tanh(x / cap)
+            weights[t] = x
+            cuda.syncthreads()
+            if t == 0:
+                m_new = state[0]
+                for i in range(n):
+                    m_new = max(m_new, weights[i])
+                total = float32(0.0)
+                for i in range(n):
+                    e = math.exp(weights[i] - m_new)
+                    weights[i] = e
+                    total += e
+                correction = math.exp(state[0] - m_new)
+                state[1] = state[1] * correction + total
+                state[0] = m_new
+                state[2] = correction
+            cuda.syncthreads()
+            for d in range(t, head_dim, threads):
+                a = acc[d] * state[2]
+                for i in range(n):
+                    p = tile + i
+                    at = token_base(layer, 1, table_slot(tables[b, p // block_size], p, block_size), block_size,
+                                    layer_stride, kv_stride, block_stride, pos_stride) + h * head_stride
+                    a += weights[i] * data[at + d]
+                acc[d] = a
+            cuda.syncthreads()
+    for d in range(t, head_dim, threads):
+        out[r, hq, d] = acc[d] / state[1] if pos >= 0 else 0.0
+
+
+def paged_attention(q, pool: KVPool, layer: int, block_tables, context_lens, *, scale=None,
+                    sliding_window=None, soft_cap=None, query_lens=None):
+    """Same contract as :func:`pagedkv.backends.reference.paged_attention`; returns a device array."""
+    q = _on_device(q, "q")
+    a = validate.attention_args(pool, layer, q, block_tables, context_lens, scale, sliding_window,
+                                soft_cap, query_lens, DEVICE)
+    c = pool.config
+    if c.head_dim > MAX_HEAD_DIM:
+        raise ArgumentError(f"the cuda backend's attention handles head_dim up to {MAX_HEAD_DIM}, got {c.head_dim}")
+    threads = min(ATTENTION_THREADS, MAX_TILE)
+    out = cuda.device_array(tuple(q.shape), dtype=np.float32)
+    if q.shape[0]:
+        attention_kernel[(q.shape[0], q.shape[1]), threads](
+            pool.data, a.layer, _to_device(q), _device_index(block_tables, a.tables), cuda.to_device(a.row_seq),
+            cuda.to_device(a.row_pos), out, a.window, np.float32(a.scale), np.float32(a.soft_cap),
+            *token_strides(pool.strides))
+    return out

@@ -145,3 +145,78 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.nda
     """Same contract as :func:`pagedkv.backends.reference.swap_blocks`."""
     src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
     _move_blocks(src_pool, dst_pool, src, dst)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap,
+                     num_heads, head_dim, block_size, layer_stride, kv_stride, block_stride,
+                     pos_stride, head_stride):
+    """Online-softmax attention over the blocks, in float32, one task per (query row, K/V head).
+
+    A task handles the ``group`` query heads that share K/V head h, so each
+    K/V row is read from memory once. Per block: the scores of its visible
+    positions, then one rescale of the running max/sum/accumulator (the
+    streaming softmax of FlashAttention), never a gathered copy of K/V.
+    ``fastmath`` lets LLVM vectorise the dot products (it reorders float32 sums).
+    """
+    group = q.shape[1] // num_heads
+    minus_inf = np.float32(-np.inf)
+    for task in prange(q.shape[0] * num_heads):
+        r = task // num_heads
+        h = task - r * num_heads
+        pos = row_pos[r]
+        if pos < 0:  # a sequence with no context
+            out[r, h * group:(h + 1) * group, :] = 0.0
+            continue
+        b = row_seq[r]
+        start = max(0, pos - window + 1) if window > 0 else 0
+        m = np.full(group, minus_inf, dtype=np.float32)
+        l = np.zeros(group, dtype=np.float32)
+        acc = np.zeros((group, head_dim), dtype=np.float32)
+        s = np.empty(block_size, dtype=np.float32)
+        for j in range(start // block_size, pos // block_size + 1):
+            first = j * block_size
+            p0 = max(start, first)
+            p1 = min(pos + 1, first + block_size)
+            base = block_base(layer, 0, np.int64(tables[b, j]), layer_stride, kv_stride, block_stride) \
+                + h * head_stride
+            for g in range(group):
+                hq = h * group + g
+                block_max = minus_inf
+                for p in range(p0, p1):
+                    row = base + (p - first) * pos_stride
+                    dot = np.float32(0.0)
+                    for d in range(head_dim):
+                        dot += q[r, hq, d] * data[row + d]
+                    x = dot * scale
+                    if cap > 0:
+                        x = cap * np.tanh(x / cap)
+                    s[p - p0] = x
+                    block_max = max(block_max, x)
+                m_new = max(m[g], block_max)
+                correction = np.exp(m[g] - m_new)
+                l[g] *= correction
+                for d in range(head_dim):
+                    acc[g, d] *= correction
+                for p in range(p0, p1):
+                    e = np.exp(s[p - p0] - m_new)
+                    l[g] += e
+                    row = base + kv_stride + (p - first) * pos_stride
+                    for d in range(head_dim):
+                        acc[g, d] += e * data[row + d]
+                m[g] = m_new
+        for g in range(group):
+            for d in range(head_dim):
+                out[r, h * group + g, d] = acc[g, d] / l[g]
+
+
+def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,
+                    *, scale: float | None = None, sliding_window: int | None = None,
+                    soft_cap: float | None = None, query_lens: np.ndarray | None = None) -> np.ndarray:
+    """Same contract as :func:`pagedkv.backends.reference.paged_attention`, in float32."""
+    a = validate.attention_args(pool, layer, q, block_tables, context_lens, scale, sliding_window,
+                                soft_cap, query_lens, DEVICE)
+    out = np.empty(q.shape, dtype=np.float32)
+    attention_kernel(pool.data, a.layer, q, a.tables, a.row_seq, a.row_pos, out, a.window,
+                     np.float32(a.scale), np.float32(a.soft_cap), *token_strides(pool.strides))
+    return out

@@ -151,3 +151,67 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.nda
     """
     src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
     _move_blocks(src_pool.data, dst_pool.data, src_pool.strides, src, dst)
+
+
+def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,
+                    *, scale: float | None = None, sliding_window: int | None = None,
+                    soft_cap: float | None = None, query_lens: np.ndarray | None = None) -> np.ndarray:
+    """Attention of new queries over each sequence's cached keys and values, straight from the blocks.
+
+    For each query row, at position ``pos`` of sequence b::
+
+        s_i   = scale * q . K_i                    for the visible positions i
+        s_i   = cap * tanh(s_i / cap)              with soft_cap (Gemma 2)
+        out   = sum_i softmax(s)_i * V_i
+
+    where position i is visible if ``i <= pos`` (causal) and, with a
+    sliding window W, ``i > pos - W``.
+
+    Args:
+        q: float32 ``[B, Hq, D]`` (decode: row b is the newest token of
+            sequence b, whose own K/V is already written, at position
+            ``context_lens[b] - 1``), or ``[sum(query_lens), Hq, D]`` with
+            ``query_lens``. ``Hq`` is a multiple of the cache's ``H``; query
+            head ``hq`` reads K/V head ``hq // (Hq // H)`` (grouped-query
+            attention; MQA and MHA are the edge cases).
+        block_tables, context_lens: as for :func:`gather`.
+        scale: defaults to ``1 / sqrt(D)``.
+        sliding_window: keep only the last W positions (the query's own included).
+        soft_cap: apply ``cap * tanh(s / cap)`` to the scaled scores.
+        query_lens: int32 ``[B]``: sequence b's queries are its last
+            ``query_lens[b]`` positions, each attending causally (prefill,
+            chunked prefill, speculative verification).
+
+    Returns:
+        float32 ``[rows, Hq, D]``; zeros for a sequence with no context.
+
+    This reference does the plain math in float64 on a gathered copy, and
+    rounds the result to float32 once; the fast backends stream over the
+    blocks in float32 (see the tests for the tolerance between them).
+    """
+    a = validate.attention_args(pool, layer, q, block_tables, context_lens, scale, sliding_window,
+                                soft_cap, query_lens, DEVICE)
+    c = pool.config
+    group = q.shape[1] // c.num_kv_heads
+    out = np.zeros(q.shape, dtype=np.float32)
+    keys, values = _read(pool, a.layer, gather_slots(a.tables, a.lens, c.block_size), None)
+    cu = cu_seqlens(a.lens)
+    for b in range(a.lens.shape[0]):
+        rows = np.flatnonzero((a.row_seq == b) & (a.row_pos >= 0))
+        if not rows.size:
+            continue
+        k = keys[cu[b]:cu[b + 1]].astype(np.float64)  # [L, H, D]
+        v = values[cu[b]:cu[b + 1]].astype(np.float64)
+        qs = q[rows].astype(np.float64).reshape(len(rows), c.num_kv_heads, group, c.head_dim)
+        scores = np.einsum("rhgd,lhd->rhgl", qs, k) * a.scale  # [rows, H, group, L]
+        if a.soft_cap:
+            scores = a.soft_cap * np.tanh(scores / a.soft_cap)
+        i, pos = np.arange(k.shape[0]), a.row_pos[rows][:, None]
+        visible = i <= pos
+        if a.window:
+            visible &= i > pos - a.window
+        scores = np.where(visible[:, None, None, :], scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[rows] = np.einsum("rhgl,lhd->rhgd", weights, v).reshape(len(rows), -1, c.head_dim)
+    return out

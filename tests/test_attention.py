@@ -1,0 +1,149 @@
+"""paged_attention: every backend against the float64 reference, and the reference against dense attention.
+
+The tolerance between a float32 backend and the float64 reference is derived
+in pagedkv.testing.tolerance (about 8 * 2**-24 * (positions + D) * max|V|):
+not tuned to pass, and far below what any indexing bug produces.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import pagedkv as pk
+from pagedkv import CacheConfig, KVPool
+from pagedkv.testing import strategies as pst
+from pagedkv.testing.tolerance import assert_attention_close
+
+from .conftest import host, on_device
+
+ref = pk.get_backend("numpy")
+
+small_configs = pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4)
+
+
+@st.composite
+def attention_case(draw, config):
+    tables, lens = draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3))
+    group = draw(st.integers(1, 3))
+    varlen = draw(st.booleans())
+    query_lens = None
+    rows = len(lens)
+    if varlen:
+        # at most 4 queries a sequence: every case shape, at a size the CUDA simulator runs quickly
+        query_lens = np.array([draw(st.integers(0, min(int(n), 4))) for n in lens], dtype=np.int32)
+        rows = int(query_lens.sum())
+    options = dict(
+        query_lens=query_lens,
+        sliding_window=draw(st.none() | st.integers(1, 6)),
+        soft_cap=draw(st.none() | st.floats(0.5, 30.0)),
+        scale=draw(st.none() | st.floats(0.05, 2.0)),
+    )
+    return tables, lens, rows, config.num_kv_heads * group, options
+
+
+@given(small_configs, st.data(), st.integers(0, 2**32 - 1))
+def test_backends_agree_with_the_reference(fast_backend, config, data, seed):
+    host_pool = pst.filled_pool(config, seed)
+    tables, lens, rows, hq, options = data.draw(attention_case(config))
+    layer = data.draw(st.integers(0, config.num_layers - 1))
+    q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
+    expected = ref.paged_attention(q, host_pool, layer, tables, lens, **options)
+    actual = host(fast_backend.paged_attention(q, on_device(host_pool, fast_backend), layer, tables, lens, **options))
+    assert actual.shape == expected.shape and actual.dtype == np.float32
+    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim,
+                           float(np.abs(host_pool.data).max()))
+
+
+def dense_attention(q, k, v, positions, scale, window=None, cap=None):
+    """Attention over a contiguous cache, written independently of the pool: loops, float64."""
+    rows, hq, d = q.shape
+    group = hq // k.shape[1]
+    out = np.zeros((rows, hq, d))
+    for r, pos in enumerate(positions):
+        lo = 0 if window is None else max(0, pos - window + 1)
+        for h in range(hq):
+            kk, vv = k[lo:pos + 1, h // group].astype(np.float64), v[lo:pos + 1, h // group].astype(np.float64)
+            s = kk @ q[r, h].astype(np.float64) * scale
+            if cap is not None:
+                s = cap * np.tanh(s / cap)
+            w = np.exp(s - s.max())
+            out[r, h] = w @ vv / w.sum()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 20.0)])
+def test_paged_equals_dense_attention(backend, layout, window, cap):
+    """Tokens written at scattered slots give the attention of the same tokens held contiguously."""
+    rng = np.random.default_rng(3)
+    config = CacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=12, block_size=4, layout=layout)
+    n = 21  # 6 blocks, the last partly filled
+    k, v = pst.token_arrays(config, n, 5)
+    blocks = rng.permutation(12)[:6]
+    slots = (blocks[np.arange(n) // 4] * 4 + np.arange(n) % 4).astype(np.int64)
+    host_pool = KVPool(config)
+    ref.write(host_pool, 0, k, v, slots)
+    pool = on_device(host_pool, backend)
+    tables, lens = blocks[None].astype(np.int32), np.array([n], np.int32)
+    scale = 0.3
+    # decode: the newest token
+    q = rng.standard_normal((1, 4, 8), dtype=np.float32)
+    got = host(backend.paged_attention(q, pool, 0, tables, lens, scale=scale, sliding_window=window, soft_cap=cap))
+    assert_attention_close(got, dense_attention(q, k, v, [n - 1], scale, window, cap), n, 8, float(np.abs(v).max()))
+    # a chunk of the last 4 tokens (chunked prefill, or speculative verification), each causal
+    q = rng.standard_normal((4, 4, 8), dtype=np.float32)
+    got = host(backend.paged_attention(q, pool, 0, tables, lens, scale=scale, sliding_window=window,
+                                       soft_cap=cap, query_lens=np.array([4], np.int32)))
+    assert_attention_close(got, dense_attention(q, k, v, range(n - 4, n), scale, window, cap), n, 8,
+                           float(np.abs(v).max()))
+
+
+def test_empty_sequences_attend_to_nothing(backend):
+    config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=2, block_size=2)
+    pool = on_device(pst.filled_pool(config, 0), backend)
+    q = np.ones((2, 1, 2), np.float32)
+    out = host(backend.paged_attention(q, pool, 0, np.array([[1], [-1]], np.int32), np.array([2, 0], np.int32)))
+    assert np.isfinite(out).all() and not out[1].any() and out[0].any()
+
+
+def test_softmax_is_shifted_so_large_scores_do_not_overflow(backend):
+    config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=1, block_size=4)
+    host_pool = KVPool(config)
+    ref.write(host_pool, 0, np.full((3, 1, 2), 100.0, np.float32), np.arange(6, dtype=np.float32).reshape(3, 1, 2),
+              np.array([0, 1, 2]))
+    q = np.full((1, 1, 2), 100.0, np.float32)  # scores of 14142: exp overflows unshifted
+    out = host(backend.paged_attention(q, on_device(host_pool, backend), 0, np.array([[0]], np.int32),
+                                       np.array([3], np.int32)))
+    np.testing.assert_allclose(out[0, 0], [2.0, 3.0], rtol=1e-6)  # equal scores: the mean of V
+
+
+CONFIG = CacheConfig(num_layers=1, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2)
+TABLES, LENS = np.array([[0, 1], [2, -1]], np.int32), np.array([3, 2], np.int32)
+Q = np.ones((2, 4, 4), np.float32)
+
+BAD = {
+    "heads not a multiple": (dict(q=np.ones((2, 3, 4), np.float32)), pk.ShapeError, "multiple of the cache's 2"),
+    "wrong head_dim": (dict(q=np.ones((2, 4, 5), np.float32)), pk.ShapeError, "[N, Hq, 4]"),
+    "q float64": (dict(q=Q.astype(np.float64)), pk.DTypeError, "float32"),
+    "q rows != sequences": (dict(q=Q[:1]), pk.ShapeError, "one query per sequence"),
+    "context past table": (dict(lens=np.array([5, 2], np.int32)), pk.ContextLengthError, "context_lens[0] = 5"),
+    "query_lens past context": (dict(query_lens=np.array([4, 0], np.int32), q=np.ones((4, 4, 4), np.float32)),
+                                pk.ContextLengthError, "query_lens[0] = 4"),
+    "query_lens int64": (dict(query_lens=np.array([1, 1])), pk.DTypeError, "int32"),
+    "query_lens sum != rows": (dict(query_lens=np.array([1, 2], np.int32)), pk.ShapeError, "add up to 3"),
+    "window 0": (dict(sliding_window=0), pk.ArgumentError, "sliding_window"),
+    "negative cap": (dict(soft_cap=-1.0), pk.ArgumentError, "soft_cap"),
+    "nan scale": (dict(scale=float("nan")), pk.ArgumentError, "finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_attention_input(backend, case):
+    changes, error, words = BAD[case]
+    args = dict(q=Q, tables=TABLES, lens=LENS)
+    args.update(changes)
+    pool = on_device(pst.filled_pool(CONFIG, 0), backend)
+    before = host(pool)
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        backend.paged_attention(args.pop("q"), pool, 0, args.pop("tables"), args.pop("lens"), **args)
+    np.testing.assert_array_equal(host(pool), before)
