@@ -67,3 +67,28 @@ class GpuCopyLimit:
     def time_device_copy(self, *_):
         self.copy()
         B.gpu_sync()
+
+
+class GpuAttention:
+    """Decode paged attention on the GPU (issue 6 target: >= 0.5x the device copy bandwidth)."""
+
+    params = [["NHD", "HND"]]
+    param_names = ["layout"]
+    timeout = 900
+
+    def setup(self, layout):
+        backend = _gpu()
+        w = B.make_attention_workload(layout=layout)
+        dev = B.on_gpu_attention(w)
+        self.call = B.attention_call(backend, dev)
+        self.call()
+        B.gpu_sync()
+        self.copy = B.device_copy(2 * w.kv_bytes)
+
+    def time_paged_attention(self, *_):
+        self.call()
+        B.gpu_sync()
+
+    def time_device_copy_of_kv(self, *_):
+        self.copy()
+        B.gpu_sync()

@@ -434,3 +434,87 @@ def gpu_peer(w: Workload, routine: str, library: str) -> Callable[[], object] | 
             v[dst] = v[src]
         return f
     raise ValueError(routine)
+
+
+@dataclass
+class AttentionWorkload:
+    """Decode attention: ``batch`` sequences of ``context`` tokens in random block order."""
+
+    pool: KVPool
+    q: np.ndarray
+    tables: np.ndarray
+    lens: np.ndarray
+    dense_k: np.ndarray  # [B, H, L, D]: the same K/V held contiguously (torch's input)
+    dense_v: np.ndarray
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V the attention must read."""
+        return 2 * int(self.lens.sum()) * self.pool.config.num_kv_heads * self.pool.config.head_dim * 4
+
+
+def make_attention_workload(batch: int = 32, context: int = 2048, q_heads: int = 32, heads: int = H,
+                            head_dim: int = D, layout: str = "NHD", seed: int = 0) -> AttentionWorkload:
+    """The decode shape of the attention targets (B=32, context 2048, Hq=32, H=8, D=128)."""
+    rng = np.random.default_rng(seed)
+    per_seq = -(-context // BLOCK_SIZE)
+    config = CacheConfig(num_layers=1, num_kv_heads=heads, head_dim=head_dim, num_blocks=batch * per_seq,
+                         block_size=BLOCK_SIZE, layout=layout)
+    pool = KVPool(config)
+    tables = rng.permutation(config.num_blocks).reshape(batch, per_seq).astype(np.int32)
+    lens = np.full(batch, context, dtype=np.int32)
+    from .backends import get_backend
+    from .backends.reference import gather_slots
+
+    dense_k = rng.standard_normal((batch, heads, context, head_dim), dtype=np.float32)
+    dense_v = rng.standard_normal((batch, heads, context, head_dim), dtype=np.float32)
+    slots = gather_slots(tables, lens, BLOCK_SIZE)
+    as_tokens = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(-1, heads, head_dim))  # noqa: E731
+    get_backend("auto").write(pool, 0, as_tokens(dense_k), as_tokens(dense_v), slots)
+    q = rng.standard_normal((batch, q_heads, head_dim), dtype=np.float32)
+    return AttentionWorkload(pool, q, tables, lens, dense_k, dense_v)
+
+
+def attention_call(backend, w: AttentionWorkload) -> Callable[[], object]:
+    """One decode ``paged_attention`` call of ``backend``."""
+    return lambda: backend.paged_attention(w.q, w.pool, 0, w.tables, w.lens)
+
+
+def torch_sdpa(w: AttentionWorkload) -> Callable[[], object] | None:
+    """torch CPU ``scaled_dot_product_attention`` on the dense copy (GQA), or None without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    q = torch.from_numpy(w.q)[:, :, None, :]  # [B, Hq, 1, D]
+    k, v = torch.from_numpy(w.dense_k), torch.from_numpy(w.dense_v)
+    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def measure_attention(layout: str = "NHD") -> dict[str, float | None]:
+    """numba decode attention beside the copy limit and torch SDPA (medians, one process)."""
+    from .backends import get_backend
+
+    w = make_attention_workload(layout=layout)
+    t = median_seconds(attention_call(get_backend("numba"), w), repeat=5)
+    t_copy = copy_limit_seconds(w.kv_bytes * 2)  # a copy that reads as many bytes (and writes them)
+    sdpa = torch_sdpa(w)
+    t_torch = median_seconds(sdpa, repeat=5) if sdpa else None
+    return {
+        "seconds": t,
+        "gbps": w.kv_bytes / t / 1e9,
+        "copy_read_gbps": w.kv_bytes / t_copy / 1e9,
+        "vs_copy": t_copy / t,
+        "vs_torch_sdpa": t_torch / t if t_torch else None,
+    }
+
+
+def on_gpu_attention(w: AttentionWorkload) -> AttentionWorkload:
+    """The attention workload with its pool, queries and tables on the GPU."""
+    from numba import cuda
+
+    pool = KVPool(w.pool.config, device="cuda")
+    pool.data.copy_to_device(w.pool.data)
+    return AttentionWorkload(pool, cuda.to_device(w.q), cuda.to_device(w.tables), cuda.to_device(w.lens),
+                             w.dense_k, w.dense_v)

@@ -107,3 +107,13 @@ def test_gpu_benchmark_workloads_run(gpu):
             bench.backend_call(gpu, w, routine)()
         bench.device_copy(64)()
         bench.gpu_sync()
+
+
+def test_gpu_attention_benchmark_runs(gpu):
+    from pagedkv import bench
+    from pagedkv.testing.tolerance import assert_attention_close
+
+    cpu = bench.make_attention_workload(batch=2, context=5, q_heads=4, heads=2, head_dim=4)
+    out = bench.attention_call(gpu, bench.on_gpu_attention(cpu))()
+    expected = pagedkv.get_backend("numpy").paged_attention(cpu.q, cpu.pool, 0, cpu.tables, cpu.lens)
+    assert_attention_close(host(out), expected, 5, 4, float(np.abs(cpu.pool.data).max()))

@@ -148,66 +148,82 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.nda
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap,
+def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, heads_per_task,
                      num_heads, head_dim, block_size, layer_stride, kv_stride, block_stride,
                      pos_stride, head_stride):
-    """Online-softmax attention over the blocks, in float32, one task per (query row, K/V head).
+    """Online-softmax attention over the blocks, in float32; a task is one query row and
+    ``heads_per_task`` K/V heads (all of them in layout NHD, one in HND), so that a task
+    reads its part of each block front to back and each K/V row once.
 
-    A task handles the ``group`` query heads that share K/V head h, so each
-    K/V row is read from memory once. Per block: the scores of its visible
-    positions, then one rescale of the running max/sum/accumulator (the
-    streaming softmax of FlashAttention), never a gathered copy of K/V.
+    Per block: the scores of its visible positions for every query head of the
+    task, then one rescale of each head's running max, sum and accumulator
+    (the streaming softmax of FlashAttention), never a gathered copy of K/V.
     ``fastmath`` lets LLVM vectorise the dot products (it reorders float32 sums).
     """
     group = q.shape[1] // num_heads
+    width = heads_per_task * group  # query heads of one task
     minus_inf = np.float32(-np.inf)
-    for task in prange(q.shape[0] * num_heads):
-        r = task // num_heads
-        h = task - r * num_heads
+    tasks_per_row = num_heads // heads_per_task
+    for task in prange(q.shape[0] * tasks_per_row):
+        r = task // tasks_per_row
+        h0 = (task - r * tasks_per_row) * heads_per_task
         pos = row_pos[r]
         if pos < 0:  # a sequence with no context
-            out[r, h * group:(h + 1) * group, :] = 0.0
+            out[r, h0 * group:h0 * group + width, :] = 0.0
             continue
         b = row_seq[r]
         start = max(0, pos - window + 1) if window > 0 else 0
-        m = np.full(group, minus_inf, dtype=np.float32)
-        l = np.zeros(group, dtype=np.float32)
-        acc = np.zeros((group, head_dim), dtype=np.float32)
-        s = np.empty(block_size, dtype=np.float32)
+        qs = np.empty((width, head_dim), dtype=np.float32)  # the task's queries, pre-scaled
+        for w in range(width):
+            for d in range(head_dim):
+                qs[w, d] = q[r, h0 * group + w, d] * scale
+        m = np.full(width, minus_inf, dtype=np.float32)
+        l = np.zeros(width, dtype=np.float32)
+        acc = np.zeros((width, head_dim), dtype=np.float32)
+        s = np.empty((width, block_size), dtype=np.float32)
         for j in range(start // block_size, pos // block_size + 1):
             first = j * block_size
             p0 = max(start, first)
-            p1 = min(pos + 1, first + block_size)
+            n = min(pos + 1, first + block_size) - p0
             base = block_base(layer, 0, np.int64(tables[b, j]), layer_stride, kv_stride, block_stride) \
-                + h * head_stride
-            for g in range(group):
-                hq = h * group + g
-                block_max = minus_inf
-                for p in range(p0, p1):
-                    row = base + (p - first) * pos_stride
-                    dot = np.float32(0.0)
-                    for d in range(head_dim):
-                        dot += q[r, hq, d] * data[row + d]
-                    x = dot * scale
-                    if cap > 0:
-                        x = cap * np.tanh(x / cap)
-                    s[p - p0] = x
-                    block_max = max(block_max, x)
-                m_new = max(m[g], block_max)
-                correction = np.exp(m[g] - m_new)
-                l[g] *= correction
+                + (p0 - first) * pos_stride
+            for i in range(n):  # scores: each K row once, for every query head that reads it
+                for hh in range(heads_per_task):
+                    at = base + i * pos_stride + (h0 + hh) * head_stride
+                    k = data[at:at + head_dim]
+                    for g in range(group):
+                        w = hh * group + g
+                        dot = np.float32(0.0)
+                        for d in range(head_dim):
+                            dot += qs[w, d] * k[d]
+                        if cap > 0:
+                            dot = cap * np.tanh(dot / cap)
+                        s[w, i] = dot
+            for w in range(width):  # fold the block into each head's running softmax
+                m_new = m[w]
+                for i in range(n):
+                    m_new = max(m_new, s[w, i])
+                correction = np.exp(m[w] - m_new)
+                total = np.float32(0.0)
+                for i in range(n):
+                    s[w, i] = np.exp(s[w, i] - m_new)
+                    total += s[w, i]
+                l[w] = l[w] * correction + total
+                m[w] = m_new
                 for d in range(head_dim):
-                    acc[g, d] *= correction
-                for p in range(p0, p1):
-                    e = np.exp(s[p - p0] - m_new)
-                    l[g] += e
-                    row = base + kv_stride + (p - first) * pos_stride
-                    for d in range(head_dim):
-                        acc[g, d] += e * data[row + d]
-                m[g] = m_new
-        for g in range(group):
+                    acc[w, d] *= correction
+            for i in range(n):  # weighted values: each V row once
+                for hh in range(heads_per_task):
+                    at = base + kv_stride + i * pos_stride + (h0 + hh) * head_stride
+                    v = data[at:at + head_dim]
+                    for g in range(group):
+                        w = hh * group + g
+                        e = s[w, i]
+                        for d in range(head_dim):
+                            acc[w, d] += e * v[d]
+        for w in range(width):
             for d in range(head_dim):
-                out[r, h * group + g, d] = acc[g, d] / l[g]
+                out[r, h0 * group + w, d] = acc[w, d] / l[w]
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,
@@ -217,6 +233,8 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
     a = validate.attention_args(pool, layer, q, block_tables, context_lens, scale, sliding_window,
                                 soft_cap, query_lens, DEVICE)
     out = np.empty(q.shape, dtype=np.float32)
+    # NHD keeps a token's heads together: one task takes them all, reading blocks in order
+    heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
     attention_kernel(pool.data, a.layer, q, a.tables, a.row_seq, a.row_pos, out, a.window,
-                     np.float32(a.scale), np.float32(a.soft_cap), *token_strides(pool.strides))
+                     np.float32(a.scale), np.float32(a.soft_cap), heads_per_task, *token_strides(pool.strides))
     return out

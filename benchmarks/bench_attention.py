@@ -1,0 +1,66 @@
+"""asv: decode paged attention (B=32, context 2048, Hq=32, H=8, D=128, block_size=16, blocks in
+random order) on the CPU backends, beside torch CPU scaled_dot_product_attention on a dense
+contiguous copy of the same K/V and the copy-bandwidth limit.
+
+Targets (issue 6): numba reads K/V at >= 0.7x the contiguous-copy bandwidth, and is at least
+as fast as torch SDPA on the dense copy."""
+
+import pagedkv
+from pagedkv import bench as B
+
+
+class DecodeAttention:
+    params = (["numpy", "numba"], ["NHD", "HND"])
+    param_names = ["backend", "layout"]
+    timeout = 900
+
+    def setup(self, backend, layout):
+        if backend == "numpy":  # the float64 reference at this size takes seconds: a smaller batch
+            self.w = B.make_attention_workload(batch=4, layout=layout)
+        else:
+            self.w = B.make_attention_workload(layout=layout)
+        self.call = B.attention_call(pagedkv.get_backend(backend), self.w)
+        self.call()
+
+    def time_paged_attention(self, *_):
+        self.call()
+
+
+class TorchSDPA:
+    timeout = 900
+
+    def setup(self):
+        self.call = B.torch_sdpa(B.make_attention_workload())
+        if self.call is None:
+            raise NotImplementedError("torch is not installed")
+
+    def time_dense_sdpa(self):
+        self.call()
+
+
+class AttentionRatios:
+    params = [["NHD", "HND"]]
+    param_names = ["layout"]
+    number = 1
+    repeat = 1
+    timeout = 900
+
+    def setup(self, layout):
+        self.m = B.measure_attention(layout)
+
+    def track_gbps(self, layout):
+        return self.m["gbps"]
+
+    track_gbps.unit = "GB/s of K/V"
+
+    def track_ratio_to_copy(self, layout):
+        return self.m["vs_copy"]
+
+    track_ratio_to_copy.unit = "x copy (target >= 0.7)"
+
+    def track_ratio_to_torch_sdpa(self, layout):
+        if self.m["vs_torch_sdpa"] is None:
+            raise NotImplementedError("torch is not installed")
+        return self.m["vs_torch_sdpa"]
+
+    track_ratio_to_torch_sdpa.unit = "x torch SDPA (target >= 1)"
