@@ -8,6 +8,7 @@ backends that agree exactly with the numpy reference (:func:`get_backend`).
 """
 
 from .allocator import BlockAllocator
+from .cache import Added, PagedKVCache, Step
 from .backends import BACKENDS, available_backends, get_backend
 from .config import CacheConfig
 from .errors import (
@@ -23,7 +24,7 @@ from .pool import KVPool
 __version__ = "0.1.0"
 
 __all__ = [
-    "Appended", "ArgumentError", "BlockAllocator", "BlockManager", "SequenceExistsError", "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
+    "Added", "PagedKVCache", "Step", "Appended", "ArgumentError", "BlockAllocator", "BlockManager", "SequenceExistsError", "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
     "CacheConfig", "ConfigError", "ContextLengthError", "ContiguityError", "DTypeError",
     "DuplicateSlotError", "InvariantError", "KVPool", "LayerIndexError", "OutOfBlocksError",
     "PagedKVError", "PoolMismatchError", "ShapeError", "SlotIndexError", "Strides",

@@ -1,0 +1,7 @@
+"""``python -m pagedkv``: the same as the ``pagedkv`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

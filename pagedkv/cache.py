@@ -1,0 +1,156 @@
+"""One object for the decode loop: :class:`PagedKVCache`.
+
+::
+
+    cache = pagedkv.PagedKVCache(config, backend="numba")
+    seq = cache.add_sequence(prompt_token_ids=prompt).seq_id
+    step = cache.begin_step([seq], [len(prompt)], token_ids=[prompt])   # bookkeeping, once a step
+    for layer in range(config.num_layers):
+        cache.write(layer, k, v, step)                                   # this step's K/V
+        out = cache.attention(layer, q, step)                            # attention over the cache
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, NamedTuple, Sequence
+
+import numpy as np
+
+from .backends import get_backend
+from .config import CacheConfig
+from .errors import ConfigError
+from .manager import BlockManager
+from .pool import KVPool
+
+
+class Added(NamedTuple):
+    """What :meth:`PagedKVCache.add_sequence` returns."""
+
+    seq_id: Hashable
+    num_cached_tokens: int  # prompt tokens already in the cache: do not compute them again
+
+
+@dataclass(frozen=True)
+class Step:
+    """The bookkeeping of one step, made once and used by every layer.
+
+    Attributes:
+        seq_ids: the sequences of the step, in row order.
+        num_new_tokens: int32 ``[B]``, tokens each sequence adds (rows of ``k``/``v``/``q``).
+        slot_mapping: int64 ``[sum(num_new_tokens)]``, where the new tokens' K/V go.
+        block_tables: int32 ``[B, max_blocks]``; context_lens: int32 ``[B]`` (new tokens included).
+        is_decode: every sequence adds exactly one token.
+        copies: the ``(src, dst)`` copy-on-write copies applied before this step's writes.
+    """
+
+    seq_ids: tuple
+    num_new_tokens: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray
+    context_lens: np.ndarray
+    is_decode: bool
+    copies: tuple[np.ndarray, np.ndarray]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """int64 position of every new token in its sequence (for rotary embeddings)."""
+        first = np.repeat(self.context_lens - self.num_new_tokens, self.num_new_tokens).astype(np.int64)
+        starts = np.repeat(np.cumsum(self.num_new_tokens) - self.num_new_tokens, self.num_new_tokens)
+        return first + np.arange(int(self.num_new_tokens.sum())) - starts
+
+
+class PagedKVCache:
+    """A paged KV cache with its pool, block manager (prefix cache included) and backend.
+
+    Args:
+        config: the geometry.
+        backend: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"`` (cuda when a real GPU
+            is present, else the fastest CPU backend).
+        enable_prefix_caching: reuse the K/V of prompt prefixes seen before.
+    """
+
+    def __init__(self, config: CacheConfig, backend: str = "auto", *, enable_prefix_caching: bool = True) -> None:
+        if not isinstance(config, CacheConfig):
+            raise ConfigError(f"PagedKVCache needs a CacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.backend = get_backend(_resolve(backend))
+        self.pool = KVPool(config, device=self.backend.DEVICE)
+        self.manager = BlockManager(config.block_size, num_blocks=config.num_blocks,
+                                    enable_prefix_caching=enable_prefix_caching)
+
+    def __repr__(self) -> str:
+        return f"PagedKVCache(backend={self.backend.NAME!r}, {self.pool!r})"
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    def add_sequence(self, seq_id: Hashable = None, *, prompt_token_ids: Sequence[int] | None = None,
+                     cache_salt: Hashable = None) -> Added:
+        """Start a sequence; with a prompt, say how many of its tokens the prefix cache holds."""
+        seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt)
+        return Added(seq_id, self.manager.num_cached_tokens(seq_id))
+
+    def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
+        """A new sequence sharing ``seq_id``'s tokens (copy-on-write); returns its id."""
+        return self.manager.fork(seq_id, child_id)
+
+    def truncate(self, seq_id: Hashable, new_len: int) -> int:
+        """Keep the first ``new_len`` tokens (reject speculative ones); returns blocks freed."""
+        return self.manager.truncate(seq_id, new_len)
+
+    def free(self, seq_id: Hashable) -> int:
+        """End a sequence; returns blocks given back to the pool."""
+        return self.manager.free(seq_id)
+
+    def can_step(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> bool:
+        """Whether :meth:`begin_step` would find enough blocks now."""
+        return self.manager.can_append(seq_ids, num_new_tokens)
+
+    def stats(self) -> dict[str, float | int]:
+        """The block manager's counts (blocks used, cached, prefix hits...)."""
+        return self.manager.stats()
+
+    # -- a step ------------------------------------------------------------------------------
+
+    def begin_step(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int],
+                   token_ids: Sequence[Sequence[int] | None] | None = None) -> Step:
+        """Make room for this step's new tokens and apply copy-on-write; once a step, before any layer.
+
+        Raises OutOfBlocksError (changing nothing) when the pool cannot hold them.
+        """
+        seq_ids = tuple(seq_ids)
+        counts = np.asarray(num_new_tokens, dtype=np.int32).reshape(-1)
+        appended = self.manager.append_batch(seq_ids, counts.tolist(), token_ids)
+        if appended.copy_src.size:
+            self.backend.copy_blocks(self.pool, appended.copy_src, appended.copy_dst)
+        return Step(seq_ids, counts, appended.slots, self.manager.block_tables(seq_ids),
+                    self.manager.context_lens(seq_ids), bool((counts == 1).all()),
+                    (appended.copy_src, appended.copy_dst))
+
+    def write(self, layer: int, key, value, step: Step) -> None:
+        """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``."""
+        self.backend.write(self.pool, layer, key, value, step.slot_mapping)
+
+    def attention(self, layer: int, q, step: Step, **options):
+        """Attention of this step's queries (``[sum(new tokens), Hq, D]``) over the cache.
+
+        Each new token attends causally to its sequence's cache (its own K/V
+        written first). ``options``: ``scale``, ``sliding_window``, ``soft_cap``.
+        """
+        query_lens = None if step.is_decode else step.num_new_tokens
+        return self.backend.paged_attention(q, self.pool, layer, step.block_tables, step.context_lens,
+                                            query_lens=query_lens, **options)
+
+
+def _resolve(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        try:
+            get_backend("cuda")
+            return "cuda"
+        except Exception:  # noqa: BLE001 - any failure to reach a GPU means: use the CPU
+            pass
+    return "auto"

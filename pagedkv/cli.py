@@ -1,0 +1,143 @@
+"""The ``pagedkv`` command: ``demo``, ``bench`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .backends import BACKENDS, available_backends
+from .errors import PagedKVError
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pagedkv", description="A paged KV cache for LLM inference: demo, benchmarks and environment.")
+    p.add_argument("--version", action="version", version=f"pagedkv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="serve many requests with a small model over a paged KV cache",
+                       description="Continuous batching of a small Llama-shaped model (random weights) over "
+                                   "requests that share a system prompt and arrive over time; then a summary, "
+                                   "a map of the pool, and a check that paged and dense generation agree.")
+    d.add_argument("--requests", type=_positive, default=32, help="number of requests (default 32)")
+    d.add_argument("--blocks", type=_positive, default=96, help="blocks in the pool, of 16 tokens (default 96)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the model weights and the requests (default 0)")
+    d.add_argument("--backend", choices=[*BACKENDS, "auto"], default="auto",
+                   help="where the cache routines run (default auto: cuda with a GPU, else numba)")
+    d.add_argument("--plot", metavar="FILE.png", help="also draw memory in use over time (needs matplotlib)")
+    d.add_argument("--no-check", action="store_true",
+                   help="skip re-running every request over a dense cache to compare the tokens")
+
+    b = sub.add_parser("bench", help="a quick table of every routine on every backend beside its peers",
+                       description="Times write, gather and copy_blocks at the decode (64 tokens) and prefill "
+                                   "(8192 tokens) shapes, H=8, D=128, on each available backend, beside numpy "
+                                   "fancy indexing, torch CPU indexing (when installed) and the fastest plain "
+                                   "copy of the same bytes. The asv suite in benchmarks/ is the full record.")
+    b.add_argument("--layout", choices=["NHD", "HND"], default="NHD", help="pool layout (default NHD)")
+    b.add_argument("--shape", choices=["decode", "prefill", "both"], default="both", help="(default both)")
+
+    sub.add_parser("info", help="version, backends available and why not, threading layer, GPU",
+                   description="What pagedkv can use on this machine.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return {"demo": _demo, "bench": _bench, "info": _info}[args.command](args)
+    except PagedKVError as e:
+        print(f"pagedkv: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo(args) -> int:
+    from .cache import _resolve
+    from .backends import get_backend
+    from .demo import format_summary, plot, run_demo
+
+    backend = get_backend(_resolve(args.backend)).NAME
+    print(f"pagedkv demo: {args.requests} requests, {args.blocks} blocks of 16 tokens, backend {backend}")
+    res = run_demo(args.requests, seed=args.seed, backend=backend, num_blocks=args.blocks,
+                   check=not args.no_check)
+    print(format_summary(res, backend))
+    if args.plot:
+        plot(res, args.plot)
+        print(f"\nplot written to {args.plot}")
+    return 0 if res.agree in (True, None) else 1
+
+
+def _bench(args) -> int:
+    from . import bench
+    from .backends import get_backend
+
+    shapes = ["decode", "prefill"] if args.shape == "both" else [args.shape]
+    backends = [n for n, why in available_backends().items() if why is None and n != "cuda"]
+    print(f"pagedkv bench, layout {args.layout}: GB/s moved (read + written), medians; higher is better")
+    header = ["routine", "shape", *backends, "numpy fancy", "torch", "copy limit"]
+    rows = []
+    for shape in shapes:
+        w = bench.make_workload(shape, args.layout)
+        for routine in bench.PEER_ROUTINES:
+            n = bench.bytes_moved(w, routine)
+            gbps = lambda f: "n/a" if f is None else f"{n / bench.median_seconds(f, repeat=3) / 1e9:.1f}"  # noqa: E731
+            row = [routine, shape] + [gbps(bench.backend_call(get_backend(b), w, routine)) for b in backends]
+            row += [gbps(bench.numpy_peer(w, routine)), gbps(bench.torch_peer(w, routine)),
+                    f"{n / bench.copy_limit_seconds(n) / 1e9:.1f}"]
+            rows.append(row)
+            print("  measured", routine, shape, file=sys.stderr)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+def _info(args) -> int:
+    import numba
+    import numpy
+
+    print(f"pagedkv {__version__}")
+    print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}, numba {numba.__version__}")
+    for name, why in available_backends().items():
+        print(f"  backend {name:6} {'available' if why is None else 'unavailable: ' + why}")
+    try:
+        _run_parallel_once()
+        layer = numba.threading_layer()
+    except (ImportError, ValueError):
+        layer = "unknown"
+    print(f"numba threads {numba.get_num_threads()}, threading layer {layer}")
+    gpu = "none"
+    if available_backends()["cuda"] is None:
+        from numba import cuda
+
+        dev = cuda.get_current_device()
+        gpu = getattr(dev, "name", b"?")
+        gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
+    print(f"GPU: {gpu}")
+    return 0
+
+
+def _run_parallel_once() -> None:
+    """Run one tiny parallel kernel, so that numba has chosen its threading layer."""
+    import numpy as np
+
+    from .backends import numba_cpu
+    from .config import CacheConfig
+    from .pool import KVPool
+
+    pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=1, block_size=1))
+    numba_cpu.read(pool, 0, np.zeros(1, np.int64))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The pagedkv command, run as a user would, in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    return subprocess.run([sys.executable, "-m", "pagedkv", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_demo_runs_to_its_summary_and_agrees():
+    out = run("demo", "--requests", "8", "--backend", "numba")
+    assert out.returncode == 0, out.stderr
+    for words in ("summary", "tokens generated", "prefix cache", "memory saved at the peak",
+                  "paged == dense generation            yes", "pool at the peak"):
+        assert words in out.stdout
+
+
+def test_demo_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "memory.png"
+    out = run("demo", "--requests", "4", "--no-check", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_with_a_pool_too_small_fails_clearly():
+    out = run("demo", "--blocks", "2", "--no-check")
+    assert out.returncode == 2
+    assert "use more --blocks" in out.stderr
+
+
+def test_bad_arguments():
+    out = run("demo", "--requests", "0")
+    assert out.returncode == 2 and "not positive" in out.stderr
+    out = run("explode")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = run("demo", "--help")
+    assert out.returncode == 0 and "--plot" in out.stdout and "--backend" in out.stdout
+
+
+def test_info():
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    assert "backend numpy  available" in out.stdout
+    assert "threading layer" in out.stdout and "GPU:" in out.stdout
+
+
+def test_bench_decode():
+    out = run("bench", "--shape", "decode")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "copy limit" in lines[1]
+    assert [line.split()[0] for line in lines[3:]] == ["write", "gather", "copy_blocks"]
