@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 import pagedkv as pk
 from pagedkv import CacheConfig, KVPool
 from pagedkv.testing import strategies as pst
-from pagedkv.testing.tolerance import assert_attention_close
+from pagedkv.testing.tolerance import assert_attention_close, score_bound
 
 from .conftest import host, on_device
 
@@ -50,8 +50,10 @@ def test_backends_agree_with_the_reference(fast_backend, config, data, seed):
     expected = ref.paged_attention(q, host_pool, layer, tables, lens, **options)
     actual = host(fast_backend.paged_attention(q, on_device(host_pool, fast_backend), layer, tables, lens, **options))
     assert actual.shape == expected.shape and actual.dtype == np.float32
-    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim,
-                           float(np.abs(host_pool.data).max()))
+    kv_max = float(np.abs(host_pool.data).max())
+    scale = options["scale"] or 1 / np.sqrt(config.head_dim)
+    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, kv_max,
+                           score_bound(config.head_dim, scale, float(np.abs(q).max(initial=0)), kv_max))
 
 
 def dense_attention(q, k, v, positions, scale, window=None, cap=None):

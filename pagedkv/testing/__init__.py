@@ -1,10 +1,22 @@
-"""Test tooling for paged-KV kernels: hypothesis strategies (needs ``pagedkv[test]``).
+"""Test tooling for paged-KV kernels (needs ``pip install "pagedkv[test]"``).
 
-:mod:`pagedkv.testing.strategies` draws cache geometries, slot mappings with
-padding, block tables with shared and repeated blocks and block-copy lists:
-the inputs pagedkv's own agreement tests run every backend on.
+- :mod:`pagedkv.testing.strategies`: hypothesis strategies for cache geometries,
+  slot mappings with padding, block tables with shared and repeated blocks,
+  block-copy lists, and whole workloads.
+- :mod:`pagedkv.testing.checkers`: ``check_write``, ``check_read``, ``check_gather``,
+  ``check_copy_blocks``, ``check_swap_blocks``, ``check_paged_attention``: point
+  them at your kernel to learn whether it agrees with pagedkv's exact reference,
+  and if not, which element of which case is wrong.
+- :mod:`pagedkv.testing.tolerance`: the stated float32 attention tolerance.
 """
 
-from . import strategies
+from . import strategies, tolerance
+from .checkers import (
+    KernelMismatch, check_copy_blocks, check_gather, check_paged_attention, check_read, check_swap_blocks,
+    check_write,
+)
 
-__all__ = ["strategies"]
+__all__ = [
+    "strategies", "tolerance", "KernelMismatch", "check_write", "check_read", "check_gather",
+    "check_copy_blocks", "check_swap_blocks", "check_paged_attention",
+]

@@ -17,7 +17,7 @@ from ..layout import LAYOUTS
 from ..pool import KVPool
 
 __all__ = [
-    "configs", "slot_mappings", "block_tables", "block_copies", "token_arrays", "filled_pool",
+    "configs", "slot_mappings", "block_tables", "block_copies", "token_arrays", "filled_pool", "workloads",
 ]
 
 
@@ -94,3 +94,47 @@ def filled_pool(config: CacheConfig, seed: int) -> KVPool:
     pool = KVPool(config)
     pool.data[:] = np.random.default_rng(seed).standard_normal(pool.data.size, dtype=np.float32)
     return pool
+
+
+@st.composite
+def workloads(draw, config: CacheConfig, *, max_ops: int = 12):
+    """A pool filled by a random life of sequences: appends, forks, truncations and frees
+    driven through a :class:`~pagedkv.BlockManager`, with K/V written by the reference at the
+    slots it hands out (copy-on-write copies applied first).
+
+    Returns ``(pool, block_tables, context_lens)`` of the live sequences: block tables in
+    which forks share blocks, as a serving engine's would be.
+    """
+    from ..backends import reference as ref
+    from ..errors import OutOfBlocksError
+    from ..manager import BlockManager
+
+    pool = KVPool(config)
+    m = BlockManager(config.block_size, num_blocks=config.num_blocks)
+    seed = draw(st.integers(0, 2**32 - 1))
+    for i in range(draw(st.integers(1, max_ops))):
+        live = m.seq_ids
+        op = draw(st.sampled_from(["add", "append", "fork", "truncate", "free"] if live else ["add"]))
+        if op == "add":
+            m.add_sequence()
+        elif op == "fork":
+            m.fork(draw(st.sampled_from(live)))
+        elif op == "free":
+            m.free(draw(st.sampled_from(live)))
+        elif op == "truncate":
+            s = draw(st.sampled_from(live))
+            m.truncate(s, draw(st.integers(0, m.context_len(s))))
+        else:
+            s = draw(st.sampled_from(live))
+            try:
+                slots, src, dst = m.append(s, draw(st.integers(1, 2 * config.block_size)))
+            except OutOfBlocksError:
+                continue
+            ref.copy_blocks(pool, src, dst)
+            for layer in range(config.num_layers):
+                key, value = token_arrays(config, len(slots), seed + 7 * i + layer)
+                ref.write(pool, layer, key, value, slots)
+    live = m.seq_ids
+    m.check()
+    return pool, m.block_tables(live, max_blocks=max(1, max((len(m.block_table(s)) for s in live), default=1))), \
+        m.context_lens(live)

@@ -1,0 +1,236 @@
+"""pagedkv.testing's checkers: pagedkv's own backends pass them, correct user kernels in other
+conventions pass them, and planted bugs are caught with the wrong element named."""
+
+import numpy as np
+import pytest
+
+import pagedkv
+from pagedkv.testing import (
+    KernelMismatch, check_copy_blocks, check_gather, check_paged_attention, check_read, check_swap_blocks,
+    check_write,
+)
+
+from .conftest import host, on_device
+
+N = 40  # examples per check: each is a full hypothesis run
+
+
+# ---- dogfooding: pagedkv's own backends through the kit -----------------------------------------
+
+def adapt(backend):
+    """pagedkv-convention functions on host pools for ``backend`` (a GPU copy for cuda)."""
+    if backend.DEVICE == "cpu":
+        return backend
+
+    class OnDevice:
+        @staticmethod
+        def write(pool, layer, k, v, slots):
+            dev = on_device(pool, backend)
+            backend.write(dev, layer, k, v, slots)
+            pool.data[:] = host(dev)
+
+        @staticmethod
+        def read(pool, layer, slots):
+            return [host(x) for x in backend.read(on_device(pool, backend), layer, slots)]
+
+        @staticmethod
+        def gather(pool, layer, tables, lens):
+            return [host(x) for x in backend.gather(on_device(pool, backend), layer, tables, lens)[:2]]
+
+        @staticmethod
+        def copy_blocks(pool, src, dst):
+            dev = on_device(pool, backend)
+            backend.copy_blocks(dev, src, dst)
+            pool.data[:] = host(dev)
+
+        @staticmethod
+        def swap_blocks(src_pool, dst_pool, src, dst):
+            dev = on_device(dst_pool, backend)
+            backend.swap_blocks(src_pool, dev, src, dst)  # a reload: host to device
+            dst_pool.data[:] = host(dev)
+
+        @staticmethod
+        def paged_attention(q, pool, layer, tables, lens, **kw):
+            return host(backend.paged_attention(q, on_device(pool, backend), layer, tables, lens, **kw))
+
+    return OnDevice
+
+
+def test_backends_pass_the_kit(fast_backend):
+    b = adapt(fast_backend)
+    n = N if fast_backend.NAME != "cuda" else 15
+    check_write(b.write, max_examples=n)
+    check_read(b.read, max_examples=n)
+    check_gather(lambda *a: b.gather(*a)[:2], max_examples=n)
+    check_copy_blocks(b.copy_blocks, max_examples=n)
+    check_swap_blocks(b.swap_blocks, max_examples=n)
+    check_paged_attention(b.paged_attention, max_examples=n)
+
+
+# ---- a user's kernels in vLLM's convention (separate K and V caches per layer) -------------------
+
+def vllm_write(key, value, key_cache, value_cache, slots, *, bug=None):
+    bs, n = key_cache.shape[1], key_cache.shape[0] * key_cache.shape[1]
+    for t, s in enumerate(slots):
+        if s < 0 and bug != "no padding check":
+            continue
+        if bug == "off by one":
+            s = (s + 1) % n
+        k, v = (value, key) if bug == "K and V swapped" else (key, value)
+        key_cache[s // bs, s % bs] = k[t]
+        value_cache[s // bs, s % bs] = v[t]
+
+
+def vllm_read(key_cache, value_cache, slots):
+    bs = key_cache.shape[1]
+    out_k = np.zeros((len(slots), *key_cache.shape[2:]), np.float32)
+    out_v = np.zeros_like(out_k)
+    for t, s in enumerate(slots):
+        if s >= 0:
+            out_k[t], out_v[t] = key_cache[s // bs, s % bs], value_cache[s // bs, s % bs]
+    return out_k, out_v
+
+
+def vllm_gather(key_cache, value_cache, tables, lens):
+    bs = key_cache.shape[1]
+    rows = [(tables[b, p // bs], p % bs) for b in range(len(lens)) for p in range(lens[b])]
+    shape = (len(rows), *key_cache.shape[2:])
+    if not rows:
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    return np.stack([key_cache[i, o] for i, o in rows]), np.stack([value_cache[i, o] for i, o in rows])
+
+
+def flashinfer_gather(key_cache, value_cache, indptr, indices, last):
+    bs = key_cache.shape[1]
+    lens = [(indptr[b + 1] - indptr[b] - 1) * bs + last[b] if indptr[b + 1] > indptr[b] else 0
+            for b in range(len(last))]
+    tables = np.zeros((len(last), max(1, max(np.diff(indptr), default=1))), np.int32)
+    for b in range(len(last)):
+        tables[b, :indptr[b + 1] - indptr[b]] = indices[indptr[b]:indptr[b + 1]]
+    return vllm_gather(key_cache, value_cache, tables, lens)
+
+
+def vllm_copy_blocks(key_caches, value_caches, mapping):
+    for kc, vc in zip(key_caches, value_caches):
+        kc[mapping[:, 1]] = kc[mapping[:, 0]]
+        vc[mapping[:, 1]] = vc[mapping[:, 0]]
+
+
+def vllm_swap_blocks(src, dst, mapping):
+    dst[mapping[:, 1]] = src[mapping[:, 0]]
+
+
+def vllm_attention(q, key_cache, value_cache, tables, lens, scale, query_lens=None, *, bug=None):
+    bs, h = key_cache.shape[1], key_cache.shape[2]
+    group = q.shape[1] // h
+    out = np.zeros(q.shape, np.float32)
+    counts = np.ones(len(lens), int) if query_lens is None else query_lens
+    row = 0
+    for b in range(len(lens)):
+        k, v = vllm_gather(key_cache, value_cache, tables[b:b + 1], lens[b:b + 1])
+        for j in range(counts[b]):
+            pos = lens[b] - counts[b] + j
+            if pos < 0:  # a sequence with no context attends to nothing
+                row += 1
+                continue
+            for hq in range(q.shape[1]):
+                kv = hq % h if bug == "GQA heads interleaved" else hq // group
+                s = (k[:pos + 1, kv] @ q[row, hq]) * np.float32(scale)
+                w = np.exp(s) if bug == "softmax without the max shift" else np.exp(s - s.max())
+                out[row, hq] = (w @ v[:pos + 1, kv]) / w.sum()
+            row += 1
+    return out
+
+
+def test_correct_user_kernels_pass_in_their_own_conventions():
+    for convention in ("vllm", "hnd"):
+        if convention == "hnd":  # the same kernels with the head axis moved
+            w = lambda k, v, kc, vc, s: vllm_write(k, v, kc.swapaxes(1, 2), vc.swapaxes(1, 2), s)  # noqa: E731
+            r = lambda kc, vc, s: vllm_read(kc.swapaxes(1, 2), vc.swapaxes(1, 2), s)  # noqa: E731
+        else:
+            w, r = vllm_write, vllm_read
+        check_write(w, convention=convention, max_examples=N)
+        check_read(r, convention=convention, max_examples=N)
+    check_gather(vllm_gather, convention="vllm", max_examples=N)
+    check_gather(flashinfer_gather, convention="flashinfer", max_examples=N)
+    check_copy_blocks(vllm_copy_blocks, convention="vllm", max_examples=N)
+    check_swap_blocks(vllm_swap_blocks, convention="vllm", max_examples=N)
+    check_paged_attention(vllm_attention, convention="vllm", max_examples=N)
+
+
+def test_a_converter_carries_other_array_types():
+    """to_user / from_user: here a list-of-arrays wrapper stands in for torch or CuPy."""
+    class Boxed:
+        def __init__(self, a):
+            self.a = a
+
+    def write(key, value, kc, vc, slots):
+        vllm_write(key.a, value.a, kc.a, vc.a, slots.a)
+
+    check_write(write, convention="vllm", max_examples=10, to_user=Boxed, from_user=lambda b: b.a)
+
+
+# ---- planted bugs are caught, and located -------------------------------------------------------
+
+def caught(check, fn, **kw) -> KernelMismatch:
+    with pytest.raises(KernelMismatch) as info:
+        check(fn, max_examples=200, **kw)
+    assert "first difference at" in str(info.value) and "case:" in str(info.value)
+    return info.value
+
+
+def test_off_by_one_slot():
+    e = caught(check_write, lambda *a: vllm_write(*a, bug="off by one"), convention="vllm")
+    n = e.case["num_blocks"] * e.case["block_size"]
+    real = [s for s in e.case["slot_mapping"] if s >= 0]
+    assert e.where["slot"] in set(real) | {(s + 1) % n for s in real}
+    assert e.where["layer"] == e.case["layer"]
+
+
+def test_k_and_v_swapped():
+    e = caught(check_write, lambda *a: vllm_write(*a, bug="K and V swapped"), convention="vllm")
+    assert e.where["slot"] in e.case["slot_mapping"] and e.where["kv"] in ("K", "V")
+
+
+def test_dropped_padding_check_writes_the_last_slot():
+    e = caught(check_write, lambda *a: vllm_write(*a, bug="no padding check"), convention="vllm")
+    assert -1 in e.case["slot_mapping"]
+    assert e.where["slot"] == e.case["num_blocks"] * e.case["block_size"] - 1  # -1 wrapped around
+
+
+def test_wrong_gqa_head_mapping():
+    e = caught(check_paged_attention, lambda *a: vllm_attention(*a, bug="GQA heads interleaved"),
+               convention="vllm")
+    group = e.case["query_heads"] // e.case["num_kv_heads"]
+    hq = e.where["head"]
+    assert group > 1 and hq % e.case["num_kv_heads"] != hq // group  # a head that reads the wrong K/V
+
+
+def test_softmax_without_the_max_shift_overflows():
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = caught(check_paged_attention, lambda *a: vllm_attention(*a, bug="softmax without the max shift"),
+                   convention="vllm")
+    assert e.case["magnitude"] == 30.0 and "got nan" in str(e)
+
+
+def test_unknown_convention():
+    with pytest.raises(ValueError, match="convention"):
+        check_write(vllm_write, convention="tensorrt")
+
+
+def test_workloads_yield_consistent_pools():
+    """The workload strategy's pools, read through the numba backend, match the reference."""
+    from hypothesis import given, settings
+    from pagedkv.testing import strategies as pst
+
+    numba = pagedkv.get_backend("numba")
+    ref = pagedkv.get_backend("numpy")
+
+    @settings(max_examples=N, deadline=None)
+    @given(pst.configs(max_blocks=8).flatmap(pst.workloads))
+    def run(work):
+        pool, tables, lens = work
+        for want, got in zip(ref.gather(pool, 0, tables, lens), numba.gather(pool, 0, tables, lens)):
+            np.testing.assert_array_equal(got, want)
+
+    run()
