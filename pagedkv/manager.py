@@ -34,7 +34,7 @@ from typing import Hashable, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from .allocator import BlockAllocator
-from .errors import AllocatorError, ConfigError, InvariantError, PagedKVError, UnknownSequenceError
+from .errors import ConfigError, InvariantError, PagedKVError, UnknownSequenceError
 
 
 class SequenceExistsError(PagedKVError, ValueError):

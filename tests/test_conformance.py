@@ -121,7 +121,7 @@ def vllm_swap_blocks(src, dst, mapping):
 
 
 def vllm_attention(q, key_cache, value_cache, tables, lens, scale, query_lens=None, *, bug=None):
-    bs, h = key_cache.shape[1], key_cache.shape[2]
+    h = key_cache.shape[2]
     group = q.shape[1] // h
     out = np.zeros(q.shape, np.float32)
     counts = np.ones(len(lens), int) if query_lens is None else query_lens

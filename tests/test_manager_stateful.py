@@ -8,11 +8,9 @@ a prefix-cache hit that served the wrong block reads back wrong.
 """
 
 import itertools
-import os
 import zlib
 
 import numpy as np
-import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -52,14 +50,15 @@ class ManagerMachine(RuleBasedStateMachine):
         assert after[:3] == before[:3]
         np.testing.assert_array_equal(after[3], before[3])
 
-    def new_ids(self, seq, n, known):
-        """Ids of seq's next n tokens: its pending prompt first, then fresh ones; and what to tell."""
-        sh = self.shadow[seq]
-        ids = sh["pending"][:n]
+    def grow(self, seq, n, known):
+        """Ids of seq's next n tokens (its pending prompt first, then new ones), and the ids
+        to tell the manager: all of them if ``known``, else None (it learns none past the prompt)."""
+        ids = self.shadow[seq]["pending"][:n]
         extra = n - len(ids)
-        tell = known or extra == 0
-        fresh = [next(self.unknown) for _ in range(extra)] if not known else None
-        return ids, extra, tell, fresh
+        if known:
+            ids = ids + [7 + i % 3 for i in range(extra)]  # known ids (7..9) beyond the prompt
+            return ids, ids
+        return ids + [next(self.unknown) for _ in range(extra)], None
 
     def append_batch(self, seqs, counts, ids_lists, told):
         before = self.snapshot()
@@ -84,13 +83,6 @@ class ManagerMachine(RuleBasedStateMachine):
                 ref.write(self.pool, layer, np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1]),
                           r.slots)
         return True
-
-    def grow(self, seq, n, known):
-        ids, extra, _, fresh = self.new_ids(seq, n, known)
-        if known:
-            fresh_ids = [7 + i % 3 for i in range(extra)]  # known ids (7..9) beyond the prompt
-            return ids + fresh_ids, ids + fresh_ids
-        return ids + fresh, None
 
     # -- rules -------------------------------------------------------------------------------
 
