@@ -107,6 +107,15 @@ def _sequence_of(cu, i):
     return lo
 
 
+@cuda.jit(device=True)
+def _split(i, num_heads, head_dim):
+    """(row, head, dim) of element i of a flat ``[rows, H, D]`` array."""
+    row_len = num_heads * head_dim
+    r = i // row_len
+    h = (i - r * row_len) // head_dim
+    return r, h, i - r * row_len - h * head_dim
+
+
 # ---- kernels: one thread per float ------------------------------------------------------------
 
 @cuda.jit
@@ -123,13 +132,10 @@ def write_kernel(data, layer, key, value, slots, num_heads, head_dim, block_size
     i = cuda.grid(1)
     if i >= key.shape[0]:
         return
-    row_len = num_heads * head_dim
-    t = i // row_len
+    t, h, d = _split(i, num_heads, head_dim)
     slot = slots[t]
     if slot < 0:  # padding (checked explicitly: a negative index would wrap)
         return
-    h = (i - t * row_len) // head_dim
-    d = i - t * row_len - h * head_dim
     at = token_base(layer, 0, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride)
     at += h * head_stride + d
     data[at] = key[i]
@@ -143,15 +149,12 @@ def read_kernel(data, layer, slots, out_k, out_v, num_heads, head_dim, block_siz
     i = cuda.grid(1)
     if i >= out_k.shape[0]:
         return
-    row_len = num_heads * head_dim
-    t = i // row_len
+    t, h, d = _split(i, num_heads, head_dim)
     slot = slots[t]
     if slot < 0:
         out_k[i] = 0.0
         out_v[i] = 0.0
         return
-    h = (i - t * row_len) // head_dim
-    d = i - t * row_len - h * head_dim
     at = token_base(layer, 0, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride)
     at += h * head_stride + d
     out_k[i] = data[at]
@@ -165,64 +168,51 @@ def gather_kernel(data, layer, tables, cu, out_k, out_v, num_heads, head_dim, bl
     i = cuda.grid(1)
     if i >= out_k.shape[0]:
         return
-    row_len = num_heads * head_dim
-    r = i // row_len
+    r, h, d = _split(i, num_heads, head_dim)
     b = _sequence_of(cu, r)
     p = r - cu[b]
     slot = table_slot(tables[b, p // block_size], p, block_size)
-    h = (i - r * row_len) // head_dim
-    d = i - r * row_len - h * head_dim
     at = token_base(layer, 0, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride)
     at += h * head_stride + d
     out_k[i] = data[at]
     out_v[i] = data[at + kv_stride]
 
 
+@cuda.jit(device=True)
+def _packed_offset(i, blocks, num_layers, layer_stride, kv_stride, block_stride):
+    """Pool offset of element i of ``blocks`` packed as ``[N, layers, 2 (K, V), block_stride]``."""
+    per_block = num_layers * 2 * block_stride
+    n = i // per_block
+    rest = i - n * per_block
+    half = rest // block_stride  # = layer * 2 + kv
+    layer = half // 2
+    return block_base(layer, half - layer * 2, blocks[n], layer_stride, kv_stride, block_stride) \
+        + rest - half * block_stride
+
+
 @cuda.jit
 def move_blocks_kernel(src_data, dst_data, src, dst, num_layers, layer_stride, kv_stride, block_stride):
-    """Element e of block ``src[n]`` to ``dst[n]``, for every layer and K/V: one thread each."""
+    """Element i of the packed copies ``src[n] -> dst[n]`` (every layer, K and V): one thread each."""
     i = cuda.grid(1)
-    per_pair = num_layers * 2 * block_stride
-    if i >= src.shape[0] * per_pair:
-        return
-    n = i // per_pair
-    rest = i - n * per_pair
-    half = rest // block_stride  # = layer * 2 + kv
-    e = rest - half * block_stride
-    layer = half // 2
-    kv = half - layer * 2
-    dst_data[block_base(layer, kv, dst[n], layer_stride, kv_stride, block_stride) + e] = \
-        src_data[block_base(layer, kv, src[n], layer_stride, kv_stride, block_stride) + e]
+    if i < src.shape[0] * num_layers * 2 * block_stride:
+        dst_data[_packed_offset(i, dst, num_layers, layer_stride, kv_stride, block_stride)] = \
+            src_data[_packed_offset(i, src, num_layers, layer_stride, kv_stride, block_stride)]
 
 
 @cuda.jit
 def pack_blocks_kernel(data, blocks, packed, num_layers, layer_stride, kv_stride, block_stride):
     """Copy ``blocks`` of every layer and K/V into ``packed`` [N, layers, 2, block_stride] (flat)."""
     i = cuda.grid(1)
-    per_block = num_layers * 2 * block_stride
-    if i >= blocks.shape[0] * per_block:
-        return
-    n = i // per_block
-    rest = i - n * per_block
-    half = rest // block_stride
-    e = rest - half * block_stride
-    layer = half // 2
-    packed[i] = data[block_base(layer, half - layer * 2, blocks[n], layer_stride, kv_stride, block_stride) + e]
+    if i < packed.shape[0]:
+        packed[i] = data[_packed_offset(i, blocks, num_layers, layer_stride, kv_stride, block_stride)]
 
 
 @cuda.jit
 def unpack_blocks_kernel(packed, data, blocks, num_layers, layer_stride, kv_stride, block_stride):
     """The inverse of :func:`pack_blocks_kernel`."""
     i = cuda.grid(1)
-    per_block = num_layers * 2 * block_stride
-    if i >= blocks.shape[0] * per_block:
-        return
-    n = i // per_block
-    rest = i - n * per_block
-    half = rest // block_stride
-    e = rest - half * block_stride
-    layer = half // 2
-    data[block_base(layer, half - layer * 2, blocks[n], layer_stride, kv_stride, block_stride) + e] = packed[i]
+    if i < packed.shape[0]:
+        data[_packed_offset(i, blocks, num_layers, layer_stride, kv_stride, block_stride)] = packed[i]
 
 
 # ---- the public routines ----------------------------------------------------------------------
