@@ -106,6 +106,19 @@ def median_seconds(fn: Callable[[], object], *, repeat: int = 7, min_time: float
 
 # ---- peers ----------------------------------------------------------------------------------
 
+try:
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency; the numpy copy remains
+    _parallel_copy = None
+else:
+    @njit(parallel=True, cache=True)
+    def _parallel_copy(out, x, chunks):
+        """Copy x into out in ``chunks`` contiguous pieces, in parallel."""
+        step = (x.size + chunks - 1) // chunks
+        for c in prange(chunks):
+            out[c * step:min(x.size, (c + 1) * step)] = x[c * step:min(x.size, (c + 1) * step)]
+
+
 def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
     """Plain copies of ``nbytes / 2`` bytes (each reads and writes ``nbytes`` in all).
 
@@ -117,17 +130,8 @@ def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
     src = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
     dst = np.empty_like(src)
     copies: dict[str, Callable[[], object]] = {"numpy": lambda: np.copyto(dst, src)}
-    try:
-        from numba import njit, prange
-    except ImportError:
-        pass
-    else:
-        @njit(parallel=True, cache=True)
-        def parallel_copy(out, x, chunks):
-            step = (x.size + chunks - 1) // chunks
-            for c in prange(chunks):
-                out[c * step:min(x.size, (c + 1) * step)] = x[c * step:min(x.size, (c + 1) * step)]
-        copies["numba"] = lambda: parallel_copy(dst, src, 64)
+    if _parallel_copy is not None:
+        copies["numba"] = lambda: _parallel_copy(dst, src, 64)
     try:
         import torch
     except ImportError:
