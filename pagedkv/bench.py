@@ -287,7 +287,7 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
     from .backends import numba_cpu as nb
 
     s = w.pool.strides
-    ts = nb.token_strides(s)
+    ts = s.token_args
     if routine == "write":
         key, value = w.key.reshape(-1), w.value.reshape(-1)
         return lambda: nb.write_kernel(w.pool.data, 0, key, value, w.slots, *ts)

@@ -63,6 +63,12 @@ class Strides(NamedTuple):
     layout: str
 
     @property
+    def token_args(self) -> tuple[int, ...]:
+        """The trailing integer arguments of every token kernel (numba and CUDA), in their order."""
+        return (self.num_kv_heads, self.head_dim, self.block_size, self.layer_stride, self.kv_stride,
+                self.block_stride, self.pos_stride, self.head_stride)
+
+    @property
     def size(self) -> int:
         """Number of float32 elements in the whole pool."""
         return self.num_layers * self.layer_stride

@@ -30,7 +30,6 @@ from numba import cuda, float32
 
 from .. import layout, validate
 from ..errors import ArgumentError, BackendUnavailableError, DTypeError, PoolMismatchError
-from ..layout import Strides
 from ..pool import KVPool
 from .reference import cu_seqlens
 
@@ -217,12 +216,6 @@ def unpack_blocks_kernel(packed, data, blocks, num_layers, layer_stride, kv_stri
 
 # ---- the public routines ----------------------------------------------------------------------
 
-def token_strides(s: Strides) -> tuple[int, ...]:
-    """The trailing integer arguments of the token kernels, in their order."""
-    return s.num_kv_heads, s.head_dim, s.block_size, s.layer_stride, s.kv_stride, s.block_stride, \
-        s.pos_stride, s.head_stride
-
-
 def _device_index(original, checked: np.ndarray):
     """The index array for a kernel: the caller's device array if it was one, else a copy of the host one."""
     return checked if not isinstance(original, np.ndarray) and hasattr(original, "copy_to_host") \
@@ -257,7 +250,7 @@ def write(pool: KVPool, layer: int, key, value, slot_mapping) -> None:
         return
     key, value = _flat(_to_device(key)), _flat(_to_device(value))
     write_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](
-        pool.data, layer, key, value, _device_index(slot_mapping, slots), *token_strides(pool.strides))
+        pool.data, layer, key, value, _device_index(slot_mapping, slots), *pool.strides.token_args)
 
 
 def read(pool: KVPool, layer: int, slot_mapping, *, out=None):
@@ -268,7 +261,7 @@ def read(pool: KVPool, layer: int, slot_mapping, *, out=None):
     if slots.shape[0]:
         fk, fv = _flat(out_k), _flat(out_v)
         read_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
-            pool.data, layer, _device_index(slot_mapping, slots), fk, fv, *token_strides(pool.strides))
+            pool.data, layer, _device_index(slot_mapping, slots), fk, fv, *pool.strides.token_args)
     return out_k, out_v
 
 
@@ -285,7 +278,7 @@ def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None):
         fk, fv = _flat(out_k), _flat(out_v)
         gather_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
             pool.data, layer, _device_index(block_tables, tables), cuda.to_device(cu), fk, fv,
-            *token_strides(pool.strides))
+            *pool.strides.token_args)
     return out_k, out_v, cu
 
 
@@ -436,5 +429,5 @@ def paged_attention(q, pool: KVPool, layer: int, block_tables, context_lens, *, 
         attention_kernel[(q.shape[0], q.shape[1]), threads](
             pool.data, a.layer, _to_device(q), _device_index(block_tables, a.tables), cuda.to_device(a.row_seq),
             cuda.to_device(a.row_pos), out, a.window, np.float32(a.scale), np.float32(a.soft_cap),
-            *token_strides(pool.strides))
+            *pool.strides.token_args)
     return out

@@ -100,22 +100,17 @@ def move_blocks_kernel(src_data, dst_data, src, dst, num_layers, layer_stride, k
         dst_data[d0:d0 + block_stride] = src_data[s0:s0 + block_stride]
 
 
-def token_strides(s: layout.Strides) -> tuple[int, ...]:
-    """The trailing integer arguments of the token kernels, in their order."""
-    return s.num_kv_heads, s.head_dim, s.block_size, s.layer_stride, s.kv_stride, s.block_stride, s.pos_stride, s.head_stride
-
-
 def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_mapping: np.ndarray) -> None:
     """Same contract as :func:`pagedkv.backends.reference.write`."""
     layer, slot_mapping = validate.write_args(pool, layer, key, value, slot_mapping, DEVICE)
-    write_kernel(pool.data, layer, key.reshape(-1), value.reshape(-1), slot_mapping, *token_strides(pool.strides))
+    write_kernel(pool.data, layer, key.reshape(-1), value.reshape(-1), slot_mapping, *pool.strides.token_args)
 
 
 def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None) -> tuple[np.ndarray, np.ndarray]:
     """Same contract as :func:`pagedkv.backends.reference.read`."""
     layer, slot_mapping = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
     out_k, out_v = new_outputs(pool, slot_mapping.shape[0], out)
-    read_kernel(pool.data, layer, slot_mapping, out_k.reshape(-1), out_v.reshape(-1), *token_strides(pool.strides))
+    read_kernel(pool.data, layer, slot_mapping, out_k.reshape(-1), out_v.reshape(-1), *pool.strides.token_args)
     return out_k, out_v
 
 
@@ -125,7 +120,7 @@ def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.
     cu = cu_seqlens(context_lens)
     out_k, out_v = new_outputs(pool, int(cu[-1]), out)
     gather_kernel(pool.data, layer, block_tables, cu, out_k.reshape(-1), out_v.reshape(-1),
-                  *token_strides(pool.strides))
+                  *pool.strides.token_args)
     return out_k, out_v, cu
 
 
@@ -236,5 +231,5 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
     # NHD keeps a token's heads together: one task takes them all, reading blocks in order
     heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
     attention_kernel(pool.data, a.layer, q, a.tables, a.row_seq, a.row_pos, out, a.window,
-                     np.float32(a.scale), np.float32(a.soft_cap), heads_per_task, *token_strides(pool.strides))
+                     np.float32(a.scale), np.float32(a.soft_cap), heads_per_task, *pool.strides.token_args)
     return out
