@@ -6,7 +6,8 @@ Targets (issue 6): numba reads K/V at >= 0.7x the contiguous-copy bandwidth, and
 as fast as torch SDPA on the dense copy."""
 
 import pagedkv
-from pagedkv import bench as B
+
+from . import harness as B
 
 
 class DecodeAttention:

@@ -5,7 +5,7 @@ Target (issue 3): bookkeeping for one decode step of 256 running sequences
 step's K/V for a single layer (H=8, D=128) with the numpy backend.
 """
 
-from pagedkv import bench as B
+from . import harness as B
 
 
 class DecodeStep:

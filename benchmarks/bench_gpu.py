@@ -5,7 +5,8 @@ and under the CUDA simulator, which measures nothing of interest."""
 import os
 
 import pagedkv
-from pagedkv import bench as B
+
+from . import harness as B
 
 LAYOUTS = ["NHD", "HND"]
 SHAPES = list(B.SHAPES)
@@ -18,7 +19,7 @@ def _gpu():
     try:
         return pagedkv.get_backend("cuda")
     except pagedkv.BackendUnavailableError as e:
-        raise NotImplementedError(str(e))
+        raise NotImplementedError(str(e)) from e
 
 
 class GpuRoutines:

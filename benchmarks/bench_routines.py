@@ -13,6 +13,8 @@ D=128, block_size=16, one layer of 1024 blocks, both layouts.
 import pagedkv
 from pagedkv import bench as B
 
+from . import harness
+
 LAYOUTS = ["NHD", "HND"]
 SHAPES = list(B.SHAPES)
 
@@ -21,7 +23,7 @@ def _backend(name):
     try:
         return pagedkv.get_backend(name)
     except pagedkv.BackendUnavailableError as e:
-        raise NotImplementedError(str(e))  # asv: skip
+        raise NotImplementedError(str(e)) from e  # asv: skip
 
 
 class Routines:
@@ -103,7 +105,7 @@ class Bandwidth:
 
     def setup(self, routine, layout, shape):
         _backend("numba")
-        self.m = B.measure(routine, layout, shape)
+        self.m = harness.measure(routine, layout, shape)
 
     def track_gbps(self, *_):
         return self.m["gbps"]

@@ -5,28 +5,58 @@ float32 pool (:class:`KVPool`, arithmetic in :mod:`pagedkv.layout`), so memory
 is taken block by block as sequences grow and blocks can be shared between
 sequences. The routines that move data in and out of the pool exist in several
 backends that agree exactly with the numpy reference (:func:`get_backend`).
+
+Where things live, from the bottom up (a module imports only from below it):
+
+- ``errors``, ``layout`` (the arithmetic: offsets, slots, ragged batches),
+  ``config``, ``device`` (host or GPU arrays), ``pool`` (:class:`KVPool`);
+- ``validate`` (front-door checks) and ``plan`` (a step's checked index
+  arrays, made once, run per layer);
+- ``backends`` (``numpy`` reference, ``numba``, ``cuda``: one :class:`Backend` protocol);
+- ``block_pool`` (free blocks, reference counts, the prefix-cache index),
+  ``block_table`` (the int32 rows), ``prefix_key`` (the chained block keys),
+  ``prefix_cache``, ``manager`` (:class:`BlockManager`: sequences, forks, appends);
+- ``cache`` (:class:`PagedKVCache`, the facade), then ``model``, ``demo``,
+  ``bench`` and ``cli``; ``testing`` is the conformance kit.
 """
 
-from .allocator import BlockAllocator
+from ._version import __version__
+from .backends import BACKENDS, Backend, available_backends, get_backend, resolve_backend
+from .block_pool import BlockPool
 from .cache import Added, PagedKVCache, Step
-from .backends import BACKENDS, available_backends, get_backend
 from .config import CacheConfig
 from .errors import (
-    AllocatorError, ArgumentError, BackendUnavailableError, BlockCopyError, BlockIndexError, ConfigError,
-    ContextLengthError, ContiguityError, DTypeError, DuplicateSlotError, InvariantError,
-    LayerIndexError, OutOfBlocksError, PagedKVError, PoolMismatchError, ShapeError,
-    SlotIndexError, UnknownSequenceError,
+    AllocatorError,
+    ArgumentError,
+    BackendUnavailableError,
+    BlockCopyError,
+    BlockIndexError,
+    ConfigError,
+    ContextLengthError,
+    ContiguityError,
+    DTypeError,
+    DuplicateSlotError,
+    InvariantError,
+    LayerIndexError,
+    OutOfBlocksError,
+    PagedKVError,
+    PoolMismatchError,
+    SequenceExistsError,
+    ShapeError,
+    SlotIndexError,
+    StepError,
+    UnknownSequenceError,
 )
 from .layout import Strides
-from .manager import Appended, BlockManager, SequenceExistsError
+from .manager import Appended, BlockManager
+from .plan import Plan
 from .pool import KVPool
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "Added", "PagedKVCache", "Step", "Appended", "ArgumentError", "BlockAllocator", "BlockManager", "SequenceExistsError", "BACKENDS", "AllocatorError", "BackendUnavailableError", "BlockCopyError", "BlockIndexError",
-    "CacheConfig", "ConfigError", "ContextLengthError", "ContiguityError", "DTypeError",
-    "DuplicateSlotError", "InvariantError", "KVPool", "LayerIndexError", "OutOfBlocksError",
-    "PagedKVError", "PoolMismatchError", "ShapeError", "SlotIndexError", "Strides",
-    "UnknownSequenceError", "available_backends", "get_backend", "__version__",
+    "BACKENDS", "Added", "AllocatorError", "Appended", "ArgumentError", "Backend", "BackendUnavailableError",
+    "BlockCopyError", "BlockIndexError", "BlockManager", "BlockPool", "CacheConfig", "ConfigError",
+    "ContextLengthError", "ContiguityError", "DTypeError", "DuplicateSlotError", "InvariantError", "KVPool",
+    "LayerIndexError", "OutOfBlocksError", "PagedKVCache", "PagedKVError", "Plan", "PoolMismatchError",
+    "SequenceExistsError", "ShapeError", "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
+    "__version__", "available_backends", "get_backend", "resolve_backend",
 ]

@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from .backends import get_backend
 from .config import CacheConfig
 from .errors import ConfigError
 from .manager import BlockManager
+from .plan import Plan
 from .pool import KVPool
 
 
@@ -42,6 +44,8 @@ class Step:
         block_tables: int32 ``[B, max_blocks]``; context_lens: int32 ``[B]`` (new tokens included).
         is_decode: every sequence adds exactly one token.
         copies: the ``(src, dst)`` copy-on-write copies applied before this step's writes.
+        plan: the backend's :class:`~pagedkv.plan.Plan` of the step: its index arrays
+            validated once (and, on a GPU, uploaded once) for every layer.
     """
 
     seq_ids: tuple
@@ -51,13 +55,13 @@ class Step:
     context_lens: np.ndarray
     is_decode: bool
     copies: tuple[np.ndarray, np.ndarray]
+    plan: Plan
 
     @property
     def positions(self) -> np.ndarray:
         """int64 position of every new token in its sequence (for rotary embeddings)."""
-        first = np.repeat(self.context_lens - self.num_new_tokens, self.num_new_tokens).astype(np.int64)
-        starts = np.repeat(np.cumsum(self.num_new_tokens) - self.num_new_tokens, self.num_new_tokens)
-        return first + np.arange(int(self.num_new_tokens.sum())) - starts
+        assert self.plan.attention is not None  # a step always plans attention
+        return self.plan.attention.row_pos
 
 
 class PagedKVCache:
@@ -65,8 +69,8 @@ class PagedKVCache:
 
     Args:
         config: the geometry.
-        backend: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"`` (cuda when a real GPU
-            is present, else the fastest CPU backend).
+        backend: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"`` (the fastest CPU
+            backend, see :func:`pagedkv.resolve_backend`).
         enable_prefix_caching: reuse the K/V of prompt prefixes seen before.
     """
 
@@ -74,7 +78,7 @@ class PagedKVCache:
         if not isinstance(config, CacheConfig):
             raise ConfigError(f"PagedKVCache needs a CacheConfig, got {type(config).__name__}")
         self.config = config
-        self.backend = get_backend(_resolve(backend))
+        self.backend = get_backend(backend)
         self.pool = KVPool(config, device=self.backend.DEVICE)
         self.manager = BlockManager(config.block_size, num_blocks=config.num_blocks,
                                     enable_prefix_caching=enable_prefix_caching)
@@ -119,38 +123,28 @@ class PagedKVCache:
         Raises OutOfBlocksError (changing nothing) when the pool cannot hold them.
         """
         seq_ids = tuple(seq_ids)
-        counts = np.asarray(num_new_tokens, dtype=np.int32).reshape(-1)
-        appended = self.manager.append_batch(seq_ids, counts.tolist(), token_ids)
+        appended = self.manager.append_batch(seq_ids, num_new_tokens, token_ids)  # checks every argument
+        counts = np.array([int(n) for n in num_new_tokens], dtype=np.int32)
         if appended.copy_src.size:
             self.backend.copy_blocks(self.pool, appended.copy_src, appended.copy_dst)
-        return Step(seq_ids, counts, appended.slots, self.manager.block_tables(seq_ids),
-                    self.manager.context_lens(seq_ids), bool((counts == 1).all()),
-                    (appended.copy_src, appended.copy_dst))
+        tables, lens = self.manager.block_tables(seq_ids), self.manager.context_lens(seq_ids)
+        plan = self.backend.plan(self.pool, slot_mapping=appended.slots, block_tables=tables,
+                                 context_lens=lens, query_lens=counts)
+        return Step(seq_ids, counts, appended.slots, tables, lens, bool((counts == 1).all()),
+                    (appended.copy_src, appended.copy_dst), plan)
 
-    def write(self, layer: int, key, value, step: Step) -> None:
-        """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``."""
-        self.backend.write(self.pool, layer, key, value, step.slot_mapping)
+    def write(self, layer: int, key: Any, value: Any, step: Step) -> None:
+        """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``.
 
-    def attention(self, layer: int, q, step: Step, **options):
+        Only ``layer`` and the arrays' dtype and shape are checked here: the
+        step's index arrays were checked once, in :meth:`begin_step`.
+        """
+        self.backend.write_step(self.pool, layer, key, value, step.plan)
+
+    def attention(self, layer: int, q: Any, step: Step, **options: Any) -> Any:
         """Attention of this step's queries (``[sum(new tokens), Hq, D]``) over the cache.
 
         Each new token attends causally to its sequence's cache (its own K/V
         written first). ``options``: ``scale``, ``sliding_window``, ``soft_cap``.
         """
-        query_lens = None if step.is_decode else step.num_new_tokens
-        return self.backend.paged_attention(q, self.pool, layer, step.block_tables, step.context_lens,
-                                            query_lens=query_lens, **options)
-
-
-def _resolve(backend: str) -> str:
-    if backend != "auto":
-        return backend
-    import os
-
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        try:
-            get_backend("cuda")
-            return "cuda"
-        except Exception:  # noqa: BLE001 - any failure to reach a GPU means: use the CPU
-            pass
-    return "auto"
+        return self.backend.attention_step(q, self.pool, layer, step.plan, **options)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
-from .backends import BACKENDS, available_backends
+from ._version import __version__
+from .backends import BACKENDS, available_backends, get_backend
 from .errors import PagedKVError
 
 
@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--blocks", type=_positive, default=96, help="blocks in the pool, of 16 tokens (default 96)")
     d.add_argument("--seed", type=int, default=0, help="seed of the model weights and the requests (default 0)")
     d.add_argument("--backend", choices=[*BACKENDS, "auto"], default="auto",
-                   help="where the cache routines run (default auto: cuda with a GPU, else numba)")
+                   help="where the cache routines run (default auto: numba, else numpy; "
+                        "cuda runs them on a GPU)")
     d.add_argument("--plot", metavar="FILE.png", help="also draw memory in use over time (needs matplotlib)")
     d.add_argument("--no-check", action="store_true",
                    help="skip re-running every request over a dense cache to compare the tokens")
@@ -62,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args) -> int:
-    from .cache import _resolve
-    from .backends import get_backend
     from .demo import format_summary, plot, run_demo
 
-    backend = get_backend(_resolve(args.backend)).NAME
+    backend = get_backend(args.backend).NAME
     print(f"pagedkv demo: {args.requests} requests, {args.blocks} blocks of 16 tokens, backend {backend}")
     res = run_demo(args.requests, seed=args.seed, backend=backend, num_blocks=args.blocks,
                    check=not args.no_check)
@@ -79,7 +78,6 @@ def _demo(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
-    from .backends import get_backend
 
     shapes = ["decode", "prefill"] if args.shape == "both" else [args.shape]
     backends = [n for n, why in available_backends().items() if why is None and n != "cuda"]
@@ -90,7 +88,9 @@ def _bench(args) -> int:
         w = bench.make_workload(shape, args.layout)
         for routine in bench.PEER_ROUTINES:
             n = bench.bytes_moved(w, routine)
-            gbps = lambda f: "n/a" if f is None else f"{n / bench.median_seconds(f, repeat=3) / 1e9:.1f}"  # noqa: E731
+            def gbps(f, n=n):
+                return "n/a" if f is None else f"{n / bench.median_seconds(f, repeat=3) / 1e9:.1f}"
+
             row = [routine, shape] + [gbps(bench.backend_call(get_backend(b), w, routine)) for b in backends]
             row += [gbps(bench.numpy_peer(w, routine)), gbps(bench.torch_peer(w, routine)),
                     f"{n / bench.copy_limit_seconds(n) / 1e9:.1f}"]
@@ -98,7 +98,7 @@ def _bench(args) -> int:
             print("  measured", routine, shape, file=sys.stderr)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)))
     return 0
 
 
@@ -110,19 +110,19 @@ def _info(args) -> int:
     print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}, numba {numba.__version__}")
     for name, why in available_backends().items():
         print(f"  backend {name:6} {'available' if why is None else 'unavailable: ' + why}")
+    layer: str = "unknown"
     try:
         _run_parallel_once()
         layer = numba.threading_layer()
     except (ImportError, ValueError):
-        layer = "unknown"
+        pass
     print(f"numba threads {numba.get_num_threads()}, threading layer {layer}")
     gpu = "none"
     if available_backends()["cuda"] is None:
         from numba import cuda
 
-        dev = cuda.get_current_device()
-        gpu = getattr(dev, "name", b"?")
-        gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
+        name = getattr(cuda.get_current_device(), "name", "?")
+        gpu = name.decode() if isinstance(name, bytes) else str(name)
     print(f"GPU: {gpu}")
     return 0
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import ConfigError, LayerIndexError
-from .layout import LAYOUTS, Strides, make_strides
+from .layout import LAYOUTS, Strides, cdiv, make_strides
 
 SUPPORTED_DTYPES = (np.dtype(np.float32),)
 
@@ -99,7 +98,7 @@ class CacheConfig:
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens of one sequence."""
-        return math.ceil(num_tokens / self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     @classmethod
     def from_max_seq_len(
@@ -114,7 +113,7 @@ class CacheConfig:
         max_seq_len = _positive_int("max_seq_len", max_seq_len)
         max_batch_size = _positive_int("max_batch_size", max_batch_size)
         block_size = _positive_int("block_size", block_size)
-        num_blocks = math.ceil(max_seq_len / block_size) * max_batch_size
+        num_blocks = cdiv(max_seq_len, block_size) * max_batch_size
         return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                    num_blocks=num_blocks, block_size=block_size, **kw)
 

@@ -68,19 +68,23 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
     bs = cache.config.block_size
     requests = make_requests(num_requests, seed, model.config.vocab_size)
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    waiting, running, done = list(requests), [], []
-    used, contiguous, peak, peak_map = [], [], -1, ""
+    waiting = list(requests)
+    running: list[Request] = []
+    done: list[Request] = []
+    used: list[int] = []
+    contiguous: list[int] = []
+    peak, peak_map = -1, ""
     step, start = 0, time.perf_counter()
     while waiting or running:
         # Admit arrived requests while the pool can hold every admitted request's final
         # length: decode steps then never run out of blocks (no preemption needed).
-        admitted = []
+        admitted: list[Request] = []
         while waiting and waiting[0].arrival <= step:
             r = waiting[0]
             seq, cached = cache.add_sequence(prompt_token_ids=r.prompt)
             growth = sum(_final_blocks(x, bs) - len(cache.manager.block_table(x.seq_id)) for x in running + admitted)
             need = _final_blocks(r, bs) - cached // bs
-            if growth + need > cache.manager.num_free_blocks:
+            if growth + need > cache.manager.block_pool.num_free:
                 cache.free(seq)
                 if not running and not admitted:  # it would not fit even alone
                     raise PagedKVError(
@@ -96,11 +100,11 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
         new = [[r.output[-1]] for r in running] + [r.prompt[r.cached:] for r in admitted]
         logits = paged_step(model, cache, [r.seq_id for r in batch], new)
         running = []
-        for r, row in zip(batch, logits):
+        for r, row in zip(batch, logits, strict=True):
             r.logits.append(row)
             r.output.append(int(np.argmax(row)))
             (done if len(r.output) == r.max_new_tokens else running).append(r)
-        used.append(cache.manager.num_used_blocks)
+        used.append(cache.manager.block_pool.num_used)
         contiguous.append(len(batch) * -(-max_len // bs))
         if used[-1] > peak:
             peak, peak_map = used[-1], pool_map(cache, {r.seq_id: r.rid for r in batch})
@@ -142,15 +146,15 @@ def _progress(stream, done: int, total: int) -> None:
 def pool_map(cache: PagedKVCache, names: dict) -> str:
     """One character a block: ``.`` free, ``~`` cached but idle, a letter for the request
     holding it (upper case), ``*`` shared by several."""
-    m = cache.manager
-    cells = ["."] * m.allocator.num_blocks
+    m, blocks = cache.manager, cache.manager.block_pool
+    cells = ["."] * blocks.num_blocks
     holders: dict[int, set] = {}
     for seq_id in m.seq_ids:
         for b in m.block_table(seq_id):
             holders.setdefault(b, set()).add(seq_id)
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    for b in range(m.allocator.num_blocks):
-        if m.allocator.is_parked(b):
+    for b in range(blocks.num_blocks):
+        if blocks.is_idle(b):
             cells[b] = "~"
         elif b in holders:
             hs = holders[b]

@@ -59,7 +59,16 @@ class ContextLengthError(PagedKVError, ValueError):
 
 
 class ArgumentError(PagedKVError, ValueError):
-    """An option out of its range (an attention scale, window or soft cap, say)."""
+    """An argument out of its range: an attention scale, window or soft cap, a negative
+    token count, token ids that do not match a prompt, an unusable cache salt..."""
+
+
+class SequenceExistsError(ArgumentError):
+    """``add_sequence`` with an id already in use."""
+
+
+class StepError(ArgumentError):
+    """A step plan used with a pool it was not made for (another geometry or device)."""
 
 
 class OutOfBlocksError(PagedKVError, RuntimeError):

@@ -1,19 +1,19 @@
-"""Where every number of the KV cache lives in the one flat pool.
+"""Where every number of the KV cache lives, and the index arithmetic around it.
 
 This module is the only place that knows the arithmetic; the reference, the
-numba kernels and the CUDA kernels all call the functions below (compiled for
-their target) and receive the strides as plain integers.
+numba kernels, the CUDA kernels, the block manager and the test kit all call
+the functions below (compiled for their target where needed).
 
-The pool is one 1-D float32 array. Every layer has a K half and a V half, each
+The pool is one 1-D array. Every layer has a K half and a V half, each
 ``num_blocks`` blocks long, and every block holds ``block_size`` token positions
 of ``num_kv_heads`` heads of ``head_dim`` numbers::
 
-    pool.data (float32, 1-D)
+    pool.data (1-D)
     |<------------- layer 0 ------------->|<------------- layer 1 ------------->| ...
     |<------ K ------->|<------ V ------->|<------ K ------->|<------ V ------->|
     | b0 | b1 | ... bN | b0 | b1 | ... bN | b0 | b1 | ... bN | b0 | b1 | ... bN |
                  |
-                 v  one block = block_stride = block_size * H * D floats
+                 v  one block = block_stride = block_size * H * D numbers
     layout "NHD":  [pos 0: h0 d0..dD | h1 d0..dD | ...][pos 1: h0 ... ] ...
                    one token's heads side by side: a write is one contiguous run
     layout "HND":  [h0: pos 0 d0..dD | pos 1 d0..dD | ...][h1: pos 0 ... ] ...
@@ -23,23 +23,31 @@ of ``num_kv_heads`` heads of ``head_dim`` numbers::
         = layer * layer_stride + kv * kv_stride + block * block_stride   # the block
         + pos * pos_stride + head * head_stride + d                      # inside it
 
-    kv_stride    = num_blocks * block_stride          (kv: 0 = K, 1 = V)
+    kv_stride    = num_blocks * block_stride          (kv: K = 0, V = 1)
     layer_stride = 2 * kv_stride
     NHD: pos_stride = H * D,  head_stride = D
     HND: pos_stride = D,      head_stride = block_size * D
 
-A token is addressed by its *slot*: ``slot = block * block_size + pos``. So the
-slot mapping of a write says, for each token, which block and which position
-inside the block its keys and values go to.
+A token is addressed by its *slot*: ``slot = block * block_size + pos``. A
+sequence's token ``p`` lives in block ``block_table[p // block_size]``, at
+position ``p % block_size`` of it (:func:`table_slot`).
 
-The functions are plain Python on integers; they work unchanged on numpy
-integer arrays (the reference uses them that way) and compile with
-``numba.njit`` and ``numba.cuda.jit(device=True)`` (the kernels use them so).
+Ragged batches (several sequences' tokens packed one after another) are
+described by per-sequence counts; :func:`cu_seqlens` and :func:`ragged_rows`
+convert between the two views, as FlashInfer's ``get_seq_lens`` and
+``get_batch_indices_positions`` do.
+
+The scalar functions are plain Python on integers and a :class:`Strides`
+tuple; they work unchanged on numpy integer arrays (the reference uses them
+that way) and compile with ``numba.njit`` and ``numba.cuda.jit(device=True)``
+(the kernels use them so, with the strides tuple as one argument).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import numpy as np
 
 K = 0  #: index of the key half of a layer
 V = 1  #: index of the value half of a layer
@@ -48,7 +56,11 @@ LAYOUTS = ("NHD", "HND")
 
 
 class Strides(NamedTuple):
-    """The integers that place every element of a pool (see the module docstring)."""
+    """The integers that place every element of a pool (see the module docstring).
+
+    All fields are integers, so the tuple passes as one argument to numba and
+    CUDA kernels.
+    """
 
     num_layers: int
     num_blocks: int
@@ -60,17 +72,16 @@ class Strides(NamedTuple):
     block_stride: int
     pos_stride: int
     head_stride: int
-    layout: str
 
     @property
-    def token_args(self) -> tuple[int, ...]:
-        """The trailing integer arguments of every token kernel (numba and CUDA), in their order."""
-        return (self.num_kv_heads, self.head_dim, self.block_size, self.layer_stride, self.kv_stride,
-                self.block_stride, self.pos_stride, self.head_stride)
+    def layout(self) -> str:
+        """``"NHD"`` or ``"HND"``, read back from the strides (with one head, the two are
+        one and the same arrangement, and read as ``"NHD"``)."""
+        return "NHD" if self.pos_stride == self.num_kv_heads * self.head_dim else "HND"
 
     @property
     def size(self) -> int:
-        """Number of float32 elements in the whole pool."""
+        """Number of elements in the whole pool."""
         return self.num_layers * self.layer_stride
 
 
@@ -86,42 +97,64 @@ def make_strides(
     else:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     kv_stride = num_blocks * block_stride
-    return Strides(
-        num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-        2 * kv_stride, kv_stride, block_stride, pos_stride, head_stride, layout,
-    )
+    return Strides(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                   2 * kv_stride, kv_stride, block_stride, pos_stride, head_stride)
 
 
-def block_base(layer, kv, block, layer_stride, kv_stride, block_stride):
-    """Offset of the first element of ``block`` in the K (kv=0) or V (kv=1) half of ``layer``."""
-    return layer * layer_stride + kv * kv_stride + block * block_stride
+def cdiv(a, b):
+    """Ceiling division for non-negative ``a`` and positive ``b``: blocks needed for ``a`` tokens.
+
+    >>> cdiv(0, 16), cdiv(1, 16), cdiv(16, 16), cdiv(17, 16)
+    (0, 1, 1, 2)
+    """
+    return (a + b - 1) // b
 
 
-def token_base(layer, kv, slot, block_size, layer_stride, kv_stride, block_stride, pos_stride):
+# ---- the pool arithmetic (scalar; compiled for numba and CUDA) -----------------------------------
+
+def block_base(layer, kv, block, s):
+    """Offset of the first element of ``block`` in the K (``kv=0``) or V (``kv=1``) half of ``layer``."""
+    return layer * s.layer_stride + kv * s.kv_stride + block * s.block_stride
+
+
+def token_base(layer, kv, slot, s):
     """Offset of (head 0, dim 0) of the token stored at ``slot`` (``slot >= 0``).
 
     Add ``head * head_stride + d`` for one number of that token.
     """
-    block = slot // block_size
-    pos = slot - block * block_size
-    # block_base() spelled out: each helper here compiles on its own for numba and CUDA
-    return layer * layer_stride + kv * kv_stride + block * block_stride + pos * pos_stride
+    # split_slot() and block_base() spelled out: each helper here compiles on its own for numba and CUDA
+    block = slot // s.block_size
+    pos = slot - block * s.block_size
+    return layer * s.layer_stride + kv * s.kv_stride + block * s.block_stride + pos * s.pos_stride
 
 
-def table_slot(block, position, block_size):
-    """Slot of a sequence's token ``position`` when its block table holds ``block`` there.
+def split_slot(slot, block_size):
+    """``(block, position inside it)`` of a slot (``slot >= 0``); the inverse of
+    ``block * block_size + pos``.
 
-    The block is ``block_table[position // block_size]``; the caller looks it up.
+    >>> split_slot(9, 4)
+    (2, 1)
     """
-    return block * block_size + position % block_size
+    block = slot // block_size
+    return block, slot - block * block_size
+
+
+def table_slot(block_tables, seq, position, block_size):
+    """Slot of token ``position`` of sequence ``seq``: ``block_tables[seq, position // block_size]``
+    is its block, ``position % block_size`` its place in it.
+
+    >>> tables = np.array([[5, 2], [7, -1]])
+    >>> int(table_slot(tables, 0, 5, 4))   # token 5 of sequence 0: block 2, position 1
+    9
+    >>> table_slot(tables, np.array([0, 1]), np.array([0, 2]), 4).tolist()
+    [20, 30]
+    """
+    return block_tables[seq, position // block_size] * block_size + position % block_size
 
 
 def element_offset(s: Strides, layer, kv, block, pos, head, d):
     """Offset of one number: ``layer``, K or V, ``block``, position, head, dim."""
-    return (
-        block_base(layer, kv, block, s.layer_stride, s.kv_stride, s.block_stride)
-        + pos * s.pos_stride + head * s.head_stride + d
-    )
+    return block_base(layer, kv, block, s) + pos * s.pos_stride + head * s.head_stride + d
 
 
 def decode_offset(s: Strides, offset: int) -> dict[str, int | str]:
@@ -146,3 +179,66 @@ def decode_offset(s: Strides, offset: int) -> dict[str, int | str]:
         "layer": layer, "kv": "KV"[kv], "block": block, "pos": pos,
         "head": head, "dim": d, "slot": block * s.block_size + pos,
     }
+
+
+# ---- ragged batches (host side, numpy) -----------------------------------------------------------
+
+def cu_seqlens(counts: np.ndarray) -> np.ndarray:
+    """Start of each sequence in a packed batch: int32 ``[B + 1]``; sequence b owns rows
+    ``cu[b]:cu[b + 1]`` and the last entry is the total.
+
+    >>> cu_seqlens(np.array([3, 0, 2])).tolist()
+    [0, 3, 3, 5]
+    """
+    out = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def ragged_rows(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every row of a packed batch: its sequence (int32 ``[N]``) and its index inside
+    that sequence (int64 ``[N]``), ``N = sum(counts)``.
+
+    >>> seq, offset = ragged_rows(np.array([3, 0, 2]))
+    >>> seq.tolist(), offset.tolist()
+    ([0, 0, 0, 2, 2], [0, 1, 2, 0, 1])
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    seq = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    first = np.cumsum(counts) - counts
+    return seq, np.arange(int(counts.sum()), dtype=np.int64) - first[seq]
+
+
+def query_positions(context_lens: np.ndarray, query_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence and position of every query row when sequence b's queries are its last
+    ``query_lens[b]`` tokens of ``context_lens[b]``: int32 ``[N]`` and int64 ``[N]``.
+
+    >>> seq, pos = query_positions(np.array([5, 2]), np.array([2, 1]))
+    >>> seq.tolist(), pos.tolist()
+    ([0, 0, 1], [3, 4, 1])
+    """
+    seq, offset = ragged_rows(query_lens)
+    first = np.asarray(context_lens, dtype=np.int64) - np.asarray(query_lens, dtype=np.int64)
+    return seq, first[seq] + offset
+
+
+def token_slots(block_tables: np.ndarray, starts: np.ndarray, counts: np.ndarray, block_size: int) -> np.ndarray:
+    """Slots of ``counts[b]`` consecutive tokens from position ``starts[b]`` of each sequence,
+    sequence after sequence: int64 ``[sum(counts)]`` (a slot mapping).
+
+    >>> tables = np.array([[5, 2], [7, -1]], np.int32)
+    >>> token_slots(tables, np.array([3, 0]), np.array([2, 1]), 4).tolist()
+    [23, 8, 28]
+    """
+    seq, offset = ragged_rows(counts)
+    positions = np.asarray(starts, dtype=np.int64)[seq] + offset
+    return table_slot(block_tables, seq, positions, np.int64(block_size))  # int64: no int32 overflow
+
+
+def gather_slots(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """Slots of every cached token, sequence after sequence, in token order: int64 ``[sum(lens)]``.
+
+    >>> gather_slots(np.array([[5, 2], [7, -1]], np.int32), np.array([5, 1]), 4).tolist()
+    [20, 21, 22, 23, 8, 28]
+    """
+    return token_slots(block_tables, np.zeros(len(context_lens), np.int64), context_lens, block_size)

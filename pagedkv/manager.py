@@ -2,8 +2,12 @@
 
 The manager never touches K/V data. It answers "where do these tokens go?"
 (slots), "where are this sequence's tokens?" (block tables and context
-lengths), and "which blocks must be copied before writing?" (copy-on-write),
-and the caller moves the data with a backend.
+lengths), and "which blocks must be copied before writing?" (copy-on-write);
+the caller moves the data with a backend. It keeps the sequences and plans
+their appends; the rest lives below it, each part checking its own invariants:
+:mod:`~pagedkv.block_pool` (free blocks, reference counts, the cache index),
+:mod:`~pagedkv.block_table` (the int32 rows), :mod:`~pagedkv.prefix_cache` and
+:mod:`~pagedkv.prefix_key` (which cached block holds which prefix).
 
 Rules it keeps:
 
@@ -11,34 +15,27 @@ Rules it keeps:
 - A block is written only if its one holder is the writer and it is not in
   the prefix cache; otherwise the writer gets a fresh copy first, reported
   as a ``(src, dst)`` pair to apply with ``copy_blocks`` before writing.
-- A call that fails changes nothing: it raises before any state moves.
-
-Prefix cache (vLLM's automatic prefix caching): a full block whose token
-ids are known is entered under the key ``(parent, salt, token ids)``, where
-``parent`` is the generation number of the previous block's entry (never
-reused, so evicting a parent orphans its children) and ``salt`` keeps
-tenants apart. A dict lookup compares the whole key on a hash hit, so a
-hash collision can never serve another prompt's K/V. When its last holder
-lets go, a cached block is parked in the allocator's LRU list, still valid,
-and evicted only when an allocation needs it.
+- An append is planned (every argument checked, every block counted) before
+  anything moves, then applied: a call that fails changes nothing.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import operator
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from .allocator import BlockAllocator
-from .errors import ConfigError, InvariantError, PagedKVError, UnknownSequenceError
-
-
-class SequenceExistsError(PagedKVError, ValueError):
-    """``add_sequence`` with an id already in use."""
+from . import prefix_key
+from .block_pool import BlockPool
+from .block_table import BlockTable
+from .errors import ArgumentError, ConfigError, InvariantError, SequenceExistsError, UnknownSequenceError
+from .layout import cdiv
+from .prefix_cache import PrefixCache
+from .prefix_key import BlockKey
 
 
 class Appended(NamedTuple):
@@ -55,29 +52,24 @@ class Appended(NamedTuple):
     copy_dst: np.ndarray
 
 
-_NO_BLOCKS = np.zeros(0, dtype=np.int64)
-
-
-@dataclass(slots=True)
-class _Entry:
-    """A prefix-cache entry: the block holding one full block's worth of known tokens."""
-
-    key: tuple
-    block: int
-    generation: int
-
-
 @dataclass(slots=True)
 class _Sequence:
-    row: int  # this sequence's row in the manager's block-table array
-    blocks: list[int] = field(default_factory=list)
+    row: int  # this sequence's row of the block table
     num_tokens: int = 0
     # Known ids of positions 0..len-1 (a prompt may run ahead of num_tokens); a token
     # appended without an id ends the list, and with it caching for this sequence.
     token_ids: list[int] = field(default_factory=list)
-    salt: Hashable = None
+    extras: tuple[bytes, ...] = ()  # the first block's extra keys (its cache salt)
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
-    generations: list[int] = field(default_factory=list)  # entry generation of each full cached block
+    keys: list[BlockKey] = field(default_factory=list)  # keys of its first len(keys) full blocks
+
+
+def _count(n: object, what: str) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ArgumentError(f"{what} must be an integer, got {n!r}")
+    if n < 0:
+        raise ArgumentError(f"{what} must be >= 0, got {n}")
+    return int(n)
 
 
 class BlockManager:
@@ -85,42 +77,33 @@ class BlockManager:
 
     Args:
         block_size: tokens per block (the pool's ``block_size``).
-        allocator: a :class:`BlockAllocator` to share with other managers;
-            or pass ``num_blocks`` for a private one.
-        num_blocks: size of a private allocator.
+        block_pool: a :class:`BlockPool` to share with other managers; or pass
+            ``num_blocks`` for a private one.
+        num_blocks: size of a private pool.
         enable_prefix_caching: reuse cached full blocks of earlier prompts.
     """
 
-    def __init__(self, block_size: int, allocator: BlockAllocator | None = None, *,
+    def __init__(self, block_size: int, block_pool: BlockPool | None = None, *,
                  num_blocks: int | None = None, enable_prefix_caching: bool = True) -> None:
-        if int(block_size) != block_size or block_size <= 0:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
-        if (allocator is None) == (num_blocks is None):
-            raise ConfigError("pass exactly one of allocator and num_blocks")
-        self.block_size = int(block_size)
-        self.allocator = allocator if allocator is not None else BlockAllocator(num_blocks)
-        self.allocator.register(self)
-        self.enable_prefix_caching = enable_prefix_caching
+        if (block_pool is None) == (num_blocks is None):
+            raise ConfigError("pass exactly one of block_pool and num_blocks")
+        self.block_size = block_size
+        self.block_pool = block_pool if block_pool is not None else BlockPool(num_blocks)  # type: ignore[arg-type]
+        self._owner = self.block_pool.new_owner()  # its holds, and its namespace of cache keys
+        self.prefix_cache = PrefixCache(self.block_pool, self._owner, block_size, enable_prefix_caching)
+        self.table = BlockTable()
         self._seqs: dict[Hashable, _Sequence] = {}
-        # Every sequence's blocks also live in one int32 array (a row each, -1 past its end),
-        # kept in step with the lists, so block_tables() is one fancy-index, not a loop.
-        self._table = np.full((8, 8), -1, dtype=np.int32)
-        self._free_rows = list(range(7, -1, -1))
         self._next_id = itertools.count()
-        self._cache: dict[tuple, _Entry] = {}  # key -> entry
-        self._cached_block: dict[int, _Entry] = {}  # block -> entry
-        self._generation = itertools.count(1)  # 0 names "no parent"
-        self.prefix_hits = 0  # full prompt blocks found in the cache
-        self.prefix_misses = 0  # full prompt blocks looked up and not found
 
     def __repr__(self) -> str:
-        return (f"BlockManager(block_size={self.block_size}, sequences={len(self._seqs)}, "
-                f"{self.allocator!r})")
+        return f"BlockManager(block_size={self.block_size}, sequences={len(self._seqs)}, {self.block_pool!r})"
 
     # -- sequences ---------------------------------------------------------------------------
 
     def add_sequence(self, seq_id: Hashable = None, *, prompt_token_ids: Sequence[int] | None = None,
-                     cache_salt: Hashable = None) -> Hashable:
+                     cache_salt: object = None) -> Hashable:
         """Start a sequence and return its id (a new int unless ``seq_id`` is given).
 
         With ``prompt_token_ids``, the longest run of the prompt's full blocks
@@ -128,44 +111,28 @@ class BlockManager:
         with that many tokens (see :meth:`num_cached_tokens`), and the rest of
         the prompt is appended as usual. The last prompt token is never taken
         from the cache, so that the model computes it (its logits are needed).
-        ``cache_salt`` keeps the cached prefixes of different tenants apart.
+        ``cache_salt`` (str, bytes, int, float or bool) keeps the cached
+        prefixes of different tenants apart.
         """
-        with self.allocator.lock:
+        ids = None if prompt_token_ids is None else prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
+        extras = prefix_key.salt_extras(cache_salt)
+        try:
+            hash(seq_id)
+        except TypeError:
+            raise ArgumentError(f"a sequence id must be hashable, got {type(seq_id).__name__}") from None
+        with self.block_pool.lock:
             if seq_id is None:
                 seq_id = next(self._next_id)
                 while seq_id in self._seqs:
                     seq_id = next(self._next_id)
             elif seq_id in self._seqs:
                 raise SequenceExistsError(f"sequence {seq_id!r} exists already")
-            ids = None if prompt_token_ids is None else [operator.index(t) for t in prompt_token_ids]
-            seq = _Sequence(self._take_row(), salt=cache_salt)
-            if ids is not None:
-                seq.token_ids = ids
-                if self.enable_prefix_caching:
-                    self._attach_cached_prefix(seq)
-                    self._write_row(seq, 0)
+            seq = _Sequence(self.table.add_row(), extras=extras, token_ids=ids or [])
+            blocks, seq.keys = self.prefix_cache.take_prefix(seq.token_ids, extras)
+            self.table.append_row(seq.row, blocks)
+            seq.num_tokens = seq.num_cached_tokens = len(blocks) * self.block_size
             self._seqs[seq_id] = seq
             return seq_id
-
-    def _attach_cached_prefix(self, seq: _Sequence) -> None:
-        # Lookup and revival happen under the allocator's lock, in one go: no
-        # allocation can evict a block between finding it and taking it.
-        bs, ids = self.block_size, seq.token_ids
-        parent = 0
-        for j in range((len(ids) - 1) // bs):  # full blocks before the last prompt token
-            entry = self._cache.get((parent, seq.salt, tuple(ids[j * bs:(j + 1) * bs])))
-            if entry is None:
-                self.prefix_misses += (len(ids) - 1) // bs - j
-                break
-            self.prefix_hits += 1
-            if self.allocator.is_parked(entry.block):
-                self.allocator.revive(entry.block)
-            else:
-                self.allocator.incref(entry.block)
-            seq.blocks.append(entry.block)
-            seq.generations.append(entry.generation)
-            parent = entry.generation
-        seq.num_tokens = seq.num_cached_tokens = len(seq.blocks) * bs
 
     def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
         """A new sequence sharing every block and token of ``seq_id``; returns its id.
@@ -173,30 +140,28 @@ class BlockManager:
         Nothing is copied now: the first append of either into their shared,
         partly filled last block reports the copy to make.
         """
-        with self.allocator.lock:
+        with self.block_pool.lock:
             parent = self._get(seq_id)
-            child_id = self.add_sequence(child_id, cache_salt=parent.salt)
+            child_id = self.add_sequence(child_id)
             child = self._seqs[child_id]
-            for block in parent.blocks:
-                self.allocator.incref(block)
-            child.blocks = list(parent.blocks)
-            self._write_row(child, 0)
-            child.num_tokens = parent.num_tokens
-            child.token_ids = list(parent.token_ids)
-            child.generations = list(parent.generations)
+            blocks = self.table.blocks(parent.row)
+            for block in blocks:
+                self.block_pool.incref(block, self._owner)
+            self.table.append_row(child.row, blocks)
+            child.num_tokens, child.extras = parent.num_tokens, parent.extras
+            child.token_ids, child.keys = list(parent.token_ids), list(parent.keys)
             return child_id
 
     def free(self, seq_id: Hashable) -> int:
         """End a sequence; returns how many blocks went back to the pool.
 
-        Blocks still shared with another sequence stay; cached blocks are
-        parked (still valid for the prefix cache) and count as returned.
+        Blocks still shared with another sequence stay; cached blocks wait idle
+        (still valid for the prefix cache) and count as returned.
         """
-        with self.allocator.lock:
+        with self.block_pool.lock:
             seq = self._get(seq_id)
-            returned = sum(self._release(block) == 0 for block in reversed(seq.blocks))
-            self._table[seq.row, :len(seq.blocks)] = -1
-            self._free_rows.append(seq.row)
+            returned = self._release(self.table.blocks(seq.row))
+            self.table.clear_row(seq.row)
             del self._seqs[seq_id]
             return returned
 
@@ -207,35 +172,30 @@ class BlockManager:
         the pool. A kept, now partly filled block that is shared or cached is
         copied on the next append, so no one else's tokens are overwritten.
         """
-        with self.allocator.lock:
+        with self.block_pool.lock:
             seq = self._get(seq_id)
-            new_len = operator.index(new_len)
-            if not 0 <= new_len <= seq.num_tokens:
-                raise PagedKVError(
-                    f"cannot truncate sequence {seq_id!r} of {seq.num_tokens} tokens to {new_len}"
-                )
-            keep = math.ceil(new_len / self.block_size)
-            returned = sum(self._release(block) == 0 for block in reversed(seq.blocks[keep:]))
-            self._table[seq.row, keep:len(seq.blocks)] = -1
-            del seq.blocks[keep:]
+            new_len = _count(new_len, "new_len")
+            if new_len > seq.num_tokens:
+                raise ArgumentError(f"cannot truncate sequence {seq_id!r} of {seq.num_tokens} tokens to {new_len}")
+            returned = self._release(self.table.truncate_row(seq.row, cdiv(new_len, self.block_size)))
             seq.num_tokens = new_len
             del seq.token_ids[new_len:]
-            del seq.generations[new_len // self.block_size:]
+            del seq.keys[new_len // self.block_size:]
             seq.num_cached_tokens = min(seq.num_cached_tokens, new_len)
             return returned
 
     def reset(self) -> None:
         """Free every sequence of this manager and forget its prefix cache."""
-        with self.allocator.lock:
+        with self.block_pool.lock:
             for seq_id in list(self._seqs):
                 self.free(seq_id)
-            for block in list(self._cached_block):
-                self._forget(block)
-                if self.allocator.is_parked(block):
-                    self.allocator.unpark(block)
-            self.prefix_hits = self.prefix_misses = 0
+            self.prefix_cache.reset()
 
-    # -- appending ---------------------------------------------------------------------------
+    def _release(self, blocks: list[int]) -> int:
+        """Drop this manager's hold on each block, last first; returns how many went back."""
+        return sum(self.block_pool.decref(b, self._owner) == 0 for b in reversed(blocks))
+
+    # -- appending: check, plan, allocate, apply -----------------------------------------------
 
     def append(self, seq_id: Hashable, n: int, token_ids: Sequence[int] | None = None) -> Appended:
         """Make room for ``n`` more tokens of one sequence; see :meth:`append_batch`."""
@@ -247,8 +207,9 @@ class BlockManager:
 
         Returns the slot mapping of all new tokens, sequence after sequence,
         and the block copies to apply first (copy-on-write). All or nothing:
-        if the pool cannot hold every sequence's tokens, OutOfBlocksError is
-        raised and no sequence changes.
+        every argument is checked and converted, and every block counted,
+        before anything changes; if the pool cannot hold every sequence's
+        tokens, OutOfBlocksError is raised and no sequence changes.
 
         ``token_ids[i]`` (optional) are the ids of sequence i's new tokens,
         which lets the blocks they fill enter the prefix cache; a prompt's
@@ -256,134 +217,79 @@ class BlockManager:
         when this call fills it, so its K/V must be written before any
         attention reads it (in the same step, as a decode loop does).
         """
-        with self.allocator.lock:
-            seqs, counts = self._check_batch(seq_ids, counts, token_ids)
+        with self.block_pool.lock:
+            seqs, counts, ids = self._check_batch(seq_ids, counts, token_ids)
             plan, fresh = self._plan(seqs, counts)
-            new_blocks = self.allocator.allocate(fresh)  # the only step that can fail
-            return self._apply(seqs, counts, token_ids, plan, new_blocks)
+            new_blocks = self.block_pool.allocate(fresh, self._owner)  # the only step that can fail
+            return self._apply(seqs, counts, ids, plan, new_blocks)
 
     def can_append(self, seq_ids: Sequence[Hashable], counts: Sequence[int] | np.ndarray) -> bool:
         """Whether :meth:`append_batch` with these arguments would find enough blocks now."""
-        with self.allocator.lock:
-            seqs, counts = self._check_batch(seq_ids, counts, None)
-            return self.allocator.can_allocate(self._plan(seqs, counts)[1])
+        with self.block_pool.lock:
+            seqs, counts, _ = self._check_batch(seq_ids, counts, None)
+            return self.block_pool.can_allocate(self._plan(seqs, counts)[1])
 
-    def _check_batch(self, seq_ids, counts, token_ids):
+    def _check_batch(self, seq_ids, counts, token_ids) -> tuple[list[_Sequence], list[int], list]:
         seqs = [self._get(s) for s in seq_ids]
         if len(set(map(id, seqs))) != len(seqs):
-            raise PagedKVError("a sequence appears twice in one append_batch")
-        counts = [operator.index(n) for n in counts]
+            raise ArgumentError("a sequence appears twice in one append_batch")
+        counts = [_count(n, "a token count") for n in counts]
         if len(counts) != len(seqs):
-            raise PagedKVError(f"{len(counts)} counts for {len(seqs)} sequences")
-        if any(n < 0 for n in counts):
-            raise PagedKVError(f"token counts must be >= 0, got {min(counts)}")
+            raise ArgumentError(f"{len(counts)} counts for {len(seqs)} sequences")
+        ids: list = [None] * len(seqs)
         if token_ids is not None:
             if len(token_ids) != len(seqs):
-                raise PagedKVError(f"{len(token_ids)} token-id lists for {len(seqs)} sequences")
-            for seq_id, seq, n, ids in zip(seq_ids, seqs, counts, token_ids):
-                if ids is None:
+                raise ArgumentError(f"{len(token_ids)} token-id lists for {len(seqs)} sequences")
+            for i, (seq_id, seq, n, given) in enumerate(zip(seq_ids, seqs, counts, token_ids, strict=True)):
+                if given is None:
                     continue
-                if len(ids) != n:
-                    raise PagedKVError(f"sequence {seq_id!r}: {len(ids)} token ids for {n} tokens")
+                ids[i] = prefix_key.token_ids(given, f"token ids of sequence {seq_id!r}")
+                if len(ids[i]) != n:
+                    raise ArgumentError(f"sequence {seq_id!r}: {len(ids[i])} token ids for {n} tokens")
                 known = seq.token_ids[seq.num_tokens:seq.num_tokens + n]
-                if list(ids[:len(known)]) != known:
-                    raise PagedKVError(f"sequence {seq_id!r}: token ids differ from its prompt")
-        return seqs, counts
+                if ids[i][:len(known)] != known:
+                    raise ArgumentError(f"sequence {seq_id!r}: token ids differ from its prompt")
+        return seqs, counts, ids
 
-    def _plan(self, seqs, counts) -> tuple[list[tuple[bool, int]], int]:
+    def _plan(self, seqs: list[_Sequence], counts: list[int]) -> tuple[list[tuple[bool, int]], int]:
         """Per sequence: (copy its last block first?, new blocks needed); and the total to allocate."""
         bs, plan, total = self.block_size, [], 0
-        shared = {}  # holders of a last block, as the earlier sequences of this batch leave it
-        for seq, n in zip(seqs, counts):
+        shared: dict[int, int] = {}  # holders of a last block, as the earlier sequences of this batch leave it
+        for seq, n in zip(seqs, counts, strict=True):
             cow = False
             if n and seq.num_tokens % bs:  # the last block is partly filled: we write into it
-                last = seq.blocks[-1]
-                holders = shared.get(last, self.allocator.ref_count(last))
-                if holders > 1 or last in self._cached_block:
+                last = self.table.last_block(seq.row)
+                holders = shared.get(last, self.block_pool.ref_count(last))
+                if holders > 1 or self.block_pool.is_cached(last):
                     cow = True
                     shared[last] = holders - 1
-            grow = math.ceil((seq.num_tokens + n) / bs) - len(seq.blocks)
+            grow = cdiv(seq.num_tokens + n, bs) - self.table.num_blocks(seq.row)
             plan.append((cow, grow))
             total += grow + cow
         return plan, total
 
-    def _apply(self, seqs, counts, token_ids, plan, new_blocks) -> Appended:
-        bs = self.block_size
+    def _apply(self, seqs, counts, ids, plan, new_blocks) -> Appended:
         fresh = iter(new_blocks)
-        src, dst = [], []
-        starts, rows = [], []
-        for i, (seq, n, (cow, grow)) in enumerate(zip(seqs, counts, plan)):
+        src, dst, starts = [], [], []
+        for seq, n, given, (cow, grow) in zip(seqs, counts, ids, plan, strict=True):
             if cow:
-                copy = next(fresh)
-                src.append(seq.blocks[-1])
+                last, copy = self.table.last_block(seq.row), next(fresh)
+                src.append(last)
                 dst.append(copy)
-                self._release(seq.blocks[-1])
-                seq.blocks[-1] = copy
-                self._table[seq.row, len(seq.blocks) - 1] = copy
+                self.table.set_block(seq.row, self.table.num_blocks(seq.row) - 1, copy)
+                self._release([last])
             if grow:
-                seq.blocks.extend(itertools.islice(fresh, grow))
-                self._write_row(seq, len(seq.blocks) - grow)
+                self.table.append_row(seq.row, list(itertools.islice(fresh, grow)))
             starts.append(seq.num_tokens)
-            rows.append(seq.blocks)
-            self._note_tokens(seq, n, None if token_ids is None else token_ids[i])
-        slots = _slots(rows, starts, counts, bs)
+            known = len(seq.token_ids)
+            if given is not None and seq.num_tokens <= known < seq.num_tokens + n:  # no gap before them
+                seq.token_ids.extend(given[known - seq.num_tokens:])
+            seq.num_tokens += n
+        slots = self.table.slot_mapping([s.row for s in seqs], starts, counts, self.block_size)
         for seq in seqs:
-            self._cache_full_blocks(seq)
+            self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row),
+                                                seq.num_tokens, seq.extras)
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
-
-    def _note_tokens(self, seq: _Sequence, n: int, ids) -> None:
-        known = len(seq.token_ids)
-        if ids is not None and seq.num_tokens <= known < seq.num_tokens + n:  # no gap before them
-            seq.token_ids.extend(operator.index(t) for t in ids[known - seq.num_tokens:])
-        seq.num_tokens += n
-
-    # -- the block-table array ---------------------------------------------------------------
-
-    def _take_row(self) -> int:
-        if not self._free_rows:
-            rows = self._table.shape[0]
-            self._table = np.concatenate([self._table, np.full_like(self._table, -1)])
-            self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
-        return self._free_rows.pop()
-
-    def _write_row(self, seq: _Sequence, start: int) -> None:
-        """Copy ``seq.blocks[start:]`` into its row, widening the array when needed."""
-        n = len(seq.blocks)
-        if n > self._table.shape[1]:
-            wider = np.full((self._table.shape[0], max(n, 2 * self._table.shape[1])), -1, dtype=np.int32)
-            wider[:, :self._table.shape[1]] = self._table
-            self._table = wider
-        self._table[seq.row, start:n] = seq.blocks[start:]
-
-    # -- prefix cache ------------------------------------------------------------------------
-
-    def _cache_full_blocks(self, seq: _Sequence) -> None:
-        """Enter the sequence's newly filled blocks whose token ids are known."""
-        if not self.enable_prefix_caching:
-            return
-        bs = self.block_size
-        full = min(seq.num_tokens, len(seq.token_ids)) // bs
-        for j in range(len(seq.generations), full):
-            parent = seq.generations[j - 1] if j else 0
-            key = (parent, seq.salt, tuple(seq.token_ids[j * bs:(j + 1) * bs]))
-            entry = self._cache.get(key)
-            block = seq.blocks[j]
-            if entry is None and block not in self._cached_block:
-                entry = _Entry(key, block, next(self._generation))
-                self._cache[key] = entry
-                self._cached_block[block] = entry
-            elif entry is None:  # this block is cached under another key: cannot chain further
-                return
-            seq.generations.append(entry.generation)
-
-    def _release(self, block: int) -> int:
-        """Drop this manager's hold on ``block``; a cached block is parked, not freed."""
-        on_evict = self._forget if block in self._cached_block else None
-        return self.allocator.decref(block, on_evict)
-
-    def _forget(self, block: int) -> None:
-        entry = self._cached_block.pop(block)
-        del self._cache[entry.key]
 
     # -- views for kernels -------------------------------------------------------------------
 
@@ -395,7 +301,7 @@ class BlockManager:
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The block ids of one sequence, in token order (a copy)."""
-        return list(self._get(seq_id).blocks)
+        return self.table.blocks(self._get(seq_id).row)
 
     def context_len(self, seq_id: Hashable) -> int:
         """Tokens the sequence holds."""
@@ -410,17 +316,12 @@ class BlockManager:
 
         ``max_blocks`` defaults to the longest table among ``seq_ids``.
         """
-        seqs = [self._get(s) for s in seq_ids]
-        longest = max((len(s.blocks) for s in seqs), default=0)
+        rows = [self._get(s).row for s in seq_ids]
+        longest = max((self.table.num_blocks(r) for r in rows), default=0)
         width = longest if max_blocks is None else max_blocks
         if longest > width:
-            raise PagedKVError(f"a sequence holds {longest} blocks, more than max_blocks={width}")
-        rows = np.fromiter((s.row for s in seqs), dtype=np.intp, count=len(seqs))
-        if width <= self._table.shape[1]:
-            return self._table[rows, :width]
-        out = np.full((len(seqs), width), -1, dtype=np.int32)
-        out[:, :self._table.shape[1]] = self._table[rows]
-        return out
+            raise ArgumentError(f"a sequence holds {longest} blocks, more than max_blocks={width}")
+        return self.table.rows(rows, width)
 
     def context_lens(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
         """int32 ``[B]`` token counts."""
@@ -433,12 +334,7 @@ class BlockManager:
         and its last page holds ``kv_last_page_len[b]`` tokens (0 for an empty sequence).
         """
         seqs = [self._get(s) for s in seq_ids]
-        indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
-        np.cumsum([len(s.blocks) for s in seqs], out=indptr[1:])
-        indices = np.array([b for s in seqs for b in s.blocks], dtype=np.int32)
-        last = np.array([(s.num_tokens - 1) % self.block_size + 1 if s.num_tokens else 0 for s in seqs],
-                        dtype=np.int32)
-        return indptr, indices, last
+        return self.table.to_flashinfer([s.row for s in seqs], [s.num_tokens for s in seqs], self.block_size)
 
     # -- numbers -----------------------------------------------------------------------------
 
@@ -447,95 +343,43 @@ class BlockManager:
         """Ids of the live sequences, oldest first."""
         return list(self._seqs)
 
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks an allocation could take now (free, or cached and evictable)."""
-        return self.allocator.num_free
-
-    @property
-    def num_used_blocks(self) -> int:
-        """Blocks held by some sequence (of any manager sharing the allocator)."""
-        return self.allocator.num_used
-
-    @property
-    def usage(self) -> float:
-        """Fraction of the pool's blocks in use."""
-        return self.allocator.num_used / self.allocator.num_blocks
-
     def stats(self) -> dict[str, float | int]:
-        """Counts for logs and dashboards."""
-        with self.allocator.lock:
-            return self._stats()
-
-    def _stats(self) -> dict[str, float | int]:
-        looked_up = self.prefix_hits + self.prefix_misses
-        return {
-            "sequences": len(self._seqs),
-            "tokens": sum(s.num_tokens for s in self._seqs.values()),
-            "blocks_total": self.allocator.num_blocks,
-            "blocks_used": self.allocator.num_used,
-            "blocks_free": self.allocator.num_free,
-            "blocks_cached": len(self._cached_block),
-            "blocks_cached_idle": sum(map(self.allocator.is_parked, self._cached_block)),
-            "usage": self.usage,
-            "prefix_hits": self.prefix_hits,
-            "prefix_misses": self.prefix_misses,
-            "prefix_hit_rate": self.prefix_hits / looked_up if looked_up else 0.0,
-        }
+        """Counts for logs and dashboards (the block counts are the whole pool's)."""
+        with self.block_pool.lock:
+            return {
+                "sequences": len(self._seqs),
+                "tokens": sum(s.num_tokens for s in self._seqs.values()),
+                "blocks_total": self.block_pool.num_blocks,
+                "blocks_used": self.block_pool.num_used,
+                "blocks_free": self.block_pool.num_free,
+                "blocks_cached": self.block_pool.num_cached,
+                "blocks_cached_idle": self.block_pool.num_idle,
+                "usage": self.block_pool.num_used / self.block_pool.num_blocks,
+                "prefix_hits": self.prefix_cache.hits,
+                "prefix_misses": self.prefix_cache.misses,
+                "prefix_hit_rate": self.prefix_cache.hit_rate,
+            }
 
     # -- invariants --------------------------------------------------------------------------
-
-    def _held_blocks(self) -> Iterable[int]:
-        for seq in self._seqs.values():
-            yield from seq.blocks
 
     def check(self) -> None:
         """Verify every invariant; raise :class:`~pagedkv.InvariantError` at the first broken one.
 
-        Checked: the allocator's (each block exactly one of free, parked or
-        held, counts equal the table entries naming it over every manager
-        sharing it); each sequence holds exactly the blocks its tokens need;
-        every cache entry is consistent and its block held or parked; a
-        parked block is in some manager's cache.
+        Checked: the pool's own (see :meth:`BlockPool.check`); each sequence
+        holds exactly the blocks its tokens need, in its table row; it chains
+        no more cached blocks than it has full; and the references this
+        manager holds in the pool are exactly its table entries.
         """
-        with self.allocator.lock:
-            self.allocator.check()
-            bs = self.block_size
+        with self.block_pool.lock:
+            self.block_pool.check()
+            held: Counter[int] = Counter()
             for seq_id, seq in self._seqs.items():
-                if len(seq.blocks) != math.ceil(seq.num_tokens / bs):
-                    raise InvariantError(
-                        f"sequence {seq_id!r} has {seq.num_tokens} tokens in {len(seq.blocks)} blocks"
-                    )
-                if len(seq.generations) > seq.num_tokens // bs:
+                blocks = cdiv(seq.num_tokens, self.block_size)
+                if not self.table.check_row(seq.row, blocks):
+                    raise InvariantError(f"sequence {seq_id!r} has {seq.num_tokens} tokens but its table row "
+                                         f"is {self.table.blocks(seq.row)}")
+                if len(seq.keys) > seq.num_tokens // self.block_size:
                     raise InvariantError(f"sequence {seq_id!r} chains more cached blocks than it has full")
-                row = self._table[seq.row]
-                if row[:len(seq.blocks)].tolist() != seq.blocks or (row[len(seq.blocks):] != -1).any():
-                    raise InvariantError(f"sequence {seq_id!r}: block-table array row differs from its blocks")
-            for key, entry in self._cache.items():
-                if entry.key != key or self._cached_block.get(entry.block) is not entry:
-                    raise InvariantError(f"prefix-cache entry of block {entry.block} is inconsistent")
-                if self.allocator.ref_count(entry.block) == 0 and not self.allocator.is_parked(entry.block):
-                    raise InvariantError(f"cached block {entry.block} is on the free stack")
-            if len(self._cached_block) != len(self._cache):
-                raise InvariantError("prefix-cache maps disagree in size")
-            for block in self.allocator._parked:
-                if not any(block in m._cached_block for m in self.allocator._managers):
-                    raise InvariantError(f"parked block {block} is in no prefix cache")
-
-
-def _slots(rows: list[list[int]], starts: list[int], counts: list[int], block_size: int) -> np.ndarray:
-    """Slots of ``counts[i]`` tokens from position ``starts[i]`` of each block table ``rows[i]``, vectorised."""
-    total = sum(counts)
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    if all(n == 1 for n in counts):  # a decode step: one token each, no array work needed
-        return np.array([row[p // block_size] * block_size + p % block_size for row, p in zip(rows, starts)],
-                        dtype=np.int64)
-    which = np.repeat(np.arange(len(counts)), counts)
-    first = np.cumsum(counts) - counts
-    positions = np.asarray(starts, dtype=np.int64)[which] + np.arange(total) - first[which]
-    width = max(map(len, rows))
-    table = np.full((len(rows), width), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        table[i, :len(row)] = row
-    return table[which, positions // block_size] * block_size + positions % block_size
+                held.update(self.table.blocks(seq.row))
+            if held != self.block_pool.holds(self._owner):
+                raise InvariantError("this manager's references in the pool differ from its block-table entries")

@@ -9,8 +9,8 @@ plain contiguous cache (:class:`DenseCache`), and their outputs can be compared.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -127,7 +127,7 @@ class DenseCache:
             empty = np.zeros((0, c.num_kv_heads, c.head_dim), np.float32)
             self.k.setdefault(s, [empty] * c.num_layers)
             self.v.setdefault(s, [empty] * c.num_layers)
-        positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts)])
+        positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts, strict=True)])
         bounds = np.cumsum([0] + counts)
 
         def attend(layer, q, k, v):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .config import CacheConfig
-from .errors import ConfigError
-from .layout import K, V, Strides
-
-DEVICES = ("cpu", "cuda")
+from .device import DEVICES, Array, zeros
+from .errors import ConfigError, PoolMismatchError
+from .layout import K, Strides, V
 
 
 def human_bytes(n: float) -> str:
@@ -44,12 +43,7 @@ class KVPool:
         self.config = config
         self.strides: Strides = config.strides
         self.device = device
-        if device == "cpu":
-            self.data = np.zeros(self.strides.size, dtype=config.dtype)
-        else:
-            from .backends import get_backend  # a clear error without numba-cuda or a GPU
-
-            self.data = get_backend("cuda").device_zeros(self.strides.size, config.dtype)
+        self.data: Array = zeros(self.strides.size, config.dtype, device)
 
     def __repr__(self) -> str:
         c = self.config
@@ -63,7 +57,7 @@ class KVPool:
         """Whether ``other`` has exactly this pool's shape and layout."""
         return self.strides == other.strides
 
-    def _half(self, layer: int, kv: int):
+    def _half(self, layer: int, kv: int) -> Array:
         layer = self.config.check_layer(layer)
         s, c = self.strides, self.config
         start = layer * s.layer_stride + kv * s.kv_stride
@@ -72,7 +66,7 @@ class KVPool:
             return flat.reshape(c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
         return flat.reshape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_dim)
 
-    def k(self, layer: int):
+    def k(self, layer: int) -> Array:
         """Keys of ``layer`` as a 4-D view (no copy).
 
         Shape ``[num_blocks, block_size, H, D]`` in layout NHD,
@@ -80,12 +74,23 @@ class KVPool:
         """
         return self._half(layer, K)
 
-    def v(self, layer: int):
+    def v(self, layer: int) -> Array:
         """Values of ``layer`` as a 4-D view (no copy); shaped like :meth:`k`."""
         return self._half(layer, V)
 
+    @property
+    def host(self) -> np.ndarray:
+        """The flat data of a CPU pool, as the numpy array it is (no copy).
+
+        Raises:
+            PoolMismatchError: the pool is on a GPU (:meth:`to_host` copies it over).
+        """
+        if not isinstance(self.data, np.ndarray):
+            raise PoolMismatchError(f"this pool is on {self.device!r}; to_host() copies it to the host")
+        return self.data
+
     def to_host(self) -> np.ndarray:
         """The flat data as a numpy array (a copy when the pool is on a GPU)."""
-        if self.device == "cpu":
+        if isinstance(self.data, np.ndarray):
             return self.data
         return self.data.copy_to_host()

@@ -17,33 +17,24 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import (
-    ArgumentError, BlockCopyError, BlockIndexError, ContextLengthError, ContiguityError, DTypeError,
-    DuplicateSlotError, PoolMismatchError, ShapeError, SlotIndexError,
-)
 from . import _scan
+from .device import host_array
+from .errors import (
+    ArgumentError,
+    BlockCopyError,
+    BlockIndexError,
+    ContextLengthError,
+    ContiguityError,
+    DTypeError,
+    DuplicateSlotError,
+    PoolMismatchError,
+    ShapeError,
+    SlotIndexError,
+)
 from .pool import KVPool
 
 INT64 = np.dtype(np.int64)
 INT32 = np.dtype(np.int32)
-
-
-def host_array(a, name: str) -> np.ndarray:
-    """``a`` as a numpy array: numpy as is, a GPU array copied to the host.
-
-    Accepts numpy arrays, numba device arrays, CuPy arrays and any object
-    with ``__cuda_array_interface__`` (torch CUDA tensors).
-    """
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
-    if hasattr(a, "__cuda_array_interface__"):  # CuPy, torch CUDA tensors
-        from numba import cuda
-
-        if hasattr(cuda, "as_cuda_array"):  # absent under the CUDA simulator
-            return cuda.as_cuda_array(a).copy_to_host()
-    raise DTypeError(f"{name} must be an array, got {type(a).__name__}")
 
 
 def _is_c_contiguous(a) -> bool:
@@ -56,7 +47,7 @@ def _is_c_contiguous(a) -> bool:
     return bool(a.is_c_contiguous())
 
 
-def pool(p, device: str | None = None) -> KVPool:
+def pool(p: object, device: str | None = None) -> KVPool:
     """Check that ``p`` is a :class:`KVPool` (on ``device`` when given)."""
     if not isinstance(p, KVPool):
         raise PoolMismatchError(f"expected a KVPool, got {type(p).__name__}")
@@ -65,7 +56,7 @@ def pool(p, device: str | None = None) -> KVPool:
     return p
 
 
-def layer(p: KVPool, layer) -> int:
+def layer(p: KVPool, layer: object) -> int:
     """The layer number as an int, checked against ``0 <= layer < num_layers``."""
     return p.config.check_layer(layer)
 
@@ -183,13 +174,13 @@ def block_copies(src_pool: KVPool, dst_pool: KVPool, src, dst) -> tuple[np.ndarr
 
 # One combined check per routine, so every backend validates identically.
 
-def write_args(p, layer_, key, value, slots, device: str) -> tuple[int, np.ndarray]:
-    """Everything :func:`write` needs checked; returns ``(layer, host slot_mapping)``."""
-    pool(p, device)
-    layer_ = layer(p, layer_)
+def step_tokens(p: KVPool, key, value, num_slots: int) -> None:
+    """Check a write's ``key`` and ``value`` (``[T, H, D]`` each, see :func:`tokens`) against
+    a slot mapping of ``num_slots`` entries."""
     t = tokens(p, "key", key)
     tokens(p, "value", value, t)
-    return layer_, slot_mapping(p, slots, t, unique=True)
+    if t != num_slots:
+        raise ShapeError(f"slot_mapping has {num_slots} entries for {t} tokens")
 
 
 def outputs(p: KVPool, out, num_tokens: int) -> None:
@@ -229,32 +220,13 @@ def copy_args(src_pool, dst_pool, src, dst, src_device: str, dst_device: str):
     return block_copies(src_pool, dst_pool, src, dst)
 
 
-class AttentionArgs(NamedTuple):
-    """Checked arguments of ``paged_attention``, ready for a kernel."""
-
-    layer: int
-    tables: np.ndarray  # int32 [B, max_blocks]
-    lens: np.ndarray  # int32 [B]
-    row_seq: np.ndarray  # int32 [N]: the sequence of each query row
-    row_pos: np.ndarray  # int64 [N]: the position of each query row; -1 if it has no context
-    scale: float
-    window: int  # 0: no sliding window
-    soft_cap: float  # 0: no soft cap
-
-
-def attention_args(p: KVPool, layer_, q, tables, lens, scale, sliding_window, soft_cap, query_lens,
-                   device: str) -> AttentionArgs:
-    """Check everything ``paged_attention`` takes and place each query row in its sequence.
-
-    Decode (``query_lens`` None): row b is the last position of sequence b
-    (it has ``context_lens[b] - 1`` before it). With ``query_lens``, the rows
-    of sequence b are its last ``query_lens[b]`` positions, in order.
-    """
-    pool(p, device)
-    layer_ = layer(p, layer_)
+def queries(p: KVPool, q, num_rows: int, decode: bool) -> None:
+    """Check attention queries: float32 C-contiguous ``[num_rows, Hq, D]`` with ``Hq`` a
+    multiple of the cache's ``H`` (grouped-query attention); ``num_rows`` is one a
+    sequence when ``decode``, else the sum of the query lengths."""
     c = p.config
     dtype = getattr(q, "dtype", None)
-    if dtype is None or np.dtype(dtype) != c.dtype:
+    if dtype is None or not hasattr(q, "shape") or np.dtype(dtype) != c.dtype:
         raise DTypeError(f"q must be an array of {c.dtype}, got {dtype if dtype is not None else type(q).__name__}")
     shape = tuple(q.shape)
     if len(shape) != 3 or shape[2] != c.head_dim:
@@ -263,37 +235,44 @@ def attention_args(p: KVPool, layer_, q, tables, lens, scale, sliding_window, so
         raise ShapeError(
             f"q has {shape[1]} heads; grouped-query attention needs a multiple of the cache's {c.num_kv_heads}"
         )
+    if shape[0] != num_rows and decode:
+        raise ShapeError(f"decode attention needs one query per sequence: q has {shape[0]} rows "
+                         f"for {num_rows} sequences")
+    if shape[0] != num_rows:
+        raise ShapeError(f"q has {shape[0]} rows but query_lens add up to {num_rows}")
     if not _is_c_contiguous(q):
         raise ContiguityError("q must be C-contiguous (np.ascontiguousarray makes it so)")
-    tables, lens = block_tables(p, tables, lens)
-    if query_lens is None:
-        if shape[0] != lens.shape[0]:
-            raise ShapeError(f"decode attention needs one query per sequence: q has {shape[0]} rows "
-                             f"for {lens.shape[0]} sequences")
-        row_seq = np.arange(lens.shape[0], dtype=np.int32)
-        row_pos = lens.astype(np.int64) - 1
-    else:
-        query_lens = index_array(query_lens, "query_lens", INT32, 1)
-        if query_lens.shape != lens.shape:
-            raise ShapeError(f"query_lens has {query_lens.shape[0]} entries for {lens.shape[0]} sequences")
-        bad = np.flatnonzero((query_lens < 0) | (query_lens > lens))
-        if bad.size:
-            b = int(bad[0])
-            raise ContextLengthError(
-                f"query_lens[{b}] = {query_lens[b]} must lie in 0..context_lens[{b}] = {lens[b]}"
-            )
-        total = int(query_lens.sum(dtype=np.int64))
-        if shape[0] != total:
-            raise ShapeError(f"q has {shape[0]} rows but query_lens add up to {total}")
-        row_seq = np.repeat(np.arange(lens.shape[0], dtype=np.int32), query_lens)
-        first = np.cumsum(query_lens, dtype=np.int64) - query_lens  # first row of each sequence
-        row_pos = (lens - query_lens).astype(np.int64)[row_seq] + np.arange(total) - first[row_seq]
-    scale = 1.0 / float(np.sqrt(c.head_dim)) if scale is None else _finite(scale, "scale")
+
+
+def query_lens(lens: np.ndarray, qlens) -> np.ndarray:
+    """Check int32 ``query_lens [B]``: each in ``0..context_lens[b]``."""
+    qlens = index_array(qlens, "query_lens", INT32, 1)
+    if qlens.shape != lens.shape:
+        raise ShapeError(f"query_lens has {qlens.shape[0]} entries for {lens.shape[0]} sequences")
+    bad = np.flatnonzero((qlens < 0) | (qlens > lens))
+    if bad.size:
+        b = int(bad[0])
+        raise ContextLengthError(f"query_lens[{b}] = {qlens[b]} must lie in 0..context_lens[{b}] = {lens[b]}")
+    return qlens
+
+
+class AttentionOptions(NamedTuple):
+    """Checked scalar options of ``paged_attention``."""
+
+    scale: float
+    window: int  # 0: no sliding window
+    soft_cap: float  # 0: no soft cap
+
+
+def attention_options(p: KVPool, scale, sliding_window, soft_cap) -> AttentionOptions:
+    """Check the scalar options of ``paged_attention``; ``scale`` defaults to ``1 / sqrt(D)``."""
+    scale = 1.0 / float(np.sqrt(p.config.head_dim)) if scale is None else _finite(scale, "scale")
     if scale == 0:
         raise ArgumentError("scale must not be 0")
     window = 0
     if sliding_window is not None:
-        if not isinstance(sliding_window, (int, np.integer)) or sliding_window < 1:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, (int, np.integer)) \
+                or sliding_window < 1:
             raise ArgumentError(f"sliding_window must be a positive integer, got {sliding_window!r}")
         window = int(sliding_window)
     cap = 0.0
@@ -301,7 +280,7 @@ def attention_args(p: KVPool, layer_, q, tables, lens, scale, sliding_window, so
         cap = _finite(soft_cap, "soft_cap")
         if cap <= 0:
             raise ArgumentError(f"soft_cap must be positive, got {soft_cap!r}")
-    return AttentionArgs(layer_, tables, lens, row_seq, row_pos, scale, window, cap)
+    return AttentionOptions(scale, window, cap)
 
 
 def _finite(x, name: str) -> float:

@@ -39,29 +39,34 @@ BACKENDS = list(pagedkv.BACKENDS)
 _AVAILABLE = pagedkv.available_backends()
 
 
-def _backend(request):
+def _backend(request, monkeypatch):
     reason = _AVAILABLE[request.param]
     if reason is not None:
         pytest.skip(reason)
     backend = pagedkv.get_backend(request.param)
     if request.param == "cuda":
         request.applymarker(pytest.mark.cuda)
-        if SIMULATED:  # tiny CUDA blocks, so that tiny cases still span several of them
-            backend.THREADS_PER_BLOCK = 32
-            backend.ATTENTION_THREADS = 4
+        if SIMULATED:
+            shrink_cuda_launches(backend, monkeypatch)
     return backend
 
 
+def shrink_cuda_launches(backend, monkeypatch) -> None:
+    """Tiny CUDA blocks (restored after the test), so that tiny cases still span several of them."""
+    monkeypatch.setattr(backend, "THREADS_PER_BLOCK", 32)
+    monkeypatch.setattr(backend, "ATTENTION_THREADS", 4)
+
+
 @pytest.fixture(params=BACKENDS)
-def backend(request):
+def backend(request, monkeypatch):
     """Every backend in turn; one that cannot run here is skipped with its reason."""
-    return _backend(request)
+    return _backend(request, monkeypatch)
 
 
 @pytest.fixture(params=[b for b in BACKENDS if b != "numpy"])
-def fast_backend(request):
+def fast_backend(request, monkeypatch):
     """Every backend but the reference, to be compared with it."""
-    return _backend(request)
+    return _backend(request, monkeypatch)
 
 
 def on_device(host_pool: KVPool, backend) -> KVPool:
@@ -87,4 +92,4 @@ def host(x) -> np.ndarray:
     """Any array or pool as a numpy array (copied from the GPU when needed)."""
     if isinstance(x, KVPool):
         return x.to_host().copy()
-    return pagedkv.validate.host_array(x, "result").copy()
+    return pagedkv.device.host_array(x, "result").copy()

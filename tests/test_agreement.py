@@ -5,7 +5,8 @@ wrong element, or one too many, shows up as a difference somewhere in the pool.
 """
 
 import numpy as np
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pagedkv
 from pagedkv.testing import strategies as pst
@@ -48,7 +49,7 @@ def test_read(fast_backend, config, data, seed):
     got = fast_backend.read(actual_pool, layer, slots, out=out)
     if out is not None:
         assert got[0] is out[0] and got[1] is out[1]
-    for want, g in zip(ref.read(expected_pool, layer, slots), got):
+    for want, g in zip(ref.read(expected_pool, layer, slots), got, strict=True):
         np.testing.assert_array_equal(host(g), want)
     np.testing.assert_array_equal(host(actual_pool), expected_pool.data)
 
@@ -62,7 +63,7 @@ def test_gather(fast_backend, config, data, seed):
     want = ref.gather(expected_pool, layer, tables, lens)
     got = fast_backend.gather(actual_pool, layer, tables, lens,
                               out=_maybe_out(fast_backend, config, int(lens.sum()), data))
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         assert host(g).dtype == w.dtype
         np.testing.assert_array_equal(host(g), w)
 

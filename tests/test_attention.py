@@ -7,7 +7,8 @@ not tuned to pass, and far below what any indexing bug produces.
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pagedkv as pk
 from pagedkv import CacheConfig, KVPool

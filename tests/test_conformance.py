@@ -6,7 +6,12 @@ import pytest
 
 import pagedkv
 from pagedkv.testing import (
-    KernelMismatch, check_copy_blocks, check_gather, check_paged_attention, check_read, check_swap_blocks,
+    KernelMismatch,
+    check_copy_blocks,
+    check_gather,
+    check_paged_attention,
+    check_read,
+    check_swap_blocks,
     check_write,
 )
 
@@ -111,7 +116,7 @@ def flashinfer_gather(key_cache, value_cache, indptr, indices, last):
 
 
 def vllm_copy_blocks(key_caches, value_caches, mapping):
-    for kc, vc in zip(key_caches, value_caches):
+    for kc, vc in zip(key_caches, value_caches, strict=True):
         kc[mapping[:, 1]] = kc[mapping[:, 0]]
         vc[mapping[:, 1]] = vc[mapping[:, 0]]
 
@@ -221,6 +226,7 @@ def test_unknown_convention():
 def test_workloads_yield_consistent_pools():
     """The workload strategy's pools, read through the numba backend, match the reference."""
     from hypothesis import given, settings
+
     from pagedkv.testing import strategies as pst
 
     numba = pagedkv.get_backend("numba")
@@ -230,7 +236,7 @@ def test_workloads_yield_consistent_pools():
     @given(pst.configs(max_blocks=8).flatmap(pst.workloads))
     def run(work):
         pool, tables, lens = work
-        for want, got in zip(ref.gather(pool, 0, tables, lens), numba.gather(pool, 0, tables, lens)):
+        for want, got in zip(ref.gather(pool, 0, tables, lens), numba.gather(pool, 0, tables, lens), strict=True):
             np.testing.assert_array_equal(got, want)
 
     run()

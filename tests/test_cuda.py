@@ -10,25 +10,27 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pagedkv
 from pagedkv import KVPool
 from pagedkv.testing import strategies as pst
 
-from .conftest import host, on_device
+from .conftest import SIMULATED, host, on_device, shrink_cuda_launches
 
 pytestmark = pytest.mark.cuda
 ref = pagedkv.get_backend("numpy")
 
 
 @pytest.fixture
-def gpu():
+def gpu(monkeypatch):
     reason = pagedkv.available_backends()["cuda"]
     if reason is not None:
         pytest.skip(reason)
     backend = pagedkv.get_backend("cuda")
-    backend.THREADS_PER_BLOCK = 32
+    if SIMULATED:
+        shrink_cuda_launches(backend, monkeypatch)
     return backend
 
 
@@ -99,7 +101,7 @@ def test_without_a_gpu_the_backend_says_what_is_missing():
 
 def test_gpu_benchmark_workloads_run(gpu):
     """The GPU benchmarks' code paths, at a size the simulator can run (no timing)."""
-    from pagedkv import bench
+    from benchmarks import harness as bench
 
     for layout in ("NHD", "HND"):
         w = bench.on_gpu(bench.make_workload("prefill", layout, tokens=32, heads=2, head_dim=4, num_blocks=8))
@@ -110,7 +112,7 @@ def test_gpu_benchmark_workloads_run(gpu):
 
 
 def test_gpu_attention_benchmark_runs(gpu):
-    from pagedkv import bench
+    from benchmarks import harness as bench
     from pagedkv.testing.tolerance import assert_attention_close
 
     cpu = bench.make_attention_workload(batch=2, context=5, q_heads=4, heads=2, head_dim=4)

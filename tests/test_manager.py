@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 import pagedkv as pk
-from pagedkv import BlockAllocator, BlockManager, OutOfBlocksError, UnknownSequenceError
+from pagedkv import BlockManager, BlockPool, OutOfBlocksError, UnknownSequenceError
 
 
 def state(m):
     """Everything observable about a manager, to prove a failed call changed nothing."""
     return (
         {s: (m.block_table(s), m.context_len(s)) for s in m.seq_ids},
-        m.stats(), m.allocator.num_free, m.allocator.num_parked,
+        m.stats(), m.block_pool.num_free, m.block_pool.num_idle,
     )
 
 
@@ -22,11 +22,11 @@ def test_cortex_block_manager_scenario():
     assert seq == 0
     assert m.append(seq, 5).slots.tolist() == [0, 1, 2, 3, 4]
     assert len(m.append(seq, 20).slots) == 20
-    assert m.num_used_blocks == 2  # ceil(25 / 16)
+    assert m.block_pool.num_used == 2  # ceil(25 / 16)
     assert m.context_len(seq) == 25
     assert m.block_tables([seq], max_blocks=4).tolist() == [[0, 1, -1, -1]]
     m.free(seq)
-    assert m.num_free_blocks == 10
+    assert m.block_pool.num_free == 10
 
 
 def test_failed_append_takes_nothing():
@@ -74,12 +74,12 @@ def test_fork_shares_blocks_and_copies_on_first_append():
     child = m.fork(parent)
     assert m.block_table(child) == m.block_table(parent)
     full, half = m.block_table(parent)
-    assert m.allocator.ref_count(full) == m.allocator.ref_count(half) == 2
+    assert m.block_pool.ref_count(full) == m.block_pool.ref_count(half) == 2
     r = m.append(child, 1)
     new = m.block_table(child)[1]
     assert r.copy_src.tolist() == [half] and r.copy_dst.tolist() == [new]
     assert r.slots.tolist() == [new * 4 + 2]
-    assert m.allocator.ref_count(half) == 1 and m.allocator.ref_count(full) == 2
+    assert m.block_pool.ref_count(half) == 1 and m.block_pool.ref_count(full) == 2
     r = m.append(parent, 1)  # the parent is now the block's only holder: no copy
     assert r.copy_src.size == 0 and r.slots.tolist() == [half * 4 + 2]
     m.check()
@@ -150,13 +150,13 @@ def test_freed_cached_blocks_wait_and_are_evicted_only_when_needed():
     a = m.add_sequence(prompt_token_ids=list(range(9)))
     m.append(a, 9)  # 3 blocks, 2 of them full and cached
     assert m.free(a) == 3
-    assert m.num_free_blocks == 4 and m.allocator.num_parked == 2
+    assert m.block_pool.num_free == 4 and m.block_pool.num_idle == 2
     b = m.add_sequence(prompt_token_ids=list(range(9)))
     assert m.num_cached_tokens(b) == 8  # revived
     m.free(b)
     c = m.add_sequence()
     m.append(c, 16)  # needs all 4 blocks: the cached ones are evicted
-    assert m.allocator.num_parked == 0 and m.stats()["blocks_cached"] == 0
+    assert m.block_pool.num_idle == 0 and m.stats()["blocks_cached"] == 0
     d = m.add_sequence(prompt_token_ids=list(range(9)))
     assert m.num_cached_tokens(d) == 0
     m.check()
@@ -189,7 +189,7 @@ def test_evicting_a_parent_orphans_its_children():
     s2 = m.add_sequence()
     m.append(s2, 2, token_ids=[1, 2])  # block 1, same tokens: not cached again
     m.append(s2, 2, token_ids=[3, 4])  # block 2 = [3, 4], cached as the child of [1, 2]
-    m.free(s1)  # block 0 parked
+    m.free(s1)  # block 0 idle
     s4 = m.add_sequence()
     m.append(s4, 2, token_ids=[9, 9])  # evicts block 0 and caches [9, 9] in it
     assert m.block_table(s4) == [0]
@@ -249,13 +249,13 @@ def test_constructor_errors():
     with pytest.raises(pk.ConfigError):
         BlockManager(4)
     with pytest.raises(pk.ConfigError):
-        BlockManager(4, BlockAllocator(4), num_blocks=4)
+        BlockManager(4, BlockPool(4), num_blocks=4)
     with pytest.raises(pk.ConfigError):
         BlockManager(0, num_blocks=4)
 
 
 def test_reset_and_shared_allocator():
-    shared = BlockAllocator(8)
+    shared = BlockPool(8)
     m1, m2 = BlockManager(4, shared), BlockManager(4, shared)
     s1 = m1.add_sequence(prompt_token_ids=list(range(9)))
     m1.append(s1, 9)
@@ -263,7 +263,7 @@ def test_reset_and_shared_allocator():
     m2.append(s2, 8)
     assert shared.num_used == 5
     m1.reset()
-    assert shared.num_used == 2 and shared.num_parked == 0
+    assert shared.num_used == 2 and shared.num_idle == 0
     assert m2.block_table(s2)  # the other manager's sequences are untouched
     m1.check()
     m2.check()
@@ -273,8 +273,10 @@ def test_check_catches_a_corrupted_count():
     m = BlockManager(4, num_blocks=4)
     s = m.add_sequence()
     m.append(s, 5)
-    m.allocator._refs[m.block_table(s)[0]] += 1  # corrupt on purpose
-    with pytest.raises(pk.InvariantError, match="block-table entries"):
+    first, second = m.block_table(s)
+    m.table.set_block(0, 0, second)  # corrupt the table on purpose: row 0 is s's
+    m.block_pool.check()  # the pool itself is still consistent
+    with pytest.raises(pk.InvariantError, match="differ from its block-table entries"):
         m.check()
 
 

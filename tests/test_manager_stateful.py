@@ -11,7 +11,8 @@ import itertools
 import zlib
 
 import numpy as np
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import pagedkv
@@ -43,7 +44,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def snapshot(self):
         m = self.m
         return ({s: (m.block_table(s), m.context_len(s)) for s in m.seq_ids}, m.stats(),
-                m.allocator.num_parked, self.pool.data.copy())
+                m.block_pool.num_idle, self.pool.data.copy())
 
     def unchanged_since(self, before):
         after = self.snapshot()
@@ -70,14 +71,14 @@ class ManagerMachine(RuleBasedStateMachine):
         if r.copy_src.size:
             ref.copy_blocks(self.pool, r.copy_src, r.copy_dst)
         starts = []
-        for seq, n, ids in zip(seqs, counts, ids_lists):
+        for seq, n, ids in zip(seqs, counts, ids_lists, strict=True):
             sh = self.shadow[seq]
             starts.append(len(sh["ids"]))
             sh["ids"].extend(ids)
             del sh["pending"][:n]
         for layer in range(LAYERS):
             rows = [token_kv(self.shadow[s]["salt"], self.shadow[s]["ids"][:p + 1], layer)
-                    for s, n, start in zip(seqs, counts, starts) for p in range(start, start + n)]
+                    for s, n, start in zip(seqs, counts, starts, strict=True) for p in range(start, start + n)]
             if rows:
                 kv = np.stack(rows)
                 ref.write(self.pool, layer, np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1]),
@@ -108,7 +109,7 @@ class ManagerMachine(RuleBasedStateMachine):
         """A batched step: several sequences, some with no new token."""
         seqs = data.draw(st.lists(st.sampled_from(sorted(self.shadow)), min_size=1, unique=True))
         counts = [data.draw(st.integers(0, 3)) for _ in seqs]
-        grown = [self.grow(s, n, known) for s, n in zip(seqs, counts)]
+        grown = [self.grow(s, n, known) for s, n in zip(seqs, counts, strict=True)]
         told = [t for _, t in grown] if known else None
         self.append_batch(seqs, counts, [ids for ids, _ in grown], told)
 
@@ -156,7 +157,8 @@ class ManagerMachine(RuleBasedStateMachine):
                     np.testing.assert_array_equal(v, want[:, 1])
 
 
+# The machine follows the hypothesis profile: 4x its examples (ci: 240, thorough: 4000), never below 200.
 ManagerMachine.TestCase.settings = settings(
-    settings(), max_examples=max(200, settings().max_examples), stateful_step_count=25,
+    settings(), max_examples=max(200, 4 * settings().max_examples), stateful_step_count=25,
 )
 TestManagerMachine = ManagerMachine.TestCase

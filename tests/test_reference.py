@@ -6,7 +6,8 @@ offset functions that the reference uses.
 """
 
 import numpy as np
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pagedkv
 from pagedkv import CacheConfig, KVPool
@@ -122,7 +123,7 @@ def test_copy_blocks_moves_exactly_the_named_blocks(config, data, seed):
     before = _wrap(config, pool.data.copy())
     src, dst = data.draw(pst.block_copies(config))
     ref.copy_blocks(pool, src, dst)
-    moved = dict(zip(dst.tolist(), src.tolist()))
+    moved = dict(zip(dst.tolist(), src.tolist(), strict=True))
     for layer in range(config.num_layers):
         for kv in (0, 1):
             for block in range(config.num_blocks):
@@ -138,7 +139,7 @@ def test_swap_blocks_moves_exactly_the_named_blocks(config, data, seed):
     src, dst = data.draw(pst.block_copies(config, same_pool=False))
     ref.swap_blocks(src_pool, dst_pool, src, dst)
     np.testing.assert_array_equal(src_pool.data, src_before)  # the source pool is only read
-    moved = dict(zip(dst.tolist(), src.tolist()))
+    moved = dict(zip(dst.tolist(), src.tolist(), strict=True))
     for layer in range(config.num_layers):
         for kv in (0, 1):
             for block in range(config.num_blocks):

@@ -1,9 +1,8 @@
 """Backends: the same routines, with the same signatures, on different machinery.
 
 Each backend is a module with ``NAME``, ``DEVICE`` (``"cpu"`` or ``"cuda"``,
-where its pools live) and the routines ``write``, ``read``, ``gather``,
-``copy_blocks``, ``swap_blocks`` and ``paged_attention``. They validate their
-inputs with :mod:`pagedkv.validate` before any kernel runs.
+where its pools live) and the routines of :class:`Backend`. They validate
+their inputs with :mod:`pagedkv.validate` before any kernel runs.
 
 ========  ==========================================  ===================
 name      what                                        needs
@@ -18,9 +17,11 @@ cuda      GPU kernels (``numba.cuda``)                numba-cuda and a GPU
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import Any, Protocol, cast
 
 from ..errors import BackendUnavailableError
+from ..plan import Plan
+from ..pool import KVPool
 
 #: backend name -> module inside this package
 _MODULES = {"numpy": "reference", "numba": "numba_cpu", "cuda": "cuda"}
@@ -28,21 +29,64 @@ _MODULES = {"numpy": "reference", "numba": "numba_cpu", "cuda": "cuda"}
 BACKENDS = tuple(_MODULES)
 
 
-def get_backend(name: str = "auto") -> ModuleType:
-    """The backend module called ``name``: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"``.
+class Backend(Protocol):
+    """What every backend module provides (see :mod:`pagedkv.backends.reference` for the contracts)."""
 
-    ``"auto"`` is the fastest CPU backend present (numba, else numpy); a GPU
-    backend is chosen by asking for ``"cuda"``, since its pools live on the GPU.
+    NAME: str
+    DEVICE: str
+
+    def write(self, pool: KVPool, layer: int, key: Any, value: Any, slot_mapping: Any) -> None: ...
+
+    def read(self, pool: KVPool, layer: int, slot_mapping: Any, *, out: Any = None) -> tuple[Any, Any]: ...
+
+    def gather(self, pool: KVPool, layer: int, block_tables: Any, context_lens: Any, *,
+               out: Any = None) -> tuple[Any, Any, Any]: ...
+
+    def copy_blocks(self, pool: KVPool, src: Any, dst: Any) -> None: ...
+
+    def swap_blocks(self, src_pool: KVPool, dst_pool: KVPool, src: Any, dst: Any) -> None: ...
+
+    def paged_attention(self, q: Any, pool: KVPool, layer: int, block_tables: Any, context_lens: Any, *,
+                        scale: float | None = None, sliding_window: int | None = None,
+                        soft_cap: float | None = None, query_lens: Any = None) -> Any: ...
+
+    def plan(self, pool: KVPool, *, slot_mapping: Any = None, block_tables: Any = None,
+             context_lens: Any = None, query_lens: Any = None) -> Plan: ...
+
+    def write_step(self, pool: KVPool, layer: int, key: Any, value: Any, plan: Plan) -> None: ...
+
+    def attention_step(self, q: Any, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
+                       sliding_window: int | None = None, soft_cap: float | None = None) -> Any: ...
+
+    def new_outputs(self, pool: KVPool, num_tokens: int, out: Any = None) -> tuple[Any, Any]: ...
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """The concrete backend name that ``name`` stands for.
+
+    ``"auto"`` means the fastest CPU backend that runs here: ``"numba"``, else
+    ``"numpy"``. A GPU backend is only ever chosen by asking for ``"cuda"``,
+    since its pools live on the GPU. Other names are returned as they are (an
+    unknown one fails in :func:`get_backend`).
+    """
+    if name != "auto":
+        return name
+    try:
+        importlib.import_module(f".{_MODULES['numba']}", __name__)
+        return "numba"
+    except ImportError:
+        return "numpy"
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """The backend called ``name``: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"``
+    (see :func:`resolve_backend`).
 
     Raises:
         BackendUnavailableError: an unknown name, or a backend that cannot run
             here (the message says what is missing).
     """
-    if name == "auto":
-        try:
-            return get_backend("numba")
-        except BackendUnavailableError:
-            return get_backend("numpy")
+    name = resolve_backend(name)
     if name not in _MODULES:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
     try:
@@ -52,7 +96,7 @@ def get_backend(name: str = "auto") -> ModuleType:
     check = getattr(module, "check_available", None)
     if check is not None:
         check()
-    return module
+    return cast(Backend, module)
 
 
 def available_backends() -> dict[str, str | None]:

@@ -4,6 +4,11 @@ This is the truth the other backends are tested against, and it is written to
 be read. Each routine turns its slots or blocks into flat offsets with the
 arithmetic of :mod:`pagedkv.layout`, then moves numbers with one fancy-indexed
 assignment. Nothing here is clever; speed lives in the numba and CUDA backends.
+
+Every backend has the same functions: the one-shot routines (``write``,
+``read``, ``gather``, ``copy_blocks``, ``swap_blocks``, ``paged_attention``),
+and the step API a decode loop uses: ``plan`` once per step, then
+``write_step`` and ``attention_step`` per layer (see :mod:`pagedkv.plan`).
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import layout, validate
-from ..layout import K, V, Strides
+from ..layout import K, Strides, V
+from ..plan import Plan, check_attention, check_write, make_plan
 from ..pool import KVPool
+from ._host import new_outputs
 
 NAME = "numpy"
 DEVICE = "cpu"
@@ -20,14 +27,69 @@ DEVICE = "cpu"
 
 def _element_index(s: Strides, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
     """Flat offsets ``[T, H, D]`` of every number of the tokens stored at ``slots`` (all >= 0)."""
-    rows = layout.token_base(
-        layer, kv, slots.astype(np.int64), s.block_size,
-        s.layer_stride, s.kv_stride, s.block_stride, s.pos_stride,
-    )
+    rows = layout.token_base(layer, kv, slots.astype(np.int64), s)
     heads = np.arange(s.num_kv_heads) * s.head_stride
     dims = np.arange(s.head_dim)
     return rows[:, None, None] + heads[None, :, None] + dims[None, None, :]
 
+
+# ---- the step API: plan once, run per layer --------------------------------------------------------
+
+def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None) -> Plan:
+    """Validate a step's index arrays once (see :func:`pagedkv.plan.make_plan`)."""
+    return make_plan(pool, DEVICE, slot_mapping=slot_mapping, block_tables=block_tables,
+                     context_lens=context_lens, query_lens=query_lens)
+
+
+def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
+    """:func:`write` with the slot mapping of a :class:`~pagedkv.plan.Plan`."""
+    layer, w = check_write(plan, pool, layer)
+    slots = w.slot_mapping
+    validate.step_tokens(pool, key, value, slots.shape[0])
+    real = slots >= 0  # padding tokens are skipped
+    for kv, new in ((K, key), (V, value)):
+        pool.host[_element_index(pool.strides, layer, kv, slots[real])] = new[real]
+
+
+def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
+                   sliding_window: int | None = None, soft_cap: float | None = None) -> np.ndarray:
+    """:func:`paged_attention` with the block tables and query rows of a :class:`~pagedkv.plan.Plan`.
+
+    This reference does the plain math in float64 on a gathered copy, and
+    rounds the result to float32 once; the fast backends stream over the
+    blocks in float32 (see :mod:`pagedkv.testing.tolerance` for the tolerance between them).
+    """
+    layer, a = check_attention(plan, pool, layer)
+    validate.queries(pool, q, a.num_rows, a.query_lens is None)
+    opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
+    c = pool.config
+    group = q.shape[1] // c.num_kv_heads
+    out = np.zeros(q.shape, dtype=np.float32)
+    tables, lens = a.block_tables, a.context_lens
+    keys, values = _read(pool, layer, layout.gather_slots(tables, lens, c.block_size), None)
+    cu = layout.cu_seqlens(lens)
+    for b in range(lens.shape[0]):
+        rows = np.flatnonzero((a.row_seq == b) & (a.row_pos >= 0))
+        if not rows.size:
+            continue
+        k = keys[cu[b]:cu[b + 1]].astype(np.float64)  # [L, H, D]
+        v = values[cu[b]:cu[b + 1]].astype(np.float64)
+        qs = q[rows].astype(np.float64).reshape(len(rows), c.num_kv_heads, group, c.head_dim)
+        scores = np.einsum("rhgd,lhd->rhgl", qs, k) * opt.scale  # [rows, H, group, L]
+        if opt.soft_cap:
+            scores = opt.soft_cap * np.tanh(scores / opt.soft_cap)
+        i, pos = np.arange(k.shape[0]), a.row_pos[rows][:, None]
+        visible = i <= pos
+        if opt.window:
+            visible &= i > pos - opt.window
+        scores = np.where(visible[:, None, None, :], scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[rows] = np.einsum("rhgl,lhd->rhgd", weights, v).reshape(len(rows), -1, c.head_dim)
+    return out
+
+
+# ---- one-shot routines ------------------------------------------------------------------------------
 
 def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_mapping: np.ndarray) -> None:
     """Store ``key[t]`` and ``value[t]`` at slot ``slot_mapping[t]`` of ``layer`` (reshape_and_cache).
@@ -42,27 +104,15 @@ def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_map
         PagedKVError: a wrong dtype, shape or contiguity, a slot outside the
             pool, or two tokens aimed at one slot. The pool is then unchanged.
     """
-    layer, slot_mapping = validate.write_args(pool, layer, key, value, slot_mapping, DEVICE)
-    real = slot_mapping >= 0  # padding tokens are skipped
-    for kv, new in ((K, key), (V, value)):
-        pool.data[_element_index(pool.strides, layer, kv, slot_mapping[real])] = new[real]
-
-
-def new_outputs(pool: KVPool, num_tokens: int, out=None) -> tuple[np.ndarray, np.ndarray]:
-    """``out`` if given, else two new float32 ``[num_tokens, H, D]`` arrays."""
-    if out is not None:
-        return out[0], out[1]
-    c = pool.config
-    shape = (num_tokens, c.num_kv_heads, c.head_dim)
-    return np.empty(shape, dtype=c.dtype), np.empty(shape, dtype=c.dtype)
+    write_step(pool, layer, key, value, plan(pool, slot_mapping=slot_mapping))
 
 
 def _read(pool: KVPool, layer: int, slots: np.ndarray, out) -> tuple[np.ndarray, np.ndarray]:
     real = slots >= 0
     result = new_outputs(pool, slots.shape[0], out)
-    for kv, x in zip((K, V), result):
+    for kv, x in zip((K, V), result, strict=True):
         x[~real] = 0.0  # padding reads as zeros
-        x[real] = pool.data[_element_index(pool.strides, layer, kv, slots[real])]
+        x[real] = pool.host[_element_index(pool.strides, layer, kv, slots[real])]
     return result
 
 
@@ -79,22 +129,6 @@ def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None) -> tup
     """
     layer, slot_mapping = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
     return _read(pool, layer, slot_mapping, out)
-
-
-def gather_slots(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
-    """Slots of every cached token, sequence after sequence, in token order: int64 ``[sum(lens)]``."""
-    parts = []
-    for row, n in zip(block_tables.astype(np.int64), context_lens):
-        positions = np.arange(n)
-        parts.append(layout.table_slot(row[positions // block_size], positions, block_size))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def cu_seqlens(context_lens: np.ndarray) -> np.ndarray:
-    """Start offsets of each sequence in packed output: int32 ``[B + 1]``, last = total."""
-    out = np.zeros(context_lens.shape[0] + 1, dtype=np.int32)
-    np.cumsum(context_lens, out=out[1:])
-    return out
 
 
 def gather(
@@ -116,9 +150,9 @@ def gather(
         ``cu_seqlens[b]:cu_seqlens[b + 1]``.
     """
     layer, block_tables, context_lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
-    slots = gather_slots(block_tables, context_lens, pool.config.block_size)
+    slots = layout.gather_slots(block_tables, context_lens, pool.config.block_size)
     key, value = _read(pool, layer, slots, out)
-    return key, value, cu_seqlens(context_lens)
+    return key, value, layout.cu_seqlens(context_lens)
 
 
 def _move_blocks(src_data: np.ndarray, dst_data: np.ndarray, s: Strides, src: np.ndarray, dst: np.ndarray) -> None:
@@ -126,8 +160,8 @@ def _move_blocks(src_data: np.ndarray, dst_data: np.ndarray, s: Strides, src: np
     within = np.arange(s.block_stride)  # a block is one contiguous run in either layout
     for layer in range(s.num_layers):
         for kv in (K, V):
-            src_base = layout.block_base(layer, kv, src, s.layer_stride, s.kv_stride, s.block_stride)
-            dst_base = layout.block_base(layer, kv, dst, s.layer_stride, s.kv_stride, s.block_stride)
+            src_base = layout.block_base(layer, kv, src, s)
+            dst_base = layout.block_base(layer, kv, dst, s)
             dst_data[dst_base[:, None] + within] = src_data[src_base[:, None] + within]
 
 
@@ -140,7 +174,7 @@ def copy_blocks(pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
             copies, or be both a source and a destination.
     """
     src, dst = validate.copy_args(pool, pool, src, dst, DEVICE, DEVICE)
-    _move_blocks(pool.data, pool.data, pool.strides, src, dst)
+    _move_blocks(pool.host, pool.host, pool.strides, src, dst)
 
 
 def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
@@ -150,7 +184,7 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.nda
     one pool as both, the rules of :func:`copy_blocks` apply.
     """
     src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
-    _move_blocks(src_pool.data, dst_pool.data, src_pool.strides, src, dst)
+    _move_blocks(src_pool.host, dst_pool.host, src_pool.strides, src, dst)
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,
@@ -184,34 +218,6 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
 
     Returns:
         float32 ``[rows, Hq, D]``; zeros for a sequence with no context.
-
-    This reference does the plain math in float64 on a gathered copy, and
-    rounds the result to float32 once; the fast backends stream over the
-    blocks in float32 (see the tests for the tolerance between them).
     """
-    a = validate.attention_args(pool, layer, q, block_tables, context_lens, scale, sliding_window,
-                                soft_cap, query_lens, DEVICE)
-    c = pool.config
-    group = q.shape[1] // c.num_kv_heads
-    out = np.zeros(q.shape, dtype=np.float32)
-    keys, values = _read(pool, a.layer, gather_slots(a.tables, a.lens, c.block_size), None)
-    cu = cu_seqlens(a.lens)
-    for b in range(a.lens.shape[0]):
-        rows = np.flatnonzero((a.row_seq == b) & (a.row_pos >= 0))
-        if not rows.size:
-            continue
-        k = keys[cu[b]:cu[b + 1]].astype(np.float64)  # [L, H, D]
-        v = values[cu[b]:cu[b + 1]].astype(np.float64)
-        qs = q[rows].astype(np.float64).reshape(len(rows), c.num_kv_heads, group, c.head_dim)
-        scores = np.einsum("rhgd,lhd->rhgl", qs, k) * a.scale  # [rows, H, group, L]
-        if a.soft_cap:
-            scores = a.soft_cap * np.tanh(scores / a.soft_cap)
-        i, pos = np.arange(k.shape[0]), a.row_pos[rows][:, None]
-        visible = i <= pos
-        if a.window:
-            visible &= i > pos - a.window
-        scores = np.where(visible[:, None, None, :], scores, -np.inf)
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)
-        out[rows] = np.einsum("rhgl,lhd->rhgd", weights, v).reshape(len(rows), -1, c.head_dim)
-    return out
+    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens)
+    return attention_step(q, pool, layer, p, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)

@@ -12,7 +12,12 @@
 
 from . import strategies, tolerance
 from .checkers import (
-    KernelMismatch, check_copy_blocks, check_gather, check_paged_attention, check_read, check_swap_blocks,
+    KernelMismatch,
+    check_copy_blocks,
+    check_gather,
+    check_paged_attention,
+    check_read,
+    check_swap_blocks,
     check_write,
 )
 

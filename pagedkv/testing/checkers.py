@@ -41,10 +41,11 @@ torch or CuPy converter) and ``from_user`` (back to numpy).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ..backends import reference as ref
 from ..config import CacheConfig
@@ -115,22 +116,22 @@ def _caches(pool: KVPool, to_user) -> tuple[list, list]:
 def _flat(config: CacheConfig, k_caches, v_caches, from_user) -> np.ndarray:
     """Per-layer caches back into the flat pool order: layer by layer, K then V."""
     parts = []
-    for k, v in zip(k_caches, v_caches):
+    for k, v in zip(k_caches, v_caches, strict=True):
         parts += [np.asarray(from_user(k), dtype=np.float32).reshape(-1),
                   np.asarray(from_user(v), dtype=np.float32).reshape(-1)]
     return np.concatenate(parts)
 
 
 def _compare_pool(what: str, expected: KVPool, actual: np.ndarray, case: dict) -> None:
-    if actual.shape != expected.data.shape:
-        raise KernelMismatch(f"{what}: the pool has {actual.size} elements, expected {expected.data.size}", case, {})
-    bad = np.flatnonzero(~((actual == expected.data) | (np.isnan(actual) & np.isnan(expected.data))))
+    if actual.shape != expected.host.shape:
+        raise KernelMismatch(f"{what}: the pool has {actual.size} elements, expected {expected.host.size}", case, {})
+    bad = np.flatnonzero(~((actual == expected.host) | (np.isnan(actual) & np.isnan(expected.host))))
     if bad.size:
         i = int(bad[0])
         w = decode_offset(expected.strides, i)
         raise KernelMismatch(
             f"{what}: first difference at layer {w['layer']}, {w['kv']}, block {w['block']}, position {w['pos']} "
-            f"(slot {w['slot']}), head {w['head']}, dim {w['dim']}: expected {float(expected.data[i]):.9g}, "
+            f"(slot {w['slot']}), head {w['head']}, dim {w['dim']}: expected {float(expected.host[i]):.9g}, "
             f"got {float(actual[i]):.9g} ({bad.size} elements differ)", case, w)
 
 
@@ -207,7 +208,7 @@ def check_read(fn: Callable, *, convention: str = "pagedkv", max_examples: int =
         else:
             ks, vs = _caches(pool, to_user)
             got = fn(ks[layer], vs[layer], to_user(slots))
-        for name, want, g in zip(("K", "V"), ref.read(pool, layer, slots), got):
+        for name, want, g in zip(("K", "V"), ref.read(pool, layer, slots), got, strict=True):
             _compare_rows(f"read ({name})", want, from_user(g), case,
                           lambda r: {"slot": int(slots[r])})
     _run(test, max_examples)
@@ -232,7 +233,7 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", max_examples: int
             ks, vs = _caches(pool, to_user)
             got = fn(ks[layer], vs[layer], to_user(tables), to_user(lens))
         want_k, want_v, _ = ref.gather(pool, layer, tables, lens)
-        for name, want, g in zip(("K", "V"), (want_k, want_v), got):
+        for name, want, g in zip(("K", "V"), (want_k, want_v), got, strict=True):
             _compare_rows(f"gather ({name})", want, from_user(g), case, _row_in_sequence(lens))
     _run(test, max_examples)
 
@@ -283,7 +284,7 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", max_examples
             sk, sv = _caches(source, to_user)
             dk, dv = _caches(expected, to_user)
             mapping = to_user(np.stack([src, dst], axis=1))
-            for s, d in zip(sk + sv, dk + dv):
+            for s, d in zip(sk + sv, dk + dv, strict=True):
                 fn(s, d, mapping)
             got = _flat(config, dk, dv, from_user)
         ref.swap_blocks(source, expected, src, dst)
@@ -307,7 +308,7 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", max_exam
         rng = np.random.default_rng(seed)
         magnitude = data.draw(st.sampled_from([1.0, 1.0, 30.0]), label="magnitude")  # 30: exp overflows unshifted
         pool = KVPool(config)
-        pool.data[:] = rng.standard_normal(pool.data.size, dtype=np.float32) * np.float32(magnitude)
+        pool.host[:] = rng.standard_normal(pool.host.size, dtype=np.float32) * np.float32(magnitude)
         tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3), label="tables")
         group = data.draw(st.integers(1, 3), label="group")
         layer = 0 if convention != "pagedkv" else data.draw(st.integers(0, config.num_layers - 1))
@@ -332,7 +333,7 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", max_exam
             got = fn(to_user(q), ks[layer], vs[layer], to_user(tables), to_user(lens), scale,
                      None if query_lens is None else to_user(query_lens))
         want = ref.paged_attention(q, pool, layer, tables, lens, scale=scale, query_lens=query_lens)
-        kv_max = float(np.abs(pool.data).max())
+        kv_max = float(np.abs(pool.host).max())
         q_max = float(np.abs(q).max(initial=0.0))
         bound = atol if atol is not None else attention_atol(
             int(lens.max(initial=0)), config.head_dim, kv_max, score_bound(config.head_dim, scale, q_max, kv_max))

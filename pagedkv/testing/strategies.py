@@ -92,7 +92,7 @@ def token_arrays(config: CacheConfig, num_tokens: int, seed: int, count: int = 2
 def filled_pool(config: CacheConfig, seed: int) -> KVPool:
     """A CPU pool whose every element is a distinct-looking random number."""
     pool = KVPool(config)
-    pool.data[:] = np.random.default_rng(seed).standard_normal(pool.data.size, dtype=np.float32)
+    pool.host[:] = np.random.default_rng(seed).standard_normal(pool.host.size, dtype=np.float32)
     return pool
 
 

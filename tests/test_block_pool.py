@@ -1,15 +1,15 @@
-"""BlockAllocator: the free stack, reference counts, parking, errors, and sharing across threads."""
+"""BlockPool: the free stack, per-owner reference counts, the prefix-cache index, errors, threads."""
 
 import random
 import threading
 
 import pytest
 
-from pagedkv import AllocatorError, BlockAllocator, BlockIndexError, BlockManager, OutOfBlocksError
+from pagedkv import AllocatorError, BlockIndexError, BlockManager, BlockPool, InvariantError, OutOfBlocksError
 
 
 def test_llama_rs_page_allocator_scenario():
-    a = BlockAllocator(4)
+    a = BlockPool(4)
     b0, b1 = a.allocate(2)
     assert (a.num_free, a.num_used) == (2, 2)
     assert a.ref_count(b0) == a.ref_count(b1) == 1
@@ -18,10 +18,11 @@ def test_llama_rs_page_allocator_scenario():
     assert a.decref(b0) == 0 and a.num_free == 3
     a.free(b1)
     assert a.num_free == 4
+    a.check()
 
 
 def test_fragmentation_scenario():
-    a = BlockAllocator(10)
+    a = BlockPool(10)
     blocks = a.allocate(10)
     assert a.num_free == 0
     with pytest.raises(OutOfBlocksError):
@@ -36,7 +37,7 @@ def test_fragmentation_scenario():
 
 
 def test_allocate_is_all_or_nothing():
-    a = BlockAllocator(3)
+    a = BlockPool(3)
     a.allocate(2)
     with pytest.raises(OutOfBlocksError, match="asked for 2 blocks, 1 of 3 are free"):
         a.allocate(2)
@@ -44,7 +45,7 @@ def test_allocate_is_all_or_nothing():
 
 
 def test_errors():
-    a = BlockAllocator(3)
+    a = BlockPool(3)
     (b,) = a.allocate(1)
     a.free(b)
     with pytest.raises(AllocatorError, match="freed twice"):
@@ -58,32 +59,72 @@ def test_errors():
     with pytest.raises(BlockIndexError):
         a.ref_count(-1)
     with pytest.raises(AllocatorError):
-        BlockAllocator(0)
-    with pytest.raises(AllocatorError, match="not parked"):
-        a.revive(0)
+        BlockPool(0)
+    with pytest.raises(AllocatorError, match="not cached"):
+        a.take_cached(0)
+    with pytest.raises(AllocatorError, match="only a held block can be cached"):
+        a.cache(0, "key", 1)
 
 
-def test_parked_blocks_are_evicted_oldest_first_and_only_when_needed():
-    a = BlockAllocator(3)
+def test_owners_release_only_what_they_hold():
+    a = BlockPool(2)
+    mine, theirs = a.new_owner(), a.new_owner()
+    (b,) = a.allocate(1, mine)
+    a.incref(b, theirs)
+    assert a.holds(mine) == {b: 1} and a.holds(theirs) == {b: 1}
+    with pytest.raises(AllocatorError, match="holds no reference"):
+        a.decref(b, owner=0)
+    assert a.decref(b, theirs) == 1 and a.decref(b, mine) == 0
+    assert not a.holds(mine) and not a.holds(theirs)
+    a.check()
+
+
+def test_idle_cached_blocks_are_evicted_oldest_first_and_only_when_needed():
+    a = BlockPool(3)
     x, y, z = a.allocate(3)
-    evicted = []
-    a.decref(x, evicted.append)
-    a.decref(y, evicted.append)
-    assert a.num_free == 2 and a.num_parked == 2 and a.is_parked(x)
-    a.revive(y)  # a cache hit takes y back
-    assert a.ref_count(y) == 1 and not a.is_parked(y)
-    a.decref(y, evicted.append)  # y is parked again, now the newest
+    assert a.cache(0, "x", x) and a.cache(0, "y", y)
+    assert not a.cache(0, "x", z) and not a.cache(0, "other", x)  # one key, one block
+    a.decref(x)
+    a.decref(y)
+    assert a.num_free == 2 and a.num_idle == 2 and a.is_idle(x) and a.num_cached == 2
+    a.take_cached(y)  # a cache hit takes y back
+    assert a.ref_count(y) == 1 and not a.is_idle(y)
+    a.decref(y)  # y is idle again, now the newest
     a.free(z)
     assert a.allocate(1) == [z]  # plain free blocks go first
-    assert evicted == []
-    assert a.allocate(1) == [x] and evicted == [x]  # then the oldest parked
+    assert a.lookup(0, "x") == x
+    assert a.allocate(1) == [x]  # then the oldest idle one, and its entry goes
+    assert a.lookup(0, "x") is None and a.lookup(0, "y") == y and a.lookup(1, "y") is None
+    a.check()
 
 
-def test_several_managers_share_one_allocator_across_threads():
+def test_uncache_and_forget_namespace():
+    a = BlockPool(3)
+    ns = a.new_owner()
+    blocks = a.allocate(3, ns)
+    for i, b in enumerate(blocks):
+        a.cache(ns, i, b)
+    a.decref(blocks[0], ns)
+    a.uncache(blocks[1])  # held: stays held, just uncached
+    assert a.num_idle == 1 and a.num_cached == 2 and a.ref_count(blocks[1]) == 1
+    a.forget_namespace(ns)
+    assert a.num_cached == 0 and a.num_idle == 0 and a.num_free == 1
+    a.check()
+
+
+def test_check_catches_a_count_no_owner_holds():
+    a = BlockPool(2)
+    (b,) = a.allocate(1)
+    a._refs[b] += 1  # corrupt on purpose
+    with pytest.raises(InvariantError, match="owners hold 1"):
+        a.check()
+
+
+def test_several_managers_share_one_pool_across_threads():
     """Four managers (four models) on one pool, hammered from four threads: no block is lost
     or handed out twice, and every count matches the tables at the end."""
-    allocator = BlockAllocator(48)
-    managers = [BlockManager(4, allocator) for _ in range(4)]
+    pool = BlockPool(48)
+    managers = [BlockManager(4, pool) for _ in range(4)]
     errors = []
 
     def work(manager, seed):
@@ -124,5 +165,5 @@ def test_several_managers_share_one_allocator_across_threads():
     for m in managers:
         m.check()
         m.reset()
-    assert allocator.num_free == allocator.num_blocks and allocator.num_parked == 0
-    allocator.check()
+    assert pool.num_free == pool.num_blocks and pool.num_idle == 0 and pool.num_cached == 0
+    pool.check()

@@ -1,0 +1,295 @@
+"""The benchmark harness behind the asv suite: ratio reports, bookkeeping, GPU peers, attention.
+
+Builds on :mod:`pagedkv.bench` (the workloads, CPU peers and timing that
+``pagedkv bench`` needs too). Everything here is measured in one process, so
+that a ratio compares two timings taken under the same load.
+
+Run the README's table from the repository root::
+
+    python -c "from benchmarks.harness import report; print(report())"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagedkv import BlockManager, CacheConfig, KVPool, get_backend
+from pagedkv.bench import (
+    BLOCK_SIZE,
+    PEER_ROUTINES,
+    SHAPES,
+    D,
+    H,
+    Workload,
+    backend_call,
+    bytes_moved,
+    copy_limit_seconds,
+    make_workload,
+    median_seconds,
+    numpy_peer,
+    torch_peer,
+)
+from pagedkv.layout import cu_seqlens, gather_slots, split_slot
+
+
+def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") -> dict[str, float | None]:
+    """One routine of ``backend`` beside its yardsticks, all timed here and now (medians).
+
+    Returns GB/s and the ratios the performance targets are stated in:
+    ``vs_copy`` (bandwidth over the fastest plain copy of the same bytes),
+    ``vs_torch`` (speed over torch CPU indexing; None without torch),
+    ``vs_numpy_fancy``, ``vs_numpy`` (over the reference backend) and
+    ``call_over_kernel`` (validation's share: whole call over bare kernel).
+    """
+    w = make_workload(shape, layout)
+    n = bytes_moved(w, routine)
+    t = median_seconds(backend_call(get_backend(backend), w, routine))
+    t_out = median_seconds(backend_call(get_backend(backend), w, "gather_out")) if routine == "gather" else t
+    t_copy = copy_limit_seconds(n)
+    torch_call = torch_peer(w, routine)
+    t_torch = median_seconds(torch_call) if torch_call else None
+    t_fancy = median_seconds(numpy_peer(w, routine))
+    t_ref = median_seconds(backend_call(get_backend("numpy"), w, routine), repeat=3)
+    t_kernel = median_seconds(bare_kernel(w, routine)) if backend == "numba" else None
+    return {
+        "seconds": t,
+        "gbps": n / t / 1e9,
+        "copy_gbps": n / t_copy / 1e9,
+        "vs_copy": t_copy / t,
+        "vs_copy_out": t_copy / t_out,
+        "vs_torch": t_torch / t if t_torch else None,
+        "vs_numpy_fancy": t_fancy / t,
+        "vs_numpy": t_ref / t,
+        "call_over_kernel": t_out / t_kernel if t_kernel else None,
+    }
+
+
+def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
+    """The numba kernel alone on already-checked arguments: what validation is measured against."""
+    from pagedkv.backends import numba_cpu as nb
+
+    s = w.pool.strides
+    if routine == "write":
+        key, value = w.key.reshape(-1), w.value.reshape(-1)
+        return lambda: nb.write_kernel(w.pool.data, 0, key, value, w.slots, s)
+    if routine == "gather":
+        cu = cu_seqlens(w.lens)
+        out_k = np.empty(int(cu[-1]) * H * D, np.float32)
+        out_v = np.empty_like(out_k)
+        return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, cu, out_k, out_v, s)
+    if routine == "copy_blocks":
+        return lambda: nb.move_blocks_kernel(w.pool.data, w.pool.data, w.src, w.dst, s)
+    raise ValueError(routine)
+
+
+def report(shapes=tuple(SHAPES), layouts=("NHD", "HND"), routines=PEER_ROUTINES) -> str:
+    """A markdown table of :func:`measure` for every routine, layout and shape (numba backend)."""
+    def fmt(x, spec=".2f"):
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        "| routine | shape | layout | numba GB/s | copy-limit GB/s | x copy | x copy (out=) | x torch "
+        "| x numpy fancy | x reference | call / kernel |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for shape in shapes:
+        for routine in routines:
+            for layout in layouts:
+                m = measure(routine, layout, shape)
+                out = fmt(m["vs_copy_out"]) if routine == "gather" else ""
+                lines.append(
+                    f"| {routine} | {shape} | {layout} | {m['gbps']:.1f} | {m['copy_gbps']:.1f} | "
+                    f"{m['vs_copy']:.2f} | {out} | {fmt(m['vs_torch'])} | {m['vs_numpy_fancy']:.2f} | "
+                    f"{m['vs_numpy']:.1f} | {fmt(m['call_over_kernel'])} |"
+                )
+    return "\n".join(lines)
+
+
+class DecodeStep:
+    """The bookkeeping of one decode step of ``num_seqs`` running sequences, one new token each:
+    slot mapping (``append_batch``), padded block tables and context lengths."""
+
+    def __init__(self, num_seqs: int = 256, context: int = 512, block_size: int = BLOCK_SIZE,
+                 rewind_every: int = 1024) -> None:
+        blocks_per_seq = -(-(context + rewind_every) // block_size)
+        self.manager = BlockManager(block_size, num_blocks=num_seqs * blocks_per_seq)
+        self.seq_ids = [self.manager.add_sequence() for _ in range(num_seqs)]
+        self.manager.append_batch(self.seq_ids, [context] * num_seqs)
+        self.ones = np.ones(num_seqs, dtype=np.int64)
+        self.context, self.rewind_every, self.steps = context, rewind_every, 0
+
+    def __call__(self):
+        m = self.manager
+        self.steps += 1
+        if self.steps % self.rewind_every == 0:  # keep the pool from filling; amortised in the timing
+            for s in self.seq_ids:
+                m.truncate(s, self.context)
+        step = m.append_batch(self.seq_ids, self.ones)
+        return step.slots, m.block_tables(self.seq_ids), m.context_lens(self.seq_ids)
+
+
+def bookkeeping_vs_write(num_seqs: int = 256) -> dict[str, float]:
+    """Seconds of one decode step's bookkeeping beside the numpy reference writing that
+    step's K/V for one layer (H=8, D=128), and their ratio (below 1 is the target)."""
+    step = DecodeStep(num_seqs)
+    slots, _, _ = step()
+    config = CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D,
+                         num_blocks=step.manager.block_pool.num_blocks, block_size=BLOCK_SIZE)
+    pool = KVPool(config)
+    key = np.random.default_rng(0).standard_normal((num_seqs, H, D), dtype=np.float32)
+    ref = get_backend("numpy")
+    t_book = median_seconds(step)
+    t_write = median_seconds(lambda: ref.write(pool, 0, key, key, slots))
+    return {"bookkeeping_s": t_book, "numpy_write_s": t_write, "ratio": t_book / t_write}
+
+
+# ---- the GPU side: the same workloads on the device, and the GPU peers -----------------------
+
+def on_gpu(w: Workload) -> Workload:
+    """The workload with its pool and every array moved to the GPU (numba device arrays)."""
+    from numba import cuda
+
+    pool = KVPool(w.config, device="cuda")
+    pool.data.copy_to_device(w.pool.data)
+    dev = cuda.to_device
+    return Workload(w.config, pool, dev(w.key), dev(w.value), dev(w.slots), dev(w.tables), dev(w.lens),
+                    dev(w.src), dev(w.dst))
+
+
+def gpu_sync() -> None:
+    """Wait for the GPU (a timing must include the kernels, not only their launch)."""
+    from numba import cuda
+
+    cuda.synchronize()
+
+
+def device_copy(nbytes: int) -> Callable[[], None]:
+    """A device-to-device copy of ``nbytes / 2`` bytes: the GPU's bandwidth limit."""
+    from numba import cuda
+
+    n = max(1, nbytes // 8)
+    src = cuda.to_device(np.random.default_rng(1).standard_normal(n, dtype=np.float32))
+    dst = cuda.device_array_like(src)
+    return lambda: dst.copy_to_device(src)
+
+
+def gpu_peer(w: Workload, routine: str, library: str) -> Callable[[], object] | None:
+    """The routine with CuPy (``library="cupy"``) or torch CUDA fancy indexing on the device
+    pool's own memory; None when that library is missing."""
+    try:
+        lib = __import__(library)
+    except ImportError:
+        return None
+    if library == "cupy":
+        wrap = lib.asarray
+    else:
+        wrap = lambda x: lib.as_tensor(x, device="cuda")  # noqa: E731
+    k, v = wrap(w.pool.k(0)), wrap(w.pool.v(0))
+    nhd = w.config.layout == "NHD"
+    slots = wrap(w.slots)
+    blocks, pos = split_slot(slots, BLOCK_SIZE)
+    if routine == "write":
+        key, value = wrap(w.key), wrap(w.value)
+        def f():
+            if nhd:
+                k[blocks, pos] = key
+                v[blocks, pos] = value
+            else:
+                k[blocks, :, pos] = key
+                v[blocks, :, pos] = value
+        return f
+    if routine == "gather":
+        g = wrap(gather_slots(w.tables.copy_to_host(), w.lens.copy_to_host(), BLOCK_SIZE))
+        gb, gp = split_slot(g, BLOCK_SIZE)
+        if nhd:
+            return lambda: (k[gb, gp], v[gb, gp])
+        return lambda: (k[gb, :, gp], v[gb, :, gp])
+    if routine == "copy_blocks":
+        src, dst = wrap(w.src), wrap(w.dst)
+        def f():
+            k[dst] = k[src]
+            v[dst] = v[src]
+        return f
+    raise ValueError(routine)
+
+
+@dataclass
+class AttentionWorkload:
+    """Decode attention: ``batch`` sequences of ``context`` tokens in random block order."""
+
+    pool: KVPool
+    q: np.ndarray
+    tables: np.ndarray
+    lens: np.ndarray
+    dense_k: np.ndarray  # [B, H, L, D]: the same K/V held contiguously (torch's input)
+    dense_v: np.ndarray
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V the attention must read."""
+        return 2 * int(self.lens.sum()) * self.pool.config.num_kv_heads * self.pool.config.head_dim * 4
+
+
+def make_attention_workload(batch: int = 32, context: int = 2048, q_heads: int = 32, heads: int = H,
+                            head_dim: int = D, layout: str = "NHD", seed: int = 0) -> AttentionWorkload:
+    """The decode shape of the attention targets (B=32, context 2048, Hq=32, H=8, D=128)."""
+    rng = np.random.default_rng(seed)
+    per_seq = -(-context // BLOCK_SIZE)
+    config = CacheConfig(num_layers=1, num_kv_heads=heads, head_dim=head_dim, num_blocks=batch * per_seq,
+                         block_size=BLOCK_SIZE, layout=layout)
+    pool = KVPool(config)
+    tables = rng.permutation(config.num_blocks).reshape(batch, per_seq).astype(np.int32)
+    lens = np.full(batch, context, dtype=np.int32)
+    dense_k = rng.standard_normal((batch, heads, context, head_dim), dtype=np.float32)
+    dense_v = rng.standard_normal((batch, heads, context, head_dim), dtype=np.float32)
+    slots = gather_slots(tables, lens, BLOCK_SIZE)
+    as_tokens = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(-1, heads, head_dim))  # noqa: E731
+    get_backend("auto").write(pool, 0, as_tokens(dense_k), as_tokens(dense_v), slots)
+    q = rng.standard_normal((batch, q_heads, head_dim), dtype=np.float32)
+    return AttentionWorkload(pool, q, tables, lens, dense_k, dense_v)
+
+
+def attention_call(backend, w: AttentionWorkload) -> Callable[[], object]:
+    """One decode ``paged_attention`` call of ``backend``."""
+    return lambda: backend.paged_attention(w.q, w.pool, 0, w.tables, w.lens)
+
+
+def torch_sdpa(w: AttentionWorkload) -> Callable[[], object] | None:
+    """torch CPU ``scaled_dot_product_attention`` on the dense copy (GQA), or None without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    q = torch.from_numpy(w.q)[:, :, None, :]  # [B, Hq, 1, D]
+    k, v = torch.from_numpy(w.dense_k), torch.from_numpy(w.dense_v)
+    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def measure_attention(layout: str = "NHD") -> dict[str, float | None]:
+    """numba decode attention beside the copy limit and torch SDPA (medians, one process)."""
+    w = make_attention_workload(layout=layout)
+    t = median_seconds(attention_call(get_backend("numba"), w), repeat=5)
+    t_copy = copy_limit_seconds(w.kv_bytes * 2)  # a copy that reads as many bytes (and writes them)
+    sdpa = torch_sdpa(w)
+    t_torch = median_seconds(sdpa, repeat=5) if sdpa else None
+    return {
+        "seconds": t,
+        "gbps": w.kv_bytes / t / 1e9,
+        "copy_read_gbps": w.kv_bytes / t_copy / 1e9,
+        "vs_copy": t_copy / t,
+        "vs_torch_sdpa": t_torch / t if t_torch else None,
+    }
+
+
+def on_gpu_attention(w: AttentionWorkload) -> AttentionWorkload:
+    """The attention workload with its pool, queries and tables on the GPU."""
+    from numba import cuda
+
+    pool = KVPool(w.pool.config, device="cuda")
+    pool.data.copy_to_device(w.pool.data)
+    return AttentionWorkload(pool, cuda.to_device(w.q), cuda.to_device(w.tables), cuda.to_device(w.lens),
+                             w.dense_k, w.dense_v)

@@ -1,0 +1,201 @@
+"""The numba.cuda kernels of the cuda backend (:mod:`pagedkv.backends.cuda` launches them).
+
+Each data-movement kernel gives one thread one number, consecutive threads
+consecutive ``d``, so loads and stores are coalesced in both layouts; the
+offset arithmetic is :mod:`pagedkv.layout`'s, compiled as device functions,
+with the pool's :class:`~pagedkv.layout.Strides` passed as one argument ``s``.
+"""
+
+import math
+
+from numba import cuda, float32
+
+from .. import layout
+from ..layout import K, V
+
+MAX_TILE = 256  # positions scored at once by attention; sizes a shared array, so it is a constant
+MAX_HEAD_DIM = 512  # sizes attention's shared accumulator
+
+
+# ---- device helpers: the layout arithmetic, compiled for the GPU ------------------------------
+
+token_base = cuda.jit(device=True)(layout.token_base)
+block_base = cuda.jit(device=True)(layout.block_base)
+table_slot = cuda.jit(device=True)(layout.table_slot)
+
+
+@cuda.jit(device=True)
+def _sequence_of(cu, i):
+    """The b with ``cu[b] <= i < cu[b + 1]`` (binary search; skips empty sequences)."""
+    lo = 0
+    hi = cu.shape[0] - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cu[mid] <= i:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit(device=True)
+def _split(i, s):
+    """(row, head, dim) of element i of a flat ``[rows, H, D]`` array."""
+    row_len = s.num_kv_heads * s.head_dim
+    r = i // row_len
+    h = (i - r * row_len) // s.head_dim
+    return r, h, i - r * row_len - h * s.head_dim
+
+
+# ---- kernels: one thread per float ------------------------------------------------------------
+
+@cuda.jit
+def write_kernel(data, layer, key, value, slots, s):
+    """Element i of the flat key/value (token t, head h, dim d) goes to slot ``slots[t]``."""
+    i = cuda.grid(1)
+    if i >= key.shape[0]:
+        return
+    t, h, d = _split(i, s)
+    slot = slots[t]
+    if slot < 0:  # padding (checked explicitly: a negative index would wrap)
+        return
+    within = h * s.head_stride + d
+    data[token_base(layer, K, slot, s) + within] = key[i]
+    data[token_base(layer, V, slot, s) + within] = value[i]
+
+
+@cuda.jit
+def read_kernel(data, layer, slots, out_k, out_v, s):
+    """Element i of the flat outputs is (token t, head h, dim d) of slot ``slots[t]``; 0 for padding."""
+    i = cuda.grid(1)
+    if i >= out_k.shape[0]:
+        return
+    t, h, d = _split(i, s)
+    slot = slots[t]
+    if slot < 0:
+        out_k[i] = 0.0
+        out_v[i] = 0.0
+        return
+    within = h * s.head_stride + d
+    out_k[i] = data[token_base(layer, K, slot, s) + within]
+    out_v[i] = data[token_base(layer, V, slot, s) + within]
+
+
+@cuda.jit
+def gather_kernel(data, layer, tables, cu, out_k, out_v, s):
+    """Packed row r (token ``r - cu[b]`` of sequence b), head h, dim d, for element i of the outputs."""
+    i = cuda.grid(1)
+    if i >= out_k.shape[0]:
+        return
+    r, h, d = _split(i, s)
+    b = _sequence_of(cu, r)
+    slot = table_slot(tables, b, r - cu[b], s.block_size)
+    within = h * s.head_stride + d
+    out_k[i] = data[token_base(layer, K, slot, s) + within]
+    out_v[i] = data[token_base(layer, V, slot, s) + within]
+
+
+@cuda.jit(device=True)
+def _packed_offset(i, blocks, s):
+    """Pool offset of element i of ``blocks`` packed as ``[N, layers, 2 (K, V), block_stride]``."""
+    per_block = s.num_layers * 2 * s.block_stride
+    n = i // per_block
+    rest = i - n * per_block
+    half = rest // s.block_stride  # = layer * 2 + kv
+    layer = half // 2
+    return block_base(layer, half - layer * 2, blocks[n], s) + rest - half * s.block_stride
+
+
+@cuda.jit
+def move_blocks_kernel(src_data, dst_data, src, dst, s):
+    """Element i of the packed copies ``src[n] -> dst[n]`` (every layer, K and V): one thread each."""
+    i = cuda.grid(1)
+    if i < src.shape[0] * s.num_layers * 2 * s.block_stride:
+        dst_data[_packed_offset(i, dst, s)] = src_data[_packed_offset(i, src, s)]
+
+
+@cuda.jit
+def pack_blocks_kernel(data, blocks, packed, s):
+    """Copy ``blocks`` of every layer and K/V into ``packed`` [N, layers, 2, block_stride] (flat)."""
+    i = cuda.grid(1)
+    if i < packed.shape[0]:
+        packed[i] = data[_packed_offset(i, blocks, s)]
+
+
+@cuda.jit
+def unpack_blocks_kernel(packed, data, blocks, s):
+    """The inverse of :func:`pack_blocks_kernel`."""
+    i = cuda.grid(1)
+    if i < packed.shape[0]:
+        data[_packed_offset(i, blocks, s)] = packed[i]
+
+
+@cuda.jit
+def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, s):
+    """One CUDA block per (query row, query head): online softmax over tiles of positions.
+
+    Per tile of ``blockDim.x`` positions: each thread scores one position
+    (a dot product over D); thread 0 folds the tile into the running max and
+    sum (in shared memory) and turns the scores into weights; then each
+    thread updates its share of the D accumulators (consecutive threads,
+    consecutive d: coalesced reads of V).
+    """
+    r = cuda.blockIdx.x
+    hq = cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    head_dim = s.head_dim
+    h = hq // (q.shape[1] // s.num_kv_heads)
+    weights = cuda.shared.array(MAX_TILE, float32)
+    acc = cuda.shared.array(MAX_HEAD_DIM, float32)
+    state = cuda.shared.array(3, float32)  # running max, running sum, this tile's correction
+    for d in range(t, head_dim, threads):
+        acc[d] = 0.0
+    if t == 0:
+        state[0] = -math.inf
+        state[1] = 0.0
+    cuda.syncthreads()
+    pos = row_pos[r]
+    if pos >= 0:  # the same for the whole block, so the barriers inside are safe
+        b = row_seq[r]
+        start = 0
+        if window > 0:
+            start = max(0, pos - window + 1)
+        for tile in range(start, pos + 1, threads):
+            n = min(threads, pos + 1 - tile)
+            x = -math.inf
+            if t < n:
+                p = tile + t
+                at = token_base(layer, K, table_slot(tables, b, p, s.block_size), s) + h * s.head_stride
+                dot = float32(0.0)
+                for d in range(head_dim):
+                    dot += q[r, hq, d] * data[at + d]
+                x = dot * scale
+                if cap > 0:
+                    x = cap * math.tanh(x / cap)
+            weights[t] = x
+            cuda.syncthreads()
+            if t == 0:
+                m_new = state[0]
+                for i in range(n):
+                    m_new = max(m_new, weights[i])
+                total = float32(0.0)
+                for i in range(n):
+                    e = math.exp(weights[i] - m_new)
+                    weights[i] = e
+                    total += e
+                correction = math.exp(state[0] - m_new)
+                state[1] = state[1] * correction + total
+                state[0] = m_new
+                state[2] = correction
+            cuda.syncthreads()
+            for d in range(t, head_dim, threads):
+                a = acc[d] * state[2]
+                for i in range(n):
+                    p = tile + i
+                    at = token_base(layer, V, table_slot(tables, b, p, s.block_size), s) + h * s.head_stride
+                    a += weights[i] * data[at + d]
+                acc[d] = a
+            cuda.syncthreads()
+    for d in range(t, head_dim, threads):
+        out[r, hq, d] = acc[d] / state[1] if pos >= 0 else 0.0

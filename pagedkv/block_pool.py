@@ -1,0 +1,246 @@
+"""Which blocks are free, who holds the rest, and which hold cached prefixes: :class:`BlockPool`.
+
+One object owns everything about a block's life (vLLM v1's ``BlockPool``):
+
+- a free stack: ``allocate(n)`` takes n blocks or none, O(1) each;
+- reference counts, kept per *owner* (a :class:`~pagedkv.BlockManager`, or 0
+  for direct use), so that each owner can check its own holds exactly;
+- the prefix-cache index: ``(namespace, key) -> block`` and back. A cached
+  block whose last holder lets go is not freed but waits, *idle*, in an LRU
+  list; it still counts as free and is evicted (oldest first, its index entry
+  dropped) only when an allocation finds the free stack empty.
+
+Several managers (several models) may share one pool; each gets an owner id
+from :meth:`BlockPool.new_owner`, which also namespaces its cache keys (two
+models' K/V of one prompt differ). The pool knows nothing of managers: no
+callbacks, no registry. Every method holds ``lock``, a re-entrant lock that
+managers also hold around compound operations, so that nothing can evict a
+block between a prefix lookup and its use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Hashable
+
+from .errors import AllocatorError, BlockIndexError, InvariantError, OutOfBlocksError
+
+DIRECT = 0  #: the owner of holds taken directly, not through a manager
+
+
+class BlockPool:
+    """Free stack, per-owner reference counts and the prefix-cache index of ``num_blocks`` blocks.
+
+    Raises:
+        OutOfBlocksError: fewer blocks available than asked for (nothing is taken).
+        AllocatorError: a block freed twice, freed without being allocated,
+            shared while free, or released by an owner that does not hold it.
+        BlockIndexError: a block id outside ``0..num_blocks - 1``.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise AllocatorError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        self.num_blocks = num_blocks
+        self.lock = threading.RLock()
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self._refs = [0] * num_blocks
+        self._holds: dict[int, Counter[int]] = {DIRECT: Counter()}  # owner -> block -> references
+        self._ever_allocated = [False] * num_blocks
+        self._index: dict[tuple[int, Hashable], int] = {}  # (namespace, key) -> block
+        self._entry: dict[int, tuple[int, Hashable]] = {}  # block -> (namespace, key)
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unheld blocks, oldest first
+        self._owners = itertools.count(DIRECT + 1)
+
+    def __repr__(self) -> str:
+        return f"BlockPool({self.num_blocks} blocks, {self.num_free} free, {len(self._entry)} cached)"
+
+    def new_owner(self) -> int:
+        """A fresh owner id: holds taken under it are counted apart, and it names a cache namespace."""
+        with self.lock:
+            owner = next(self._owners)
+            self._holds[owner] = Counter()
+            return owner
+
+    # -- questions ---------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take now: free ones plus idle cached (evictable) ones."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks with at least one holder."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks in the prefix-cache index (held or idle)."""
+        return len(self._entry)
+
+    @property
+    def num_idle(self) -> int:
+        """Cached blocks that no one holds: free, but keeping their contents until evicted."""
+        return len(self._idle)
+
+    def can_allocate(self, n: int) -> bool:
+        """Whether ``allocate(n)`` would succeed now."""
+        return n <= self.num_free
+
+    def ref_count(self, block: int) -> int:
+        """Holders of ``block`` (0 when free or idle)."""
+        return self._refs[self._check(block)]
+
+    def is_cached(self, block: int) -> bool:
+        """Whether ``block`` is in the prefix-cache index (its contents must not be overwritten)."""
+        return self._check(block) in self._entry
+
+    def is_idle(self, block: int) -> bool:
+        """Whether ``block`` is cached and unheld: free, but keeping its contents."""
+        return self._check(block) in self._idle
+
+    def holds(self, owner: int) -> Counter[int]:
+        """A copy of ``owner``'s references: block -> count."""
+        with self.lock:
+            return Counter(self._holds[owner])
+
+    def lookup(self, namespace: int, key: Hashable) -> int | None:
+        """The block cached under ``key`` in ``namespace``, or None."""
+        return self._index.get((namespace, key))
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def allocate(self, n: int = 1, owner: int = DIRECT) -> list[int]:
+        """Take ``n`` blocks for ``owner``, each with reference count 1: all of them or none.
+
+        Free blocks go first; then idle cached blocks are evicted, oldest first.
+        """
+        if n < 0:
+            raise AllocatorError(f"cannot allocate {n} blocks")
+        with self.lock:
+            if n > self.num_free:
+                raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free} of {self.num_blocks} are free")
+            blocks = []
+            for _ in range(n):
+                if self._free:
+                    block = self._free.pop()
+                else:
+                    block, _ = self._idle.popitem(last=False)
+                    del self._index[self._entry.pop(block)]
+                self._refs[block] = 1
+                self._holds[owner][block] += 1
+                self._ever_allocated[block] = True
+                blocks.append(block)
+            return blocks
+
+    def incref(self, block: int, owner: int = DIRECT) -> int:
+        """Add a holder to a held block (a fork, a shared prefix); returns the new count."""
+        with self.lock:
+            if self._refs[self._check(block)] == 0:
+                raise AllocatorError(f"block {block} is free; only an allocated block can be shared")
+            self._refs[block] += 1
+            self._holds[owner][block] += 1
+            return self._refs[block]
+
+    def take_cached(self, block: int, owner: int = DIRECT) -> None:
+        """Add a holder to a cached block (a prefix-cache hit); an idle one comes back with count 1."""
+        with self.lock:
+            if self._check(block) not in self._entry:
+                raise AllocatorError(f"block {block} is not cached")
+            self._idle.pop(block, None)
+            self._refs[block] += 1
+            self._holds[owner][block] += 1
+
+    def decref(self, block: int, owner: int = DIRECT) -> int:
+        """Drop one of ``owner``'s references; returns the new count.
+
+        At zero the block is free again, or idle if it is cached.
+        """
+        with self.lock:
+            if self._refs[self._check(block)] == 0:
+                if self._ever_allocated[block]:
+                    raise AllocatorError(f"block {block} is freed twice")
+                raise AllocatorError(f"block {block} was never allocated")
+            held = self._holds[owner]
+            if not held[block]:
+                raise AllocatorError(f"owner {owner} holds no reference to block {block}")
+            held[block] -= 1
+            if not held[block]:
+                del held[block]
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._entry:
+                    self._idle[block] = None
+                else:
+                    self._free.append(block)
+            return self._refs[block]
+
+    free = decref
+
+    def cache(self, namespace: int, key: Hashable, block: int) -> bool:
+        """Enter held ``block`` under ``key``; True if ``key`` now names ``block``.
+
+        False, changing nothing, if another block holds ``key`` already or
+        ``block`` is cached under another key.
+        """
+        with self.lock:
+            if self._refs[self._check(block)] == 0:
+                raise AllocatorError(f"block {block} is free; only a held block can be cached")
+            entry = (namespace, key)
+            if entry in self._index or block in self._entry:
+                return self._index.get(entry) == block
+            self._index[entry] = block
+            self._entry[block] = entry
+            return True
+
+    def uncache(self, block: int) -> None:
+        """Forget ``block``'s cache entry; an idle block becomes plainly free."""
+        with self.lock:
+            del self._index[self._entry.pop(self._check(block))]
+            if block in self._idle:
+                del self._idle[block]
+                self._free.append(block)
+
+    def forget_namespace(self, namespace: int) -> None:
+        """Forget every cache entry of ``namespace`` (a manager's reset)."""
+        with self.lock:
+            for block in [b for b, (ns, _) in self._entry.items() if ns == namespace]:
+                self.uncache(block)
+
+    def _check(self, block: int) -> int:
+        if not 0 <= block < self.num_blocks:
+            raise BlockIndexError(f"block {block} is outside 0..{self.num_blocks - 1}")
+        return block
+
+    # -- invariants --------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise :class:`~pagedkv.InvariantError` unless every block is exactly one of free, idle
+        or held, each count is the sum of its owners' references, and the index is consistent."""
+        with self.lock:
+            free = set(self._free)
+            if len(free) != len(self._free):
+                raise InvariantError("a block is on the free stack twice")
+            total: Counter[int] = Counter()
+            for held in self._holds.values():
+                total.update(held)
+            for block in range(self.num_blocks):
+                idle = block in free or block in self._idle
+                if block in free and block in self._idle:
+                    raise InvariantError(f"block {block} is both free and idle")
+                if idle == (self._refs[block] > 0):
+                    state = "free or idle" if idle else "neither free nor held"
+                    raise InvariantError(f"block {block} has count {self._refs[block]} but is {state}")
+                if self._refs[block] != total[block]:
+                    raise InvariantError(
+                        f"block {block} has count {self._refs[block]} but its owners hold {total[block]}")
+                if block in self._idle and block not in self._entry:
+                    raise InvariantError(f"idle block {block} is in no cache entry")
+                if block in free and block in self._entry:
+                    raise InvariantError(f"free block {block} is still cached")
+            if len(self._index) != len(self._entry) or any(
+                    self._index.get(entry) != block for block, entry in self._entry.items()):
+                raise InvariantError("the prefix-cache index and its inverse disagree")

@@ -1,0 +1,107 @@
+"""Every sequence's blocks in one persistent int32 array: :class:`BlockTable`.
+
+Kernels want block tables as one int32 ``[B, max_blocks]`` array. Building it
+from per-sequence lists every step costs a Python loop over the batch, so
+the rows live in one array from the start (vLLM v1's ``BlockTable``): a
+sequence owns a row, appends write into it, and the tables of a step are one
+fancy-index. Entries past a row's length are -1 (never read by a kernel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .layout import cu_seqlens, token_slots
+
+
+class BlockTable:
+    """Rows of block ids, one per sequence, growing in both directions as needed."""
+
+    def __init__(self, rows: int = 8, width: int = 8) -> None:
+        self._table = np.full((rows, width), -1, dtype=np.int32)
+        self._lens = [0] * rows  # blocks in each row
+        self._free_rows = list(range(rows - 1, -1, -1))
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def add_row(self) -> int:
+        """A new, empty row (the array doubles when every row is taken)."""
+        if not self._free_rows:
+            rows = self._table.shape[0]
+            self._table = np.concatenate([self._table, np.full_like(self._table, -1)])
+            self._lens += [0] * rows
+            self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        return self._free_rows.pop()
+
+    def clear_row(self, row: int) -> None:
+        """Empty ``row`` and give it back."""
+        self._table[row, :self._lens[row]] = -1
+        self._lens[row] = 0
+        self._free_rows.append(row)
+
+    def append_row(self, row: int, blocks: Sequence[int]) -> None:
+        """Add ``blocks`` at the end of ``row`` (the array widens when needed)."""
+        start, end = self._lens[row], self._lens[row] + len(blocks)
+        if end > self._table.shape[1]:
+            wider = np.full((self._table.shape[0], max(end, 2 * self._table.shape[1])), -1, dtype=np.int32)
+            wider[:, :self._table.shape[1]] = self._table
+            self._table = wider
+        self._table[row, start:end] = blocks
+        self._lens[row] = end
+
+    def set_block(self, row: int, j: int, block: int) -> None:
+        """Replace entry ``j`` of ``row`` (a copy-on-write)."""
+        self._table[row, j] = block
+
+    def truncate_row(self, row: int, n: int) -> list[int]:
+        """Keep the first ``n`` blocks of ``row``; returns the ones dropped, in order."""
+        dropped = self._table[row, n:self._lens[row]].tolist()
+        self._table[row, n:self._lens[row]] = -1
+        self._lens[row] = min(n, self._lens[row])
+        return dropped
+
+    # -- views -------------------------------------------------------------------------------
+
+    def blocks(self, row: int) -> list[int]:
+        """The blocks of ``row``, in token order (a copy)."""
+        return self._table[row, :self._lens[row]].tolist()
+
+    def num_blocks(self, row: int) -> int:
+        """Blocks in ``row``."""
+        return self._lens[row]
+
+    def last_block(self, row: int) -> int:
+        """The last block of a non-empty ``row``."""
+        return int(self._table[row, self._lens[row] - 1])
+
+    def rows(self, rows: Sequence[int], width: int) -> np.ndarray:
+        """int32 ``[len(rows), width]``, padded with -1; a view-free copy when it fits."""
+        index = np.asarray(rows, dtype=np.intp)
+        if width <= self._table.shape[1]:
+            return self._table[index, :width]
+        out = np.full((len(index), width), -1, dtype=np.int32)
+        out[:, :self._table.shape[1]] = self._table[index]
+        return out
+
+    def slot_mapping(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
+                     block_size: int) -> np.ndarray:
+        """Slots of ``counts[i]`` tokens from position ``starts[i]`` of each row: int64 ``[sum(counts)]``."""
+        width = max((self._lens[r] for r in rows), default=0)
+        return token_slots(self.rows(rows, width), np.asarray(starts), np.asarray(counts), block_size)
+
+    def to_flashinfer(self, rows: Sequence[int], num_tokens: Sequence[int],
+                      block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """FlashInfer's paged format: int32 ``kv_indptr [B + 1]``, ``kv_indices`` and
+        ``kv_last_page_len [B]`` (0 for an empty sequence)."""
+        indptr = cu_seqlens(np.array([self._lens[r] for r in rows], dtype=np.int64))
+        indices = np.concatenate([self._table[r, :self._lens[r]] for r in rows] or [np.zeros(0, np.int32)])
+        n = np.asarray(num_tokens, dtype=np.int64)
+        last = np.where(n > 0, (n - 1) % block_size + 1, 0).astype(np.int32)
+        return indptr, indices.astype(np.int32), last
+
+    def check_row(self, row: int, blocks: int) -> bool:
+        """Whether ``row`` holds exactly ``blocks`` entries, each a block id, and -1 after them."""
+        r = self._table[row]
+        return self._lens[row] == blocks and bool((r[:blocks] >= 0).all() and (r[blocks:] == -1).all())

@@ -1,0 +1,86 @@
+"""Where arrays live: the host (numpy) or a CUDA GPU (numba device arrays).
+
+The only module below the backends that touches ``numba.cuda``, and only when
+asked for the GPU: ``import pagedkv`` never needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import BackendUnavailableError, DTypeError
+
+DEVICES = ("cpu", "cuda")
+
+
+class DeviceArray(Protocol):
+    """What pagedkv uses of a GPU array (numba's ``DeviceNDArray``)."""
+
+    shape: tuple[int, ...]
+    size: int
+    dtype: Any
+
+    def copy_to_host(self) -> np.ndarray: ...
+
+    def copy_to_device(self, ary: Any) -> None: ...
+
+    def reshape(self, *shape: int) -> Any: ...
+
+    def __getitem__(self, index: Any) -> Any: ...
+
+
+#: an array of a pool or a kernel: numpy on the host, a device array on a GPU
+Array = np.ndarray | DeviceArray
+
+
+def cuda_module() -> Any:
+    """``numba.cuda``, or a BackendUnavailableError saying what is missing."""
+    try:
+        from numba import cuda
+    except ImportError as e:  # numba-cuda missing or broken
+        raise BackendUnavailableError(f"backend 'cuda' needs numba-cuda (pip install 'pagedkv[gpu]'): {e}") from e
+    if not cuda.is_available():
+        raise BackendUnavailableError(
+            "backend 'cuda' found no usable GPU (numba.cuda.is_available() is False); "
+            "on a machine without one, NUMBA_ENABLE_CUDASIM=1 runs the kernels on numba's simulator"
+        )
+    return cuda
+
+
+def zeros(n: int, dtype: np.dtype, device: str) -> Array:
+    """``n`` zeroed elements of ``dtype``: a numpy array on ``"cpu"``, a device array on ``"cuda"``."""
+    if device == "cpu":
+        return np.zeros(n, dtype=dtype)
+    cuda = cuda_module()
+    data = cuda.device_array(n, dtype=dtype)
+    if n:
+        from ._cuda_fill import fill
+
+        threads = 256
+        fill[(n + threads - 1) // threads, threads](data, 0)
+    return data
+
+
+def is_device_array(a: object) -> bool:
+    """Whether ``a`` is a numba device array."""
+    return hasattr(a, "copy_to_host")
+
+
+def host_array(a: object, name: str) -> np.ndarray:
+    """``a`` as a numpy array: numpy as is, a GPU array copied to the host.
+
+    Accepts numpy arrays, numba device arrays, CuPy arrays and any object
+    with ``__cuda_array_interface__`` (torch CUDA tensors).
+    """
+    if isinstance(a, np.ndarray):
+        return a
+    if is_device_array(a):
+        return a.copy_to_host()  # type: ignore[attr-defined]
+    if hasattr(a, "__cuda_array_interface__"):  # CuPy, torch CUDA tensors
+        from numba import cuda
+
+        if hasattr(cuda, "as_cuda_array"):  # absent under the CUDA simulator
+            return cuda.as_cuda_array(a).copy_to_host()
+    raise DTypeError(f"{name} must be an array, got {type(a).__name__}")
