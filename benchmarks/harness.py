@@ -32,7 +32,7 @@ from pagedkv.bench import (
     numpy_peer,
     torch_peer,
 )
-from pagedkv.layout import cu_seqlens, gather_slots, split_slot
+from pagedkv.layout import cdiv, cu_seqlens, gather_slots, split_slot
 
 
 def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") -> dict[str, float | None]:
@@ -114,7 +114,7 @@ class DecodeStep:
 
     def __init__(self, num_seqs: int = 256, context: int = 512, block_size: int = BLOCK_SIZE,
                  rewind_every: int = 1024) -> None:
-        blocks_per_seq = -(-(context + rewind_every) // block_size)
+        blocks_per_seq = cdiv(context + rewind_every, block_size)
         self.manager = BlockManager(block_size, num_blocks=num_seqs * blocks_per_seq)
         self.seq_ids = [self.manager.add_sequence() for _ in range(num_seqs)]
         self.manager.append_batch(self.seq_ids, [context] * num_seqs)
@@ -237,7 +237,7 @@ def make_attention_workload(batch: int = 32, context: int = 2048, q_heads: int =
                             head_dim: int = D, layout: str = "NHD", seed: int = 0) -> AttentionWorkload:
     """The decode shape of the attention targets (B=32, context 2048, Hq=32, H=8, D=128)."""
     rng = np.random.default_rng(seed)
-    per_seq = -(-context // BLOCK_SIZE)
+    per_seq = cdiv(context, BLOCK_SIZE)
     config = CacheConfig(num_layers=1, num_kv_heads=heads, head_dim=head_dim, num_blocks=batch * per_seq,
                          block_size=BLOCK_SIZE, layout=layout)
     pool = KVPool(config)

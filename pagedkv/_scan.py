@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layout import cdiv
+
 SLOT_OUT_OF_RANGE, SLOT_REPEATED = 1, 2
 LEN_NEGATIVE, LEN_TOO_LONG, TABLE_ENTRY_BAD = 1, 2, 3
 BLOCK_OUT_OF_RANGE, DST_REPEATED, COPY_ONTO_ITSELF, DST_IS_SRC = 1, 2, 3, 4
@@ -39,7 +41,7 @@ def scan_tables(tables, lens, block_size, num_blocks):
             return LEN_NEGATIVE, b, 0
         if n > capacity:
             return LEN_TOO_LONG, b, 0
-        for j in range((n + block_size - 1) // block_size):
+        for j in range(cdiv(n, block_size)):
             if tables[b, j] < 0 or tables[b, j] >= num_blocks:
                 return TABLE_ENTRY_BAD, b, j
     return 0, 0, 0
@@ -73,6 +75,7 @@ try:
 except ImportError:  # pure Python: same answers, slower
     pass
 else:
+    cdiv = njit(inline="always", cache=True)(cdiv)  # the scans below call it compiled
     scan_slots = njit(cache=True)(scan_slots)
     scan_tables = njit(cache=True)(scan_tables)
     scan_copies = njit(cache=True)(scan_copies)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import CacheConfig
 from .device import host_array
-from .layout import gather_slots, split_slot
+from .layout import cdiv, gather_slots, split_slot
 from .pool import KVPool
 
 H, D, BLOCK_SIZE = 8, 128, 16
@@ -79,7 +79,7 @@ def make_workload(shape: str, layout: str = "NHD", seed: int = 0, *, tokens: int
     # gather: the t tokens as num_seqs sequences of whole blocks, in random block order
     num_seqs = max(1, min(num_seqs, t // BLOCK_SIZE))
     per_seq = t // num_seqs
-    tables = blocks[: num_seqs * -(-per_seq // BLOCK_SIZE)].reshape(num_seqs, -1).astype(np.int32)
+    tables = blocks[: num_seqs * cdiv(per_seq, BLOCK_SIZE)].reshape(num_seqs, -1).astype(np.int32)
     lens = np.full(num_seqs, per_seq, dtype=np.int32)
     n_copy = max(1, t // BLOCK_SIZE)
     return Workload(config, pool, key, value, slots.astype(np.int64), tables, lens,

@@ -98,6 +98,12 @@ class BlockPool:
         """Whether ``block`` is in the prefix-cache index (its contents must not be overwritten)."""
         return self._check(block) in self._entry
 
+    def must_copy_before_write(self, block: int, holders: int | None = None) -> bool:
+        """Whether a holder about to write into ``block`` must write into a copy instead: it
+        has other holders (``holders``, when given, stands for its reference count) or it is
+        cached (its contents serve later prompts)."""
+        return (self._refs[self._check(block)] if holders is None else holders) > 1 or block in self._entry
+
     def is_idle(self, block: int) -> bool:
         """Whether ``block`` is cached and unheld: free, but keeping its contents."""
         return self._check(block) in self._idle

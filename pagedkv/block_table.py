@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .layout import cu_seqlens, token_slots
+from .layout import page_lists, token_slots
 
 
 class BlockTable:
@@ -74,7 +74,7 @@ class BlockTable:
 
     def last_block(self, row: int) -> int:
         """The last block of a non-empty ``row``."""
-        return int(self._table[row, self._lens[row] - 1])
+        return self._table.item(row, self._lens[row] - 1)
 
     def rows(self, rows: Sequence[int], width: int) -> np.ndarray:
         """int32 ``[len(rows), width]``, padded with -1; a view-free copy when it fits."""
@@ -93,13 +93,10 @@ class BlockTable:
 
     def to_flashinfer(self, rows: Sequence[int], num_tokens: Sequence[int],
                       block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """FlashInfer's paged format: int32 ``kv_indptr [B + 1]``, ``kv_indices`` and
-        ``kv_last_page_len [B]`` (0 for an empty sequence)."""
-        indptr = cu_seqlens(np.array([self._lens[r] for r in rows], dtype=np.int64))
-        indices = np.concatenate([self._table[r, :self._lens[r]] for r in rows] or [np.zeros(0, np.int32)])
-        n = np.asarray(num_tokens, dtype=np.int64)
-        last = np.where(n > 0, (n - 1) % block_size + 1, 0).astype(np.int32)
-        return indptr, indices.astype(np.int32), last
+        """FlashInfer's paged format of ``rows`` holding ``num_tokens`` tokens (see
+        :func:`pagedkv.layout.page_lists`)."""
+        width = max((self._lens[r] for r in rows), default=0)
+        return page_lists(self.rows(rows, width), np.asarray(num_tokens, dtype=np.int64), block_size)
 
     def check_row(self, row: int, blocks: int) -> bool:
         """Whether ``row`` holds exactly ``blocks`` entries, each a block id, and -1 after them."""

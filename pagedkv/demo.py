@@ -19,6 +19,7 @@ import numpy as np
 
 from .cache import PagedKVCache
 from .errors import PagedKVError
+from .layout import cdiv
 from .model import DenseCache, ModelConfig, TinyLlama, generate_dense, paged_step
 
 
@@ -105,7 +106,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
             r.output.append(int(np.argmax(row)))
             (done if len(r.output) == r.max_new_tokens else running).append(r)
         used.append(cache.manager.block_pool.num_used)
-        contiguous.append(len(batch) * -(-max_len // bs))
+        contiguous.append(len(batch) * cdiv(max_len, bs))
         if used[-1] > peak:
             peak, peak_map = used[-1], pool_map(cache, {r.seq_id: r.rid for r in batch})
         for r in done:
@@ -131,7 +132,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
 
 def _final_blocks(r: Request, block_size: int) -> int:
     """Blocks request ``r`` holds when done (its last token's K/V is never written)."""
-    return -(-(len(r.prompt) + r.max_new_tokens - 1) // block_size)
+    return cdiv(len(r.prompt) + r.max_new_tokens - 1, block_size)
 
 
 def _progress(stream, done: int, total: int) -> None:

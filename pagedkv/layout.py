@@ -235,6 +235,24 @@ def token_slots(block_tables: np.ndarray, starts: np.ndarray, counts: np.ndarray
     return table_slot(block_tables, seq, positions, np.int64(block_size))  # int64: no int32 overflow
 
 
+def page_lists(block_tables: np.ndarray, context_lens: np.ndarray,
+               block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block tables in FlashInfer's paged format: int32 ``kv_indptr [B + 1]``, ``kv_indices``
+    (sequence b's pages are ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``) and
+    ``kv_last_page_len [B]`` (tokens in each last page; 0 for an empty sequence).
+
+    >>> indptr, indices, last = page_lists(np.array([[5, 2], [7, -1], [-1, -1]]), np.array([5, 1, 0]), 4)
+    >>> indptr.tolist(), indices.tolist(), last.tolist()
+    ([0, 2, 3, 3], [5, 2, 7], [1, 1, 0])
+    """
+    lens = np.asarray(context_lens, dtype=np.int64)
+    pages = cdiv(lens, block_size)
+    seq, page = ragged_rows(pages)
+    indices = np.asarray(block_tables)[seq, page].astype(np.int32)
+    last = np.where(lens > 0, lens - (pages - 1) * block_size, 0).astype(np.int32)
+    return cu_seqlens(pages), indices, last
+
+
 def gather_slots(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
     """Slots of every cached token, sequence after sequence, in token order: int64 ``[sum(lens)]``.
 

@@ -65,6 +65,8 @@ class _Sequence:
 
 
 def _count(n: object, what: str) -> int:
+    if type(n) is int and n >= 0:  # the common case, checked first: this runs once per sequence per step
+        return n
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise ArgumentError(f"{what} must be an integer, got {n!r}")
     if n < 0:
@@ -259,10 +261,9 @@ class BlockManager:
             cow = False
             if n and seq.num_tokens % bs:  # the last block is partly filled: we write into it
                 last = self.table.last_block(seq.row)
-                holders = shared.get(last, self.block_pool.ref_count(last))
-                if holders > 1 or self.block_pool.is_cached(last):
+                if self.block_pool.must_copy_before_write(last, shared.get(last)):
                     cow = True
-                    shared[last] = holders - 1
+                    shared[last] = shared.get(last, self.block_pool.ref_count(last)) - 1
             grow = cdiv(seq.num_tokens + n, bs) - self.table.num_blocks(seq.row)
             plan.append((cow, grow))
             total += grow + cow
@@ -287,8 +288,9 @@ class BlockManager:
             seq.num_tokens += n
         slots = self.table.slot_mapping([s.row for s in seqs], starts, counts, self.block_size)
         for seq in seqs:
-            self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row),
-                                                seq.num_tokens, seq.extras)
+            if self.prefix_cache.has_new_full_blocks(seq.keys, seq.token_ids, seq.num_tokens):
+                self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row),
+                                                    seq.num_tokens, seq.extras)
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
 
     # -- views for kernels -------------------------------------------------------------------

@@ -55,10 +55,15 @@ class PrefixCache:
                 keys.append(key)
         return blocks, keys
 
+    def has_new_full_blocks(self, keys: Sequence[BlockKey], token_ids: Sequence[int], num_tokens: int) -> bool:
+        """Whether a sequence has filled blocks with known token ids past its ``keys`` (a cheap
+        test, so that a decode step looks at no block list when none filled)."""
+        return self.enabled and min(num_tokens, len(token_ids)) // self.block_size > len(keys)
+
     def enter_full_blocks(self, keys: list[BlockKey], token_ids: Sequence[int], blocks: Sequence[int],
                           num_tokens: int, extras: tuple[bytes, ...]) -> None:
         """Enter a sequence's newly filled blocks whose token ids are known, extending ``keys``."""
-        if not self.enabled:
+        if not self.has_new_full_blocks(keys, token_ids, num_tokens):
             return
         full = min(num_tokens, len(token_ids)) // self.block_size
         while len(keys) < full:

@@ -286,3 +286,44 @@ def test_batch_with_a_zero_count_is_not_a_decode_step():
     a, b = m.add_sequence(), m.add_sequence()
     r = m.append_batch([a, b], [0, 2])
     assert r.slots.tolist() == [m.block_table(b)[0], m.block_table(b)[1]]
+
+
+BAD_ARGUMENTS = {  # each a call on a manager holding s (6 tokens) and "other" (none); all must change nothing
+    "a count that is a float": lambda m, s: m.append(s, 1.9),
+    "a negative count": lambda m, s: m.append(s, -1),
+    "a token id that is a float": lambda m, s: m.append(s, 1, token_ids=[np.float64(7)]),
+    "too few token ids": lambda m, s: m.append(s, 3, token_ids=[1, 2]),
+    "a rejected second sequence": lambda m, s: m.append_batch(
+        [s, "other"], [4, 1], token_ids=[list(range(6, 10)), [np.float64(7)]]),
+    "a sequence twice": lambda m, s: m.append_batch([s, s], [1, 1]),
+    "more counts than sequences": lambda m, s: m.append_batch([s], [1, 1]),
+    "truncate past the end": lambda m, s: m.truncate(s, 7),
+    "truncate to a float": lambda m, s: m.truncate(s, 1.0),
+    "an unusable salt": lambda m, s: m.add_sequence(prompt_token_ids=list(range(9)), cache_salt=[1]),
+    "an unhashable id": lambda m, s: m.add_sequence(["x"]),
+    "prompt ids that are not integers": lambda m, s: m.add_sequence(prompt_token_ids=["a"]),
+    "too narrow block tables": lambda m, s: m.block_tables([s], max_blocks=1),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_raise_argument_errors_and_change_nothing(case):
+    m = BlockManager(4, num_blocks=8)
+    s = m.add_sequence(prompt_token_ids=list(range(10)))
+    m.append(s, 6)
+    m.add_sequence("other")
+    before = state(m)
+    with pytest.raises(pk.ArgumentError) as info:
+        BAD_ARGUMENTS[case](m, s)
+    assert isinstance(info.value, ValueError)
+    assert state(m) == before
+    m.check()
+
+
+def test_salts_are_compared_with_their_type():
+    m = BlockManager(2, num_blocks=16)
+    for salt in (1, True, 1.0, "1", b"1"):
+        s = m.add_sequence(prompt_token_ids=[5, 6, 7], cache_salt=salt)
+        assert m.num_cached_tokens(s) == 0  # no salt hits another's blocks
+        m.append(s, 3)
+    assert m.num_cached_tokens(m.add_sequence(prompt_token_ids=[5, 6, 7], cache_salt=True)) == 2

@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 
 from ..backends import reference as ref
 from ..config import CacheConfig
-from ..layout import decode_offset
+from ..layout import decode_offset, page_lists
 from ..pool import KVPool
 from . import strategies as pst
 from .tolerance import RTOL, attention_atol, score_bound
@@ -227,7 +227,7 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", max_examples: int
             got = fn(pool, layer, to_user(tables), to_user(lens))
         elif convention == "flashinfer":
             ks, vs = _caches(pool, to_user)
-            indptr, indices, last = _flashinfer(tables, lens, config.block_size)
+            indptr, indices, last = page_lists(tables, lens, config.block_size)
             got = fn(ks[0], vs[0], to_user(indptr), to_user(indices), to_user(last))
         else:
             ks, vs = _caches(pool, to_user)
@@ -236,14 +236,6 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", max_examples: int
         for name, want, g in zip(("K", "V"), (want_k, want_v), got, strict=True):
             _compare_rows(f"gather ({name})", want, from_user(g), case, _row_in_sequence(lens))
     _run(test, max_examples)
-
-
-def _flashinfer(tables: np.ndarray, lens: np.ndarray, block_size: int):
-    pages = -(-lens.astype(np.int64) // block_size)
-    indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
-    indices = np.concatenate([tables[b, :pages[b]] for b in range(len(lens))] or [np.zeros(0)]).astype(np.int32)
-    last = np.where(lens > 0, (lens - 1) % block_size + 1, 0).astype(np.int32)
-    return indptr, indices, last
 
 
 def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
@@ -326,7 +318,7 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", max_exam
                      query_lens=None if query_lens is None else to_user(query_lens))
         elif convention == "flashinfer":
             ks, vs = _caches(pool, to_user)
-            indptr, indices, last = _flashinfer(tables, lens, config.block_size)
+            indptr, indices, last = page_lists(tables, lens, config.block_size)
             got = fn(to_user(q), ks[0], vs[0], to_user(indptr), to_user(indices), to_user(last), scale)
         else:
             ks, vs = _caches(pool, to_user)

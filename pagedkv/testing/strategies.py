@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ..config import CacheConfig
-from ..layout import LAYOUTS
+from ..layout import LAYOUTS, cdiv
 from ..pool import KVPool
 
 __all__ = [
@@ -61,7 +61,7 @@ def block_tables(draw, config: CacheConfig, *, max_seqs: int = 4, max_blocks_per
     lens = [draw(st.integers(min(min_len, m * bs), m * bs)) for _ in range(b)]
     tables = np.full((b, m), -1, dtype=np.int32)
     for i, n in enumerate(lens):
-        used = -(-n // bs)
+        used = cdiv(n, bs)
         tables[i, :used] = draw(st.lists(st.integers(0, config.num_blocks - 1), min_size=used, max_size=used))
     return tables, np.array(lens, dtype=np.int32)
 
