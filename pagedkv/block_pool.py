@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Hashable
 
@@ -53,6 +54,7 @@ class BlockPool:
         self._entry: dict[int, tuple[int, Hashable]] = {}  # block -> (namespace, key)
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unheld blocks, oldest first
         self._owners = itertools.count(DIRECT + 1)
+        self._abandoned: list[int] = []  # owners gone without closing (appended by finalizers)
 
     def __repr__(self) -> str:
         return f"BlockPool({self.num_blocks} blocks, {self.num_free} free, {len(self._entry)} cached)"
@@ -64,11 +66,41 @@ class BlockPool:
             self._holds[owner] = Counter()
             return owner
 
+    def release_owner(self, owner: int) -> int:
+        """Drop every reference ``owner`` holds and forget its cache entries (an owner that is
+        done for good); returns how many blocks went back to the pool."""
+        with self.lock:
+            returned = 0
+            for block, n in list(self._holds[owner].items()):
+                for _ in range(n):
+                    returned += self.decref(block, owner) == 0
+            self.forget_namespace(owner)
+            return returned
+
+    def abandon(self, owner: int) -> None:
+        """Note that ``owner`` is gone without closing (called from a finalizer, at any moment,
+        on any thread: it only records, and the pool reclaims the owner's blocks at its next
+        allocation or check, under its lock)."""
+        self._abandoned.append(owner)  # atomic; touches nothing the lock guards
+
+    def _reclaim(self) -> None:
+        while self._abandoned:
+            owner = self._abandoned.pop()
+            held, cached = sum(self._holds[owner].values()), sum(ns == owner for ns, _ in self._entry.values())
+            self.release_owner(owner)
+            del self._holds[owner]
+            if held or cached:
+                warnings.warn(f"a BlockManager was dropped without close(): its {held} block references and "
+                              f"{cached} cached blocks went back to the pool", ResourceWarning, stacklevel=3)
+
     # -- questions ---------------------------------------------------------------------------
 
     @property
     def num_free(self) -> int:
         """Blocks an allocation can take now: free ones plus idle cached (evictable) ones."""
+        if self._abandoned:
+            with self.lock:
+                self._reclaim()
         return len(self._free) + len(self._idle)
 
     @property
@@ -88,7 +120,7 @@ class BlockPool:
 
     def can_allocate(self, n: int) -> bool:
         """Whether ``allocate(n)`` would succeed now."""
-        return n <= self.num_free
+        return n <= self.num_free  # num_free reclaims abandoned owners' blocks first
 
     def ref_count(self, block: int) -> int:
         """Holders of ``block`` (0 when free or idle)."""
@@ -98,12 +130,6 @@ class BlockPool:
         """Whether ``block`` is in the prefix-cache index (its contents must not be overwritten)."""
         return self._check(block) in self._entry
 
-    def must_copy_before_write(self, block: int, holders: int | None = None) -> bool:
-        """Whether a holder about to write into ``block`` must write into a copy instead: it
-        has other holders (``holders``, when given, stands for its reference count) or it is
-        cached (its contents serve later prompts)."""
-        return (self._refs[self._check(block)] if holders is None else holders) > 1 or block in self._entry
-
     def is_idle(self, block: int) -> bool:
         """Whether ``block`` is cached and unheld: free, but keeping its contents."""
         return self._check(block) in self._idle
@@ -112,6 +138,14 @@ class BlockPool:
         """A copy of ``owner``'s references: block -> count."""
         with self.lock:
             return Counter(self._holds[owner])
+
+    def stats(self) -> dict[str, float | int]:
+        """Block counts: ``blocks_total``, ``blocks_used``, ``blocks_free`` (idle cached ones
+        included), ``blocks_cached``, ``blocks_cached_idle`` and ``usage`` (used / total)."""
+        with self.lock:
+            return {"blocks_total": self.num_blocks, "blocks_used": self.num_used, "blocks_free": self.num_free,
+                    "blocks_cached": len(self._entry), "blocks_cached_idle": len(self._idle),
+                    "usage": self.num_used / self.num_blocks}
 
     def lookup(self, namespace: int, key: Hashable) -> int | None:
         """The block cached under ``key`` in ``namespace``, or None."""
@@ -127,7 +161,7 @@ class BlockPool:
         if n < 0:
             raise AllocatorError(f"cannot allocate {n} blocks")
         with self.lock:
-            if n > self.num_free:
+            if n > self.num_free:  # num_free reclaims abandoned owners' blocks first
                 raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free} of {self.num_blocks} are free")
             blocks = []
             for _ in range(n):
@@ -227,6 +261,7 @@ class BlockPool:
         """Raise :class:`~pagedkv.InvariantError` unless every block is exactly one of free, idle
         or held, each count is the sum of its owners' references, and the index is consistent."""
         with self.lock:
+            self._reclaim()
             free = set(self._free)
             if len(free) != len(self._free):
                 raise InvariantError("a block is on the free stack twice")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .layout import page_lists, token_slots
+from .layout import page_lists, table_slot, token_slots
 
 
 class BlockTable:
@@ -64,9 +64,9 @@ class BlockTable:
 
     # -- views -------------------------------------------------------------------------------
 
-    def blocks(self, row: int) -> list[int]:
-        """The blocks of ``row``, in token order (a copy)."""
-        return self._table[row, :self._lens[row]].tolist()
+    def blocks(self, row: int, start: int = 0) -> list[int]:
+        """The blocks of ``row`` from entry ``start`` on, in token order (a copy)."""
+        return self._table[row, start:self._lens[row]].tolist()
 
     def num_blocks(self, row: int) -> int:
         """Blocks in ``row``."""
@@ -87,9 +87,15 @@ class BlockTable:
 
     def slot_mapping(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
                      block_size: int) -> np.ndarray:
-        """Slots of ``counts[i]`` tokens from position ``starts[i]`` of each row: int64 ``[sum(counts)]``."""
-        width = max((self._lens[r] for r in rows), default=0)
-        return token_slots(self.rows(rows, width), np.asarray(starts), np.asarray(counts), block_size)
+        """Slots of ``counts[i]`` tokens from position ``starts[i]`` of each row: int64 ``[sum(counts)]``.
+
+        O(number of tokens): it reads only the entries the tokens land in.
+        """
+        if sum(counts) <= 16:  # a few tokens: plain Python beats numpy's per-call overhead
+            bs = np.int64(block_size)  # int64 arithmetic: no int32 overflow
+            return np.array([table_slot(self._table, r, p, bs) for r, start, n in zip(rows, starts, counts, strict=True)
+                             for p in range(start, start + n)], dtype=np.int64)
+        return token_slots(self._table, np.asarray(starts), np.asarray(counts), block_size, np.asarray(rows))
 
     def to_flashinfer(self, rows: Sequence[int], num_tokens: Sequence[int],
                       block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .backends import get_backend
 from .config import CacheConfig
-from .errors import ConfigError
+from .errors import ConfigError, StepError
 from .manager import BlockManager
 from .plan import Plan
 from .pool import KVPool
@@ -46,6 +46,9 @@ class Step:
         copies: the ``(src, dst)`` copy-on-write copies applied before this step's writes.
         plan: the backend's :class:`~pagedkv.plan.Plan` of the step: its index arrays
             validated once (and, on a GPU, uploaded once) for every layer.
+        cache, epoch: the cache that made the step and its epoch then; the step is
+            valid until that cache's next ``begin_step``, ``fork``, ``truncate``,
+            ``free`` or ``reset`` (any of which may hand its blocks to others).
     """
 
     seq_ids: tuple
@@ -56,6 +59,8 @@ class Step:
     is_decode: bool
     copies: tuple[np.ndarray, np.ndarray]
     plan: Plan
+    cache: PagedKVCache = field(repr=False)
+    epoch: int = 0
 
     @property
     def positions(self) -> np.ndarray:
@@ -82,6 +87,7 @@ class PagedKVCache:
         self.pool = KVPool(config, device=self.backend.DEVICE)
         self.manager = BlockManager(config.block_size, num_blocks=config.num_blocks,
                                     enable_prefix_caching=enable_prefix_caching)
+        self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale
 
     def __repr__(self) -> str:
         return f"PagedKVCache(backend={self.backend.NAME!r}, {self.pool!r})"
@@ -96,15 +102,36 @@ class PagedKVCache:
 
     def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
         """A new sequence sharing ``seq_id``'s tokens (copy-on-write); returns its id."""
-        return self.manager.fork(seq_id, child_id)
+        result = self.manager.fork(seq_id, child_id)
+        self._epoch += 1  # blocks may have changed hands: older steps are stale
+        return result
 
     def truncate(self, seq_id: Hashable, new_len: int) -> int:
         """Keep the first ``new_len`` tokens (reject speculative ones); returns blocks freed."""
-        return self.manager.truncate(seq_id, new_len)
+        result = self.manager.truncate(seq_id, new_len)
+        self._epoch += 1  # blocks may have changed hands: older steps are stale
+        return result
 
     def free(self, seq_id: Hashable) -> int:
         """End a sequence; returns blocks given back to the pool."""
-        return self.manager.free(seq_id)
+        result = self.manager.free(seq_id)
+        self._epoch += 1  # blocks may have changed hands: older steps are stale
+        return result
+
+    def reset(self) -> None:
+        """Free every sequence and forget the prefix cache (the pool's contents stay)."""
+        self.manager.reset()
+        self._epoch += 1
+
+    def close(self) -> None:
+        """Give every block back (see :meth:`BlockManager.close`); ``with`` closes on the way out."""
+        self.reset()
+
+    def __enter__(self) -> PagedKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def can_step(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> bool:
         """Whether :meth:`begin_step` would find enough blocks now."""
@@ -124,22 +151,27 @@ class PagedKVCache:
         """
         seq_ids = tuple(seq_ids)
         appended = self.manager.append_batch(seq_ids, num_new_tokens, token_ids)  # checks every argument
+        self._epoch += 1
         counts = np.array([int(n) for n in num_new_tokens], dtype=np.int32)
         if appended.copy_src.size:
             self.backend.copy_blocks(self.pool, appended.copy_src, appended.copy_dst)
+            self.manager.release_copy_sources()
         tables, lens = self.manager.block_tables(seq_ids), self.manager.context_lens(seq_ids)
         plan = self.backend.plan(self.pool, slot_mapping=appended.slots, block_tables=tables,
                                  context_lens=lens, query_lens=counts)
         return Step(seq_ids, counts, appended.slots, tables, lens, bool((counts == 1).all()),
-                    (appended.copy_src, appended.copy_dst), plan)
+                    (appended.copy_src, appended.copy_dst), plan, self, self._epoch)
 
     def write(self, layer: int, key: Any, value: Any, step: Step) -> None:
         """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``.
 
         Only ``layer`` and the arrays' dtype and shape are checked here: the
         step's index arrays were checked once, in :meth:`begin_step`.
+
+        Raises:
+            StepError: ``step`` is stale (see :class:`Step`) or another cache's.
         """
-        self.backend.write_step(self.pool, layer, key, value, step.plan)
+        self.backend.write_step(self.pool, layer, key, value, self._current(step).plan)
 
     def attention(self, layer: int, q: Any, step: Step, **options: Any) -> Any:
         """Attention of this step's queries (``[sum(new tokens), Hq, D]``) over the cache.
@@ -147,4 +179,14 @@ class PagedKVCache:
         Each new token attends causally to its sequence's cache (its own K/V
         written first). ``options``: ``scale``, ``sliding_window``, ``soft_cap``.
         """
-        return self.backend.attention_step(q, self.pool, layer, step.plan, **options)
+        return self.backend.attention_step(q, self.pool, layer, self._current(step).plan, **options)
+
+    def _current(self, step: object) -> Step:
+        """``step`` if it is this cache's latest and nothing has moved blocks since, else a StepError:
+        a stale step's slots may lie in blocks that now hold another sequence's tokens."""
+        if not isinstance(step, Step) or step.cache is not self:
+            raise StepError("this step was not made by this cache's begin_step")
+        if step.epoch != self._epoch:
+            raise StepError("this step is stale: a later begin_step, fork, truncate, free or reset "
+                            "may have given its blocks to other sequences")
+        return step

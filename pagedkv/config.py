@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError, LayerIndexError
-from .layout import LAYOUTS, Strides, cdiv, make_strides
+from .layout import INT32_MAX, INT64_MAX, LAYOUTS, Strides, cdiv, make_strides
 
 SUPPORTED_DTYPES = (np.dtype(np.float32),)
 
@@ -62,6 +62,10 @@ class CacheConfig:
         object.__setattr__(self, "dtype", dtype)
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.num_blocks > INT32_MAX:  # block tables are int32
+            raise ConfigError(f"num_blocks must fit in int32, got {self.num_blocks}")
+        if self.strides.size * dtype.itemsize > INT64_MAX:  # flat offsets are int64
+            raise ConfigError("a pool of this geometry has more elements than an int64 offset can address")
 
     @property
     def strides(self) -> Strides:

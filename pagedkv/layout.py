@@ -49,6 +49,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import ContextLengthError
+
+INT32_MAX = 2**31 - 1  #: the largest block id, context length or packed row count (int32 arrays)
+INT64_MAX = 2**63 - 1  #: the largest flat offset or slot
+
 K = 0  #: index of the key half of a layer
 V = 1  #: index of the value half of a layer
 
@@ -189,10 +194,15 @@ def cu_seqlens(counts: np.ndarray) -> np.ndarray:
 
     >>> cu_seqlens(np.array([3, 0, 2])).tolist()
     [0, 3, 3, 5]
+
+    Raises:
+        ContextLengthError: the total does not fit in int32 (kernels index packed rows with it).
     """
-    out = np.zeros(len(counts) + 1, dtype=np.int32)
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
-    return out
+    if out[-1] > INT32_MAX:
+        raise ContextLengthError(f"{int(out[-1])} packed rows do not fit in int32")
+    return out.astype(np.int32)
 
 
 def ragged_rows(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +232,11 @@ def query_positions(context_lens: np.ndarray, query_lens: np.ndarray) -> tuple[n
     return seq, first[seq] + offset
 
 
-def token_slots(block_tables: np.ndarray, starts: np.ndarray, counts: np.ndarray, block_size: int) -> np.ndarray:
+def token_slots(block_tables: np.ndarray, starts: np.ndarray, counts: np.ndarray, block_size: int,
+                rows: np.ndarray | None = None) -> np.ndarray:
     """Slots of ``counts[b]`` consecutive tokens from position ``starts[b]`` of each sequence,
-    sequence after sequence: int64 ``[sum(counts)]`` (a slot mapping).
+    sequence after sequence: int64 ``[sum(counts)]`` (a slot mapping). Sequence b's blocks are
+    row ``rows[b]`` of ``block_tables`` (row b when ``rows`` is None).
 
     >>> tables = np.array([[5, 2], [7, -1]], np.int32)
     >>> token_slots(tables, np.array([3, 0]), np.array([2, 1]), 4).tolist()
@@ -232,7 +244,8 @@ def token_slots(block_tables: np.ndarray, starts: np.ndarray, counts: np.ndarray
     """
     seq, offset = ragged_rows(counts)
     positions = np.asarray(starts, dtype=np.int64)[seq] + offset
-    return table_slot(block_tables, seq, positions, np.int64(block_size))  # int64: no int32 overflow
+    index = seq if rows is None else np.asarray(rows, dtype=np.intp)[seq]
+    return table_slot(block_tables, index, positions, np.int64(block_size))  # int64: no int32 overflow
 
 
 def page_lists(block_tables: np.ndarray, context_lens: np.ndarray,

@@ -1,13 +1,10 @@
 """Sequences to blocks: :class:`BlockManager`, with copy-on-write forks and a prefix cache.
 
-The manager never touches K/V data. It answers "where do these tokens go?"
-(slots), "where are this sequence's tokens?" (block tables and context
-lengths), and "which blocks must be copied before writing?" (copy-on-write);
-the caller moves the data with a backend. It keeps the sequences and plans
-their appends; the rest lives below it, each part checking its own invariants:
-:mod:`~pagedkv.block_pool` (free blocks, reference counts, the cache index),
-:mod:`~pagedkv.block_table` (the int32 rows), :mod:`~pagedkv.prefix_cache` and
-:mod:`~pagedkv.prefix_key` (which cached block holds which prefix).
+The manager never touches K/V data: it says where new tokens go (slots), where
+a sequence's tokens are (block tables) and which blocks to copy before writing
+(copy-on-write). It keeps the sequences and plans their appends; the parts
+below it check their own invariants: ``block_pool`` (free blocks, reference
+counts, the cache index), ``block_table``, ``prefix_cache`` and ``prefix_key``.
 
 Rules it keeps:
 
@@ -15,6 +12,8 @@ Rules it keeps:
 - A block is written only if its one holder is the writer and it is not in
   the prefix cache; otherwise the writer gets a fresh copy first, reported
   as a ``(src, dst)`` pair to apply with ``copy_blocks`` before writing.
+  The source stays held until the copy has surely run (see
+  :meth:`BlockManager.release_copy_sources`), so no one can take it first.
 - An append is planned (every argument checked, every block counted) before
   anything moves, then applied: a call that fails changes nothing.
 """
@@ -22,9 +21,9 @@ Rules it keeps:
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -32,46 +31,27 @@ import numpy as np
 from . import prefix_key
 from .block_pool import BlockPool
 from .block_table import BlockTable
-from .errors import ArgumentError, ConfigError, InvariantError, SequenceExistsError, UnknownSequenceError
-from .layout import cdiv
+from .errors import (
+    ArgumentError,
+    ConfigError,
+    ContextLengthError,
+    InvariantError,
+    SequenceExistsError,
+    UnknownSequenceError,
+)
+from .layout import INT32_MAX, cdiv
 from .prefix_cache import PrefixCache
-from .prefix_key import BlockKey
+from .sequence import SequenceState, count
 
 
 class Appended(NamedTuple):
-    """What an append hands back.
-
-    Attributes:
-        slots: int64 ``[T]``, where each new token's K/V goes (a slot mapping).
-        copy_src, copy_dst: int64 ``[N]``, block copies to apply with
-            ``copy_blocks`` *before* writing the new tokens (copy-on-write).
-    """
+    """What an append hands back: ``slots`` int64 ``[T]``, where each new token's K/V goes
+    (a slot mapping), and ``copy_src``, ``copy_dst`` int64 ``[N]``, block copies to apply
+    with ``copy_blocks`` *before* writing the new tokens (copy-on-write)."""
 
     slots: np.ndarray
     copy_src: np.ndarray
     copy_dst: np.ndarray
-
-
-@dataclass(slots=True)
-class _Sequence:
-    row: int  # this sequence's row of the block table
-    num_tokens: int = 0
-    # Known ids of positions 0..len-1 (a prompt may run ahead of num_tokens); a token
-    # appended without an id ends the list, and with it caching for this sequence.
-    token_ids: list[int] = field(default_factory=list)
-    extras: tuple[bytes, ...] = ()  # the first block's extra keys (its cache salt)
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
-    keys: list[BlockKey] = field(default_factory=list)  # keys of its first len(keys) full blocks
-
-
-def _count(n: object, what: str) -> int:
-    if type(n) is int and n >= 0:  # the common case, checked first: this runs once per sequence per step
-        return n
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-        raise ArgumentError(f"{what} must be an integer, got {n!r}")
-    if n < 0:
-        raise ArgumentError(f"{what} must be >= 0, got {n}")
-    return int(n)
 
 
 class BlockManager:
@@ -94,9 +74,12 @@ class BlockManager:
         self.block_size = block_size
         self.block_pool = block_pool if block_pool is not None else BlockPool(num_blocks)  # type: ignore[arg-type]
         self._owner = self.block_pool.new_owner()  # its holds, and its namespace of cache keys
+        # Dropped without close() (a model unloaded, say): the pool takes its blocks back.
+        weakref.finalize(self, self.block_pool.abandon, self._owner)
         self.prefix_cache = PrefixCache(self.block_pool, self._owner, block_size, enable_prefix_caching)
         self.table = BlockTable()
-        self._seqs: dict[Hashable, _Sequence] = {}
+        self._copy_sources: list[int] = []  # copy-on-write sources held until their copies ran
+        self._seqs: dict[Hashable, SequenceState] = {}
         self._next_id = itertools.count()
 
     def __repr__(self) -> str:
@@ -114,7 +97,7 @@ class BlockManager:
         the prompt is appended as usual. The last prompt token is never taken
         from the cache, so that the model computes it (its logits are needed).
         ``cache_salt`` (str, bytes, int, float or bool) keeps the cached
-        prefixes of different tenants apart.
+        prefixes of different tenants apart. Cost: O(prompt length).
         """
         ids = None if prompt_token_ids is None else prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
         extras = prefix_key.salt_extras(cache_salt)
@@ -129,7 +112,7 @@ class BlockManager:
                     seq_id = next(self._next_id)
             elif seq_id in self._seqs:
                 raise SequenceExistsError(f"sequence {seq_id!r} exists already")
-            seq = _Sequence(self.table.add_row(), extras=extras, token_ids=ids or [])
+            seq = SequenceState(self.table.add_row(), extras=extras, token_ids=ids or [])
             blocks, seq.keys = self.prefix_cache.take_prefix(seq.token_ids, extras)
             self.table.append_row(seq.row, blocks)
             seq.num_tokens = seq.num_cached_tokens = len(blocks) * self.block_size
@@ -140,7 +123,7 @@ class BlockManager:
         """A new sequence sharing every block and token of ``seq_id``; returns its id.
 
         Nothing is copied now: the first append of either into their shared,
-        partly filled last block reports the copy to make.
+        partly filled last block reports the copy to make. Cost: O(its blocks and known ids).
         """
         with self.block_pool.lock:
             parent = self._get(seq_id)
@@ -158,7 +141,7 @@ class BlockManager:
         """End a sequence; returns how many blocks went back to the pool.
 
         Blocks still shared with another sequence stay; cached blocks wait idle
-        (still valid for the prefix cache) and count as returned.
+        (still valid for the prefix cache) and count as returned. Cost: O(its blocks).
         """
         with self.block_pool.lock:
             seq = self._get(seq_id)
@@ -173,25 +156,50 @@ class BlockManager:
         Blocks no longer needed are released; returns how many went back to
         the pool. A kept, now partly filled block that is shared or cached is
         copied on the next append, so no one else's tokens are overwritten.
+        Cost: O(blocks and tokens dropped), whatever the sequence's length.
         """
         with self.block_pool.lock:
             seq = self._get(seq_id)
-            new_len = _count(new_len, "new_len")
+            new_len = count(new_len, "new_len")
             if new_len > seq.num_tokens:
                 raise ArgumentError(f"cannot truncate sequence {seq_id!r} of {seq.num_tokens} tokens to {new_len}")
             returned = self._release(self.table.truncate_row(seq.row, cdiv(new_len, self.block_size)))
-            seq.num_tokens = new_len
-            del seq.token_ids[new_len:]
-            del seq.keys[new_len // self.block_size:]
-            seq.num_cached_tokens = min(seq.num_cached_tokens, new_len)
+            seq.truncate(new_len, self.block_size)
             return returned
 
     def reset(self) -> None:
-        """Free every sequence of this manager and forget its prefix cache."""
+        """Free every sequence of this manager and forget its prefix cache; O(its blocks + cache entries)."""
         with self.block_pool.lock:
+            self.release_copy_sources()
             for seq_id in list(self._seqs):
                 self.free(seq_id)
             self.prefix_cache.reset()
+
+    def close(self) -> None:
+        """Give everything back: every sequence, the prefix cache, held copy sources (like
+        :meth:`reset`). ``with BlockManager(...) as m:`` closes on the way out. A manager
+        dropped without closing is reclaimed by the pool, with a ResourceWarning."""
+        self.reset()
+
+    def __enter__(self) -> BlockManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def release_copy_sources(self) -> int:
+        """Let go of the sources of the copies the last append reported, once they are applied.
+
+        An append that copies a block keeps holding the source, so that no
+        other sequence or manager can take and overwrite it before the copy
+        runs. The next append releases them first (its caller has applied
+        the previous copies by then, even if that append then fails); call
+        this to release them sooner, right after ``copy_blocks``, as
+        :class:`~pagedkv.PagedKVCache` does. Returns how many blocks went back.
+        """
+        with self.block_pool.lock:
+            sources, self._copy_sources = self._copy_sources, []
+            return self._release(sources)
 
     def _release(self, blocks: list[int]) -> int:
         """Drop this manager's hold on each block, last first; returns how many went back."""
@@ -218,24 +226,28 @@ class BlockManager:
         own ids are known already. A full block is entered into the cache
         when this call fills it, so its K/V must be written before any
         attention reads it (in the same step, as a decode loop does).
+        Cost: O(B + new tokens), whatever the sequences' lengths.
         """
         with self.block_pool.lock:
             seqs, counts, ids = self._check_batch(seq_ids, counts, token_ids)
+            self.release_copy_sources()  # the previous append's copies have been applied by now
             plan, fresh = self._plan(seqs, counts)
             new_blocks = self.block_pool.allocate(fresh, self._owner)  # the only step that can fail
             return self._apply(seqs, counts, ids, plan, new_blocks)
 
     def can_append(self, seq_ids: Sequence[Hashable], counts: Sequence[int] | np.ndarray) -> bool:
-        """Whether :meth:`append_batch` with these arguments would find enough blocks now."""
+        """Whether :meth:`append_batch` with these arguments would find enough blocks now; O(B)."""
         with self.block_pool.lock:
             seqs, counts, _ = self._check_batch(seq_ids, counts, None)
-            return self.block_pool.can_allocate(self._plan(seqs, counts)[1])
+            pending = Counter(self._copy_sources)  # released by append_batch before it plans
+            freed = sum(self.block_pool.ref_count(b) == n for b, n in pending.items())
+            return self.block_pool.can_allocate(self._plan(seqs, counts, pending)[1] - freed)
 
-    def _check_batch(self, seq_ids, counts, token_ids) -> tuple[list[_Sequence], list[int], list]:
+    def _check_batch(self, seq_ids, counts, token_ids) -> tuple[list[SequenceState], list[int], list]:
         seqs = [self._get(s) for s in seq_ids]
         if len(set(map(id, seqs))) != len(seqs):
             raise ArgumentError("a sequence appears twice in one append_batch")
-        counts = [_count(n, "a token count") for n in counts]
+        counts = [count(n, "a token count") for n in counts]
         if len(counts) != len(seqs):
             raise ArgumentError(f"{len(counts)} counts for {len(seqs)} sequences")
         ids: list = [None] * len(seqs)
@@ -243,27 +255,26 @@ class BlockManager:
             if len(token_ids) != len(seqs):
                 raise ArgumentError(f"{len(token_ids)} token-id lists for {len(seqs)} sequences")
             for i, (seq_id, seq, n, given) in enumerate(zip(seq_ids, seqs, counts, token_ids, strict=True)):
-                if given is None:
-                    continue
-                ids[i] = prefix_key.token_ids(given, f"token ids of sequence {seq_id!r}")
-                if len(ids[i]) != n:
-                    raise ArgumentError(f"sequence {seq_id!r}: {len(ids[i])} token ids for {n} tokens")
-                known = seq.token_ids[seq.num_tokens:seq.num_tokens + n]
-                if ids[i][:len(known)] != known:
-                    raise ArgumentError(f"sequence {seq_id!r}: token ids differ from its prompt")
+                if given is not None:
+                    ids[i] = seq.checked_ids(given, n, repr(seq_id))
         return seqs, counts, ids
 
-    def _plan(self, seqs: list[_Sequence], counts: list[int]) -> tuple[list[tuple[bool, int]], int]:
-        """Per sequence: (copy its last block first?, new blocks needed); and the total to allocate."""
+    def _plan(self, seqs: list[SequenceState], counts: list[int],
+              pending: Counter[int] | None = None) -> tuple[list[tuple[bool, int]], int]:
+        """Per sequence: (copy its last block first?, new blocks needed); and the total to allocate.
+        ``pending``: copy sources to count as released."""
         bs, plan, total = self.block_size, [], 0
         shared: dict[int, int] = {}  # holders of a last block, as the earlier sequences of this batch leave it
         for seq, n in zip(seqs, counts, strict=True):
             cow = False
             if n and seq.num_tokens % bs:  # the last block is partly filled: we write into it
                 last = self.table.last_block(seq.row)
-                if self.block_pool.must_copy_before_write(last, shared.get(last)):
+                holders = shared.get(last)
+                if holders is None:
+                    holders = self.block_pool.ref_count(last) - (pending[last] if pending else 0)
+                if holders > 1 or self.block_pool.is_cached(last):  # others read it, or later prompts do
                     cow = True
-                    shared[last] = shared.get(last, self.block_pool.ref_count(last)) - 1
+                    shared[last] = holders - 1
             grow = cdiv(seq.num_tokens + n, bs) - self.table.num_blocks(seq.row)
             plan.append((cow, grow))
             total += grow + cow
@@ -278,45 +289,42 @@ class BlockManager:
                 src.append(last)
                 dst.append(copy)
                 self.table.set_block(seq.row, self.table.num_blocks(seq.row) - 1, copy)
-                self._release([last])
+                self._copy_sources.append(last)  # held until the copy has run
             if grow:
                 self.table.append_row(seq.row, list(itertools.islice(fresh, grow)))
             starts.append(seq.num_tokens)
-            known = len(seq.token_ids)
-            if given is not None and seq.num_tokens <= known < seq.num_tokens + n:  # no gap before them
-                seq.token_ids.extend(given[known - seq.num_tokens:])
-            seq.num_tokens += n
+            seq.add_tokens(n, given)
         slots = self.table.slot_mapping([s.row for s in seqs], starts, counts, self.block_size)
         for seq in seqs:
             if self.prefix_cache.has_new_full_blocks(seq.keys, seq.token_ids, seq.num_tokens):
-                self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row),
+                self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row, len(seq.keys)),
                                                     seq.num_tokens, seq.extras)
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
 
     # -- views for kernels -------------------------------------------------------------------
 
-    def _get(self, seq_id: Hashable) -> _Sequence:
+    def _get(self, seq_id: Hashable) -> SequenceState:
         try:
             return self._seqs[seq_id]
         except (KeyError, TypeError):
             raise UnknownSequenceError(f"no sequence {seq_id!r} in this manager") from None
 
     def block_table(self, seq_id: Hashable) -> list[int]:
-        """The block ids of one sequence, in token order (a copy)."""
+        """The block ids of one sequence, in token order (a copy); O(its blocks)."""
         return self.table.blocks(self._get(seq_id).row)
 
     def context_len(self, seq_id: Hashable) -> int:
-        """Tokens the sequence holds."""
+        """Tokens the sequence holds; O(1)."""
         return self._get(seq_id).num_tokens
 
     def num_cached_tokens(self, seq_id: Hashable) -> int:
-        """Prompt tokens that came from the prefix cache when the sequence was added."""
+        """Prompt tokens that came from the prefix cache when the sequence was added; O(1)."""
         return self._get(seq_id).num_cached_tokens
 
     def block_tables(self, seq_ids: Iterable[Hashable], max_blocks: int | None = None) -> np.ndarray:
         """int32 ``[B, max_blocks]`` block tables, padded with -1 (never read by a kernel).
 
-        ``max_blocks`` defaults to the longest table among ``seq_ids``.
+        ``max_blocks`` defaults to the longest table among ``seq_ids``. Cost: O(B * max_blocks).
         """
         rows = [self._get(s).row for s in seq_ids]
         longest = max((self.table.num_blocks(r) for r in rows), default=0)
@@ -326,14 +334,18 @@ class BlockManager:
         return self.table.rows(rows, width)
 
     def context_lens(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
-        """int32 ``[B]`` token counts."""
-        return np.array([self._get(s).num_tokens for s in seq_ids], dtype=np.int32)
+        """int32 ``[B]`` token counts (a ContextLengthError for one past int32); O(B)."""
+        lens = [self._get(s).num_tokens for s in seq_ids]
+        if lens and max(lens) > INT32_MAX:
+            raise ContextLengthError(f"a sequence of {max(lens)} tokens has a length past int32")
+        return np.array(lens, dtype=np.int32)
 
     def to_flashinfer(self, seq_ids: Iterable[Hashable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sequences in FlashInfer's paged format: ``(kv_indptr, kv_indices, kv_last_page_len)``.
 
         int32 each: sequence b's pages are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``
         and its last page holds ``kv_last_page_len[b]`` tokens (0 for an empty sequence).
+        Cost: O(B * longest table).
         """
         seqs = [self._get(s) for s in seq_ids]
         return self.table.to_flashinfer([s.row for s in seqs], [s.num_tokens for s in seqs], self.block_size)
@@ -346,21 +358,10 @@ class BlockManager:
         return list(self._seqs)
 
     def stats(self) -> dict[str, float | int]:
-        """Counts for logs and dashboards (the block counts are the whole pool's)."""
+        """Counts for logs and dashboards (the block counts are the whole pool's); O(sequences)."""
         with self.block_pool.lock:
-            return {
-                "sequences": len(self._seqs),
-                "tokens": sum(s.num_tokens for s in self._seqs.values()),
-                "blocks_total": self.block_pool.num_blocks,
-                "blocks_used": self.block_pool.num_used,
-                "blocks_free": self.block_pool.num_free,
-                "blocks_cached": self.block_pool.num_cached,
-                "blocks_cached_idle": self.block_pool.num_idle,
-                "usage": self.block_pool.num_used / self.block_pool.num_blocks,
-                "prefix_hits": self.prefix_cache.hits,
-                "prefix_misses": self.prefix_cache.misses,
-                "prefix_hit_rate": self.prefix_cache.hit_rate,
-            }
+            return {"sequences": len(self._seqs), "tokens": sum(s.num_tokens for s in self._seqs.values()),
+                    **self.block_pool.stats(), **self.prefix_cache.stats()}
 
     # -- invariants --------------------------------------------------------------------------
 
@@ -370,7 +371,8 @@ class BlockManager:
         Checked: the pool's own (see :meth:`BlockPool.check`); each sequence
         holds exactly the blocks its tokens need, in its table row; it chains
         no more cached blocks than it has full; and the references this
-        manager holds in the pool are exactly its table entries.
+        manager holds in the pool are exactly its table entries and the
+        sources of copies not yet released. Cost: O(pool blocks + table entries).
         """
         with self.block_pool.lock:
             self.block_pool.check()
@@ -383,5 +385,7 @@ class BlockManager:
                 if len(seq.keys) > seq.num_tokens // self.block_size:
                     raise InvariantError(f"sequence {seq_id!r} chains more cached blocks than it has full")
                 held.update(self.table.blocks(seq.row))
+            held.update(self._copy_sources)
             if held != self.block_pool.holds(self._owner):
-                raise InvariantError("this manager's references in the pool differ from its block-table entries")
+                raise InvariantError("this manager's references in the pool differ from its block-table entries "
+                                     "and pending copy sources")

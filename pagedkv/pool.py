@@ -33,7 +33,7 @@ class KVPool:
             a GPU, or numba's CUDA simulator).
     """
 
-    __slots__ = ("config", "strides", "device", "data")
+    __slots__ = ("config", "strides", "device", "_data")
 
     def __init__(self, config: CacheConfig, *, device: str = "cpu") -> None:
         if not isinstance(config, CacheConfig):
@@ -43,7 +43,13 @@ class KVPool:
         self.config = config
         self.strides: Strides = config.strides
         self.device = device
-        self.data: Array = zeros(self.strides.size, config.dtype, device)
+        self._data: Array = zeros(self.strides.size, config.dtype, device)
+
+    @property
+    def data(self) -> Array:
+        """The flat array (read-only attribute: the kernels rely on its size and dtype; its
+        elements are, of course, writable)."""
+        return self._data
 
     def __repr__(self) -> str:
         c = self.config

@@ -60,16 +60,17 @@ class PrefixCache:
         test, so that a decode step looks at no block list when none filled)."""
         return self.enabled and min(num_tokens, len(token_ids)) // self.block_size > len(keys)
 
-    def enter_full_blocks(self, keys: list[BlockKey], token_ids: Sequence[int], blocks: Sequence[int],
+    def enter_full_blocks(self, keys: list[BlockKey], token_ids: Sequence[int], new_blocks: Sequence[int],
                           num_tokens: int, extras: tuple[bytes, ...]) -> None:
-        """Enter a sequence's newly filled blocks whose token ids are known, extending ``keys``."""
+        """Enter a sequence's newly filled blocks whose token ids are known, extending ``keys``;
+        ``new_blocks`` are its blocks from number ``len(keys)`` on."""
         if not self.has_new_full_blocks(keys, token_ids, num_tokens):
             return
-        full = min(num_tokens, len(token_ids)) // self.block_size
+        full, first = min(num_tokens, len(token_ids)) // self.block_size, len(keys)
         while len(keys) < full:
             key = self.key(keys, token_ids, extras)
             # Another block may hold these tokens already: the chain goes on through the key.
-            if not self.block_pool.cache(self.namespace, key, blocks[len(keys)]) and \
+            if not self.block_pool.cache(self.namespace, key, new_blocks[len(keys) - first]) and \
                     self.block_pool.lookup(self.namespace, key) is None:
                 return  # this block is cached under another key: it cannot chain further
             keys.append(key)
@@ -79,8 +80,8 @@ class PrefixCache:
         self.block_pool.forget_namespace(self.namespace)
         self.hits = self.misses = 0
 
-    @property
-    def hit_rate(self) -> float:
-        """Hits over lookups (0 before any)."""
+    def stats(self) -> dict[str, float | int]:
+        """``prefix_hits``, ``prefix_misses`` (full prompt blocks found or not) and ``prefix_hit_rate``."""
         looked_up = self.hits + self.misses
-        return self.hits / looked_up if looked_up else 0.0
+        return {"prefix_hits": self.hits, "prefix_misses": self.misses,
+                "prefix_hit_rate": self.hits / looked_up if looked_up else 0.0}

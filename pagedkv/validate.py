@@ -31,6 +31,7 @@ from .errors import (
     ShapeError,
     SlotIndexError,
 )
+from .layout import INT32_MAX
 from .pool import KVPool
 
 INT64 = np.dtype(np.int64)
@@ -53,6 +54,9 @@ def pool(p: object, device: str | None = None) -> KVPool:
         raise PoolMismatchError(f"expected a KVPool, got {type(p).__name__}")
     if device is not None and p.device != device:
         raise PoolMismatchError(f"this backend needs a pool on {device!r}, this one is on {p.device!r}")
+    if tuple(p.data.shape) != (p.strides.size,) or p.data.dtype != p.config.dtype:  # a kernel trusts both
+        raise PoolMismatchError(f"the pool's data is {p.data.dtype} {list(p.data.shape)}, not "
+                                f"{p.config.dtype} [{p.strides.size}]")
     return p
 
 
@@ -133,6 +137,8 @@ def block_tables(p: KVPool, tables, lens) -> tuple[np.ndarray, np.ndarray]:
             f"context_lens[{b}] = {lens[b]} needs more than the {tables.shape[1]} "
             f"blocks of its block-table row ({tables.shape[1] * c.block_size} tokens)"
         )
+    if code == 0 and lens.sum(dtype=np.int64) > INT32_MAX:  # packed outputs are indexed in int32
+        raise ContextLengthError(f"context_lens add up to {int(lens.sum(dtype=np.int64))}, more than int32 holds")
     if code == _scan.TABLE_ENTRY_BAD:
         raise BlockIndexError(
             f"block_tables[{b}, {j}] = {tables[b, j]} is not a block "
@@ -283,11 +289,18 @@ def attention_options(p: KVPool, scale, sliding_window, soft_cap) -> AttentionOp
     return AttentionOptions(scale, window, cap)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _finite(x, name: str) -> float:
+    """``x`` as a float that float32 kernels can use: finite, within float32's range, and not
+    a non-zero number that float32 rounds to zero."""
     try:
         x = float(x)
     except (TypeError, ValueError):
         raise ArgumentError(f"{name} must be a number, got {x!r}") from None
     if not np.isfinite(x):
         raise ArgumentError(f"{name} must be finite, got {x}")
+    if abs(x) > _FLOAT32_MAX or (x != 0 and np.float32(x) == 0):
+        raise ArgumentError(f"{name} = {x} is outside float32's range (the kernels compute in float32)")
     return x

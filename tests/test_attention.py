@@ -137,6 +137,9 @@ BAD = {
     "window 0": (dict(sliding_window=0), pk.ArgumentError, "sliding_window"),
     "negative cap": (dict(soft_cap=-1.0), pk.ArgumentError, "soft_cap"),
     "nan scale": (dict(scale=float("nan")), pk.ArgumentError, "finite"),
+    "scale past float32": (dict(scale=1e39), pk.ArgumentError, "float32"),
+    "scale that float32 rounds to 0": (dict(scale=1e-50), pk.ArgumentError, "float32"),
+    "soft cap past float32": (dict(soft_cap=1e39), pk.ArgumentError, "float32"),
 }
 
 

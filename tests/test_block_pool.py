@@ -167,3 +167,78 @@ def test_several_managers_share_one_pool_across_threads():
         m.reset()
     assert pool.num_free == pool.num_blocks and pool.num_idle == 0 and pool.num_cached == 0
     pool.check()
+
+
+def test_check_while_managers_are_created_on_other_threads():
+    """No registry of managers: creating them races nothing that check() reads."""
+    pool = BlockPool(64)
+    first = BlockManager(4, pool)
+    errors = []
+
+    def create():
+        try:
+            for _ in range(200):
+                m = BlockManager(4, pool)
+                m.append(m.add_sequence(), 3)
+                m.reset()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        first.check()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_a_dropped_manager_gives_its_blocks_back():
+    """A manager dropped without close() (a model unloaded) is reclaimed by the pool, with a
+    ResourceWarning, and the other managers' books stay right."""
+    pool = BlockPool(8)
+    keep = BlockManager(2, pool)
+    keep.append(keep.add_sequence(), 3)
+    gone = BlockManager(2, pool)
+    gone.append(gone.add_sequence(prompt_token_ids=[1, 2, 3]), 3, token_ids=[1, 2, 3])
+    assert pool.num_free == 4
+    del gone
+    with pytest.warns(ResourceWarning, match="dropped without close"):
+        assert pool.num_free == 6
+    keep.check()
+    assert pool.num_cached == 0
+
+
+def test_managers_closed_or_dropped_under_threads_leave_the_books_right():
+    pool = BlockPool(64)
+    survivor = BlockManager(4, pool)
+    survivor.append(survivor.add_sequence(), 5)
+    errors = []
+
+    def churn(seed):
+        rng = random.Random(seed)
+        try:
+            for i in range(100):
+                m = BlockManager(4, pool)
+                for _ in range(rng.randrange(1, 4)):
+                    try:
+                        m.append(m.add_sequence(prompt_token_ids=[rng.randrange(3) for _ in range(6)]), 6)
+                    except OutOfBlocksError:
+                        pass
+                if i % 2:
+                    m.close()
+                del m  # the other half are reclaimed by the pool
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    with pytest.warns(ResourceWarning):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        pool.check()
+    assert not errors, errors
+    survivor.check()
+    assert pool.num_used == 2 and pool.num_cached == 0

@@ -9,6 +9,8 @@ from pagedkv import PagedKVCache
 from pagedkv.model import ModelConfig, TinyLlama, generate_dense, generate_paged, paged_step
 from pagedkv.testing.tolerance import attention_atol
 
+from .conftest import host
+
 TINY = ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, hidden_dim=32)
 
 
@@ -67,3 +69,45 @@ def test_out_of_blocks_changes_nothing():
 def test_config_is_required():
     with pytest.raises(pagedkv.ConfigError):
         PagedKVCache("big")
+
+
+def test_a_stale_step_cannot_poison_a_cached_prefix(backend):
+    """A step kept past free() would write into blocks that now hold another request's
+    prefix-cached tokens; it is refused, and the cached K/V stay intact."""
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=2, block_size=4)
+    cache = PagedKVCache(config, backend=backend.NAME)
+    a, _ = cache.add_sequence()
+    old = cache.begin_step([a], [4])
+    cache.free(a)
+    b, _ = cache.add_sequence(prompt_token_ids=[1, 2, 3, 4, 5])
+    step = cache.begin_step([b], [5], token_ids=[[1, 2, 3, 4, 5]])
+    kv = np.arange(1, 6, dtype=np.float32).reshape(5, 1, 1)
+    cache.write(0, kv, kv, step)
+    with pytest.raises(pagedkv.StepError, match="stale"):
+        cache.write(0, -np.ones((4, 1, 1), np.float32), -np.ones((4, 1, 1), np.float32), old)
+    with pytest.raises(pagedkv.StepError, match="stale"):
+        cache.attention(0, np.ones((4, 1, 1), np.float32), old)
+    cache.free(b)
+    c, cached = cache.add_sequence(prompt_token_ids=[1, 2, 3, 4, 9])
+    assert cached == 4
+    table = cache.manager.block_tables([c])
+    k, _, _ = backend.gather(cache.pool, 0, table, np.array([4], np.int32))
+    assert host(k).ravel().tolist() == [1, 2, 3, 4]  # the cached prefix, not the stale write
+
+
+def test_a_step_of_another_cache_is_refused():
+    config = TinyLlama(TINY).cache_config(8, block_size=4)
+    one, other = PagedKVCache(config, backend="numpy"), PagedKVCache(config, backend="numpy")
+    step = other.begin_step([other.add_sequence().seq_id], [1])
+    kv = np.ones((1, TINY.num_kv_heads, TINY.head_dim), np.float32)
+    with pytest.raises(pagedkv.StepError, match="not made by this cache"):
+        one.write(0, kv, kv, step)
+
+
+def test_close_gives_everything_back():
+    config = TinyLlama(TINY).cache_config(8, block_size=4)
+    with PagedKVCache(config, backend="numpy") as cache:
+        cache.begin_step([cache.add_sequence(prompt_token_ids=list(range(9))).seq_id], [9],
+                         token_ids=[list(range(9))])
+        assert cache.manager.block_pool.num_used == 3
+    assert cache.manager.block_pool.num_free == 8 and cache.manager.block_pool.num_cached == 0

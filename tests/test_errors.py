@@ -128,3 +128,32 @@ def test_a_cpu_backend_refuses_a_gpu_pool_and_back():
         pk.get_backend("numba").write(KVPool(CONFIG, device="cuda"), 0, KEY, KEY, SLOTS)
     with pytest.raises(pk.PoolMismatchError, match="needs a pool on 'cuda'"):
         pk.get_backend("cuda").write(KVPool(CONFIG), 0, KEY, KEY, SLOTS)
+
+
+def test_the_pool_array_cannot_be_replaced():
+    """Kernels trust the pool's size and dtype: the attribute is read-only, and a pool whose
+    array was reshaped behind its back is refused before any kernel runs."""
+    pool = KVPool(CONFIG)
+    with pytest.raises(AttributeError):
+        pool.data = np.zeros(3, np.float32)
+    pool.data.shape = (2, -1)  # reshaped in place
+    with pytest.raises(pk.PoolMismatchError, match="the pool's data"):
+        pk.get_backend("numba").write(pool, 0, KEY, KEY, SLOTS)
+
+
+def test_index_totals_that_overflow_int32_are_refused_before_any_allocation():
+    """context_lens adding up past 2**31 would wrap cu_seqlens; the check comes first (and no
+    gigabytes are allocated to find out)."""
+    config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=1, block_size=2**20)
+    pool = KVPool(config)  # 8 MiB
+    tables = np.zeros((3, 2**11), np.int32)  # every used entry is block 0
+    lens = np.full(3, 2**30, np.int32)
+    for name in ("numpy", "numba"):
+        with pytest.raises(pk.ContextLengthError, match="more than int32"):
+            pk.get_backend(name).gather(pool, 0, tables, lens)
+    with pytest.raises(pk.ConfigError, match="int32"):
+        CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=2**31, block_size=1)
+    with pytest.raises(pk.ConfigError, match="int64"):
+        CacheConfig(num_layers=2**20, num_kv_heads=2**10, head_dim=2**10, num_blocks=2**20, block_size=2**10)
+    with pytest.raises(pk.ContextLengthError, match="int32"):
+        pk.layout.cu_seqlens(np.array([2**31 - 1, 1]))

@@ -79,7 +79,9 @@ def test_fork_shares_blocks_and_copies_on_first_append():
     new = m.block_table(child)[1]
     assert r.copy_src.tolist() == [half] and r.copy_dst.tolist() == [new]
     assert r.slots.tolist() == [new * 4 + 2]
-    assert m.block_pool.ref_count(half) == 1 and m.block_pool.ref_count(full) == 2
+    assert m.block_pool.ref_count(half) == 2  # the parent, and the copy's source held until it ran
+    assert m.release_copy_sources() == 0 and m.block_pool.ref_count(half) == 1
+    assert m.block_pool.ref_count(full) == 2
     r = m.append(parent, 1)  # the parent is now the block's only holder: no copy
     assert r.copy_src.size == 0 and r.slots.tolist() == [half * 4 + 2]
     m.check()
@@ -327,3 +329,22 @@ def test_salts_are_compared_with_their_type():
         assert m.num_cached_tokens(s) == 0  # no salt hits another's blocks
         m.append(s, 3)
     assert m.num_cached_tokens(m.add_sequence(prompt_token_ids=[5, 6, 7], cache_salt=True)) == 2
+
+
+def test_a_copy_source_stays_held_until_the_copy_ran():
+    """Writing into a cached block it alone holds, a sequence gets a copy; until the copy has
+    run, no other manager on the pool can take the source and overwrite it."""
+    pool = BlockPool(4)
+    a, b = BlockManager(2, pool), BlockManager(2, pool)
+    s = a.add_sequence()
+    a.append(s, 2, token_ids=[1, 2])  # one full block, cached, held by s alone
+    a.truncate(s, 1)
+    (src,) = a.append(s, 1).copy_src.tolist()  # the cached block is copied, not written
+    t = b.add_sequence()
+    b.append(t, 2 * pool.num_free)  # every block b can take
+    assert src not in b.block_table(t)
+    a.check()
+    b.check()
+    a.release_copy_sources()
+    assert pool.is_idle(src)  # released: cached and evictable again
+    a.check()

@@ -70,6 +70,7 @@ class ManagerMachine(RuleBasedStateMachine):
             return False
         if r.copy_src.size:
             ref.copy_blocks(self.pool, r.copy_src, r.copy_dst)
+            self.m.release_copy_sources()
         starts = []
         for seq, n, ids in zip(seqs, counts, ids_lists, strict=True):
             sh = self.shadow[seq]
