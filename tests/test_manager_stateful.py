@@ -11,6 +11,7 @@ import itertools
 import zlib
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -138,6 +139,40 @@ class ManagerMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.shadow)))
         self.m.free(seq)
         del self.shadow[seq]
+
+    @rule(prompt=st.lists(TOKEN, min_size=1, max_size=10),
+          bad=st.sampled_from(["salt a list", "salt a dict", "a float id", "a string id"]))
+    def add_rejected(self, prompt, bad):
+        """Bad ids and bad salts are refused at the front door and change nothing."""
+        before = self.snapshot()
+        salt = {"salt a list": [1], "salt a dict": {}}.get(bad)
+        if bad == "a float id":
+            prompt = prompt + [np.float64(1)]
+        elif bad == "a string id":
+            prompt = ["7"] + prompt
+        with pytest.raises(pagedkv.ArgumentError):
+            self.m.add_sequence(prompt_token_ids=prompt, cache_salt=salt)
+        self.unchanged_since(before)
+
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data(), bad=st.sampled_from(["a float count", "a negative count", "a float id", "too few ids"]))
+    def step_rejected(self, data, bad):
+        """A batch with one bad entry is refused whole: no sequence moves."""
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.shadow)), min_size=1, unique=True))
+        counts = [1] * len(seqs)
+        ids = [[7] for _ in seqs]
+        if bad == "a float count":
+            counts[-1] = 1.5
+        elif bad == "a negative count":
+            counts[-1] = -1
+        elif bad == "a float id":
+            ids[-1] = [np.float64(7)]
+        else:
+            ids[-1] = []
+        before = self.snapshot()
+        with pytest.raises(pagedkv.ArgumentError):
+            self.m.append_batch(seqs, counts, ids)
+        self.unchanged_since(before)
 
     # -- after every rule --------------------------------------------------------------------
 
