@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError, LayerIndexError
+from .formats import FORMATS, StorageFormat, get_format
 from .layout import INT32_MAX, INT64_MAX, LAYOUTS, Strides, cdiv, make_strides
-
-SUPPORTED_DTYPES = (np.dtype(np.float32),)
 
 
 def _positive_int(name: str, value) -> int:
@@ -33,7 +32,10 @@ class CacheConfig:
         head_dim: numbers per head (``D``).
         num_blocks: blocks in the pool, shared by all sequences.
         block_size: token positions per block (16 as in vLLM).
-        dtype: element type of the pool; pagedkv stores float32.
+        dtype: the storage format, a name of :data:`pagedkv.formats.FORMATS`
+            (``"float32"``, ``"float16"``, ``"bfloat16"``, ``"fp8_e4m3"``,
+            ``"fp8_e5m2"``, ``"int8"``) or a numpy/torch dtype object; kept as
+            its name. K/V go in and come out as float32 whatever it is.
         layout: ``"NHD"`` (a token's heads together) or ``"HND"`` (a head's
             tokens together); see :mod:`pagedkv.layout`.
 
@@ -47,24 +49,18 @@ class CacheConfig:
     head_dim: int
     num_blocks: int
     block_size: int = 16
-    dtype: np.dtype = np.dtype(np.float32)
+    dtype: str = "float32"
     layout: str = "NHD"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size"):
             object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
-        try:
-            dtype = np.dtype(self.dtype)
-        except TypeError:
-            raise ConfigError(f"dtype {self.dtype!r} is not a numpy dtype") from None
-        if dtype not in SUPPORTED_DTYPES:
-            raise ConfigError(f"pagedkv stores float32; dtype {dtype} is not supported")
-        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "dtype", get_format(self.dtype).name)
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.num_blocks > INT32_MAX:  # block tables are int32
             raise ConfigError(f"num_blocks must fit in int32, got {self.num_blocks}")
-        if self.strides.size * dtype.itemsize > INT64_MAX:  # flat offsets are int64
+        if self.strides.size * self.format.itemsize > INT64_MAX:  # flat offsets are int64
             raise ConfigError("a pool of this geometry has more elements than an int64 offset can address")
 
     @property
@@ -81,14 +77,28 @@ class CacheConfig:
         return self.num_blocks * self.block_size
 
     @property
+    def format(self) -> StorageFormat:
+        """The storage format (see :mod:`pagedkv.formats`)."""
+        return FORMATS[self.dtype]
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The numpy dtype of the pool's raw elements (uint16 for float16 and bfloat16...)."""
+        return self.format.storage
+
+    @property
     def bytes_per_block(self) -> int:
-        """Bytes one block takes across every layer, K and V."""
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        """Bytes one block takes across every layer, K and V, with its scales (int8: a float32
+        scale per token and head)."""
+        tokens = self.num_layers * 2 * self.block_size * self.num_kv_heads
+        scales = tokens * 4 if self.format.scale == "token" else 0
+        return tokens * self.head_dim * self.format.itemsize + scales
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the whole pool."""
-        return self.num_blocks * self.bytes_per_block
+        """Bytes of the whole pool, scales included (fp8: a k and v scale per layer)."""
+        per_layer = self.num_layers * 2 * 4 if self.format.scale == "tensor" else 0
+        return self.num_blocks * self.bytes_per_block + per_layer
 
     def check_layer(self, layer) -> int:
         """``layer`` as an int, or a LayerIndexError unless ``0 <= layer < num_layers``."""
@@ -134,7 +144,7 @@ class CacheConfig:
         budget_bytes = _positive_int("budget_bytes", budget_bytes)
         one = cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                   num_blocks=1, block_size=block_size, **kw)
-        num_blocks = budget_bytes // one.bytes_per_block
+        num_blocks = (budget_bytes - (one.memory_bytes - one.bytes_per_block)) // one.bytes_per_block
         if num_blocks == 0:
             raise ConfigError(
                 f"a budget of {budget_bytes} bytes holds no block; one block takes {one.bytes_per_block} bytes"

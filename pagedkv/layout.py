@@ -89,6 +89,11 @@ class Strides(NamedTuple):
         """Number of elements in the whole pool."""
         return self.num_layers * self.layer_stride
 
+    @property
+    def num_scales(self) -> int:
+        """Number of per-(token, head) scales of an int8 pool of this geometry."""
+        return self.num_layers * 2 * self.num_blocks * self.block_size * self.num_kv_heads
+
 
 def make_strides(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, layout: str
@@ -155,6 +160,20 @@ def table_slot(block_tables, seq, position, block_size):
     [20, 30]
     """
     return block_tables[seq, position // block_size] * block_size + position % block_size
+
+
+def scale_index(layer, kv, slot, head, s):
+    """Where the scale of (token at ``slot``, ``head``) of an int8 pool lives in ``pool.scales``.
+
+    Scales are laid out ``[layer][K, V][slot][head]``, so one block's scales are one
+    contiguous run of ``block_size * H`` (see :func:`block_scale_base`) and move with it.
+    """
+    return ((layer * 2 + kv) * s.num_blocks * s.block_size + slot) * s.num_kv_heads + head
+
+
+def block_scale_base(layer, kv, block, s):
+    """Index of the first scale of ``block`` in ``pool.scales`` (a run of ``block_size * H``)."""
+    return ((layer * 2 + kv) * s.num_blocks + block) * s.block_size * s.num_kv_heads
 
 
 def element_offset(s: Strides, layer, kv, block, pos, head, d):

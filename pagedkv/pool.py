@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
+from . import formats, layout
 from .config import CacheConfig
 from .device import DEVICES, Array, zeros
 from .errors import ConfigError, PoolMismatchError
@@ -33,7 +36,7 @@ class KVPool:
             a GPU, or numba's CUDA simulator).
     """
 
-    __slots__ = ("config", "strides", "device", "_data")
+    __slots__ = ("config", "strides", "device", "_data", "_scales", "_kv_scales")
 
     def __init__(self, config: CacheConfig, *, device: str = "cpu") -> None:
         if not isinstance(config, CacheConfig):
@@ -43,7 +46,16 @@ class KVPool:
         self.config = config
         self.strides: Strides = config.strides
         self.device = device
-        self._data: Array = zeros(self.strides.size, config.dtype, device)
+        fmt = config.format
+        if device == "cuda" and not fmt.is_float32:
+            raise ConfigError(f"a pool on the GPU stores float32 for now, not {fmt.name} (the cuda kernels do not "
+                              "decode narrow formats yet); use a CPU pool")
+        self._data: Array = zeros(self.strides.size, fmt.storage, device)
+        # int8: a float32 scale per (token, head), laid out as layout.scale_index says
+        self._scales: Array | None = zeros(self.strides.num_scales, np.dtype(np.float32), device) \
+            if fmt.scale == "token" else None
+        # fp8: a static k_scale and v_scale per layer (vLLM's), 1 until set
+        self._kv_scales = np.ones((config.num_layers, 2), np.float32) if fmt.scale == "tensor" else None
 
     @property
     def data(self) -> Array:
@@ -51,11 +63,56 @@ class KVPool:
         elements are, of course, writable)."""
         return self._data
 
+    @property
+    def scales(self) -> Array | None:
+        """int8 pools: the flat float32 scales, one per (token, head) (see
+        :func:`pagedkv.layout.scale_index`); None for other formats."""
+        return self._scales
+
+    @property
+    def host_scales(self) -> np.ndarray:
+        """The scales of an int8 CPU pool, as the numpy array they are (no copy).
+
+        Raises:
+            PoolMismatchError: the pool is not int8, or it is on a GPU.
+        """
+        if not isinstance(self._scales, np.ndarray):
+            raise PoolMismatchError(f"this pool ({self.config.dtype}, on {self.device!r}) has no host scales")
+        return self._scales
+
+    @property
+    def kv_scales(self) -> np.ndarray | None:
+        """fp8 pools: float32 ``[num_layers, 2]``, each layer's ``k_scale`` and ``v_scale``
+        (a copy; see :meth:`set_kv_scales`); None for other formats."""
+        return None if self._kv_scales is None else self._kv_scales.copy()
+
+    def set_kv_scales(self, layer: int, k_scale: float, v_scale: float) -> None:
+        """Set an fp8 pool's static scales of ``layer`` (stored = encode(x / scale)).
+
+        Set them before writing the layer: K/V already stored were encoded with the old ones.
+
+        Raises:
+            ConfigError: the pool is not fp8, or a scale is not a positive float32 number.
+        """
+        if self._kv_scales is None:
+            raise ConfigError(f"only fp8 pools have per-layer k/v scales; this one stores {self.config.dtype}")
+        layer = self.config.check_layer(layer)
+        for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+            try:
+                with np.errstate(over="ignore"):
+                    as_float32 = np.float32(float(x))
+                ok = bool(np.isfinite(as_float32) and as_float32 > 0)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"{name} must be a positive, finite float32 number, got {x!r}")
+        self._kv_scales[layer] = (np.float32(k_scale), np.float32(v_scale))
+
     def __repr__(self) -> str:
         c = self.config
         return (
             f"KVPool(layers={c.num_layers}, blocks={c.num_blocks}x{c.block_size}, "
-            f"H={c.num_kv_heads}, D={c.head_dim}, layout={c.layout}, device={self.device!r}, "
+            f"H={c.num_kv_heads}, D={c.head_dim}, layout={c.layout}, {c.dtype}, device={self.device!r}, "
             f"{human_bytes(c.memory_bytes)})"
         )
 
@@ -64,10 +121,12 @@ class KVPool:
         return self.strides == other.strides
 
     def _half(self, layer: int, kv: int) -> Array:
-        layer = self.config.check_layer(layer)
+        return self._half_of(self.data, self.config.check_layer(layer), kv)
+
+    def _half_of(self, data: Array, layer: int, kv: int) -> Array:
         s, c = self.strides, self.config
         start = layer * s.layer_stride + kv * s.kv_stride
-        flat = self.data[start:start + s.kv_stride]
+        flat = data[start:start + s.kv_stride]
         if c.layout == "NHD":
             return flat.reshape(c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim)
         return flat.reshape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_dim)
@@ -94,6 +153,33 @@ class KVPool:
         if not isinstance(self.data, np.ndarray):
             raise PoolMismatchError(f"this pool is on {self.device!r}; to_host() copies it to the host")
         return self.data
+
+    def k_decoded(self, layer: int) -> np.ndarray:
+        """Keys of ``layer`` as float32, shaped like :meth:`k` (a decoded copy, on the host)."""
+        return self._decoded(layer, K)
+
+    def v_decoded(self, layer: int) -> np.ndarray:
+        """Values of ``layer`` as float32, shaped like :meth:`v` (a decoded copy, on the host)."""
+        return self._decoded(layer, V)
+
+    def _decoded(self, layer: int, kv: int) -> np.ndarray:
+        stored = self.host if self.device == "cpu" else self.to_host()
+        half = cast(np.ndarray, self._half_of(stored, self.config.check_layer(layer), kv))
+        fmt, c = self.config.format, self.config
+        if fmt.is_float32:
+            return half.copy()
+        if fmt.codec is not None:
+            out = formats.decode(fmt, half)
+            if self._kv_scales is not None:
+                out = out * self._kv_scales[layer, kv]
+            return out
+        s = self.strides
+        start = layout.scale_index(layer, kv, 0, 0, s)
+        scales = self.host_scales[start:start + s.num_blocks * s.block_size * s.num_kv_heads]
+        scales = scales.reshape(c.num_blocks, c.block_size, c.num_kv_heads)
+        if c.layout == "HND":
+            scales = scales.transpose(0, 2, 1)
+        return formats.dequantize_int8(half, scales)
 
     def to_host(self) -> np.ndarray:
         """The flat data as a numpy array (a copy when the pool is on a GPU)."""

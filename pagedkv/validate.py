@@ -34,6 +34,7 @@ from .errors import (
 from .layout import INT32_MAX
 from .pool import KVPool
 
+FLOAT32 = np.dtype(np.float32)  #: what K, V and q are, whatever the pool stores
 INT64 = np.dtype(np.int64)
 INT32 = np.dtype(np.int32)
 
@@ -54,9 +55,9 @@ def pool(p: object, device: str | None = None) -> KVPool:
         raise PoolMismatchError(f"expected a KVPool, got {type(p).__name__}")
     if device is not None and p.device != device:
         raise PoolMismatchError(f"this backend needs a pool on {device!r}, this one is on {p.device!r}")
-    if tuple(p.data.shape) != (p.strides.size,) or p.data.dtype != p.config.dtype:  # a kernel trusts both
+    if tuple(p.data.shape) != (p.strides.size,) or p.data.dtype != p.config.storage_dtype:  # kernels trust both
         raise PoolMismatchError(f"the pool's data is {p.data.dtype} {list(p.data.shape)}, not "
-                                f"{p.config.dtype} [{p.strides.size}]")
+                                f"{p.config.storage_dtype} [{p.strides.size}]")
     return p
 
 
@@ -80,9 +81,9 @@ def tokens(p: KVPool, name: str, a, num_tokens: int | None = None) -> int:
     c = p.config
     dtype = getattr(a, "dtype", None)
     if dtype is None or not hasattr(a, "shape"):
-        raise DTypeError(f"{name} must be an array of {c.dtype}, got {type(a).__name__}")
-    if np.dtype(dtype) != c.dtype:
-        raise DTypeError(f"{name} must be {c.dtype} like the pool, got {dtype}")
+        raise DTypeError(f"{name} must be an array of float32, got {type(a).__name__}")
+    if np.dtype(dtype) != FLOAT32:
+        raise DTypeError(f"{name} must be float32 (the pool stores {c.dtype} and encodes it), got {dtype}")
     shape = tuple(a.shape)
     if len(shape) != 3 or shape[1:] != (c.num_kv_heads, c.head_dim):
         raise ShapeError(f"{name} must have shape [T, {c.num_kv_heads}, {c.head_dim}], got {list(shape)}")
@@ -159,6 +160,11 @@ def block_copies(src_pool: KVPool, dst_pool: KVPool, src, dst) -> tuple[np.ndarr
         raise PoolMismatchError(
             f"pools differ in geometry: {src_pool.strides} vs {dst_pool.strides}"
         )
+    if src_pool.config.dtype != dst_pool.config.dtype:
+        raise PoolMismatchError(f"pools store different formats: {src_pool.config.dtype} vs {dst_pool.config.dtype}")
+    src_scales, dst_scales = src_pool.kv_scales, dst_pool.kv_scales
+    if src_scales is not None and dst_scales is not None and not np.array_equal(src_scales, dst_scales):
+        raise PoolMismatchError("fp8 pools with different k/v scales: their bytes mean different numbers")
     src = index_array(src, "src", INT64, 1)
     dst = index_array(dst, "dst", INT64, 1)
     if src.shape != dst.shape:
@@ -201,6 +207,12 @@ def outputs(p: KVPool, out, num_tokens: int) -> None:
         raise ShapeError("out[0] and out[1] overlap; keys and values need separate buffers")
 
 
+def no_out_with_raw(out) -> None:
+    """``raw=True`` returns new arrays of the stored dtype: it takes no ``out``."""
+    if out is not None:
+        raise ArgumentError("raw=True returns the stored elements in new arrays; it takes no out=")
+
+
 def read_args(p, layer_, slots, out, device: str) -> tuple[int, np.ndarray]:
     """Everything :func:`read` needs checked; returns ``(layer, host slot_mapping)``."""
     pool(p, device)
@@ -232,8 +244,8 @@ def queries(p: KVPool, q, num_rows: int, decode: bool) -> None:
     sequence when ``decode``, else the sum of the query lengths."""
     c = p.config
     dtype = getattr(q, "dtype", None)
-    if dtype is None or not hasattr(q, "shape") or np.dtype(dtype) != c.dtype:
-        raise DTypeError(f"q must be an array of {c.dtype}, got {dtype if dtype is not None else type(q).__name__}")
+    if dtype is None or not hasattr(q, "shape") or np.dtype(dtype) != FLOAT32:
+        raise DTypeError(f"q must be an array of float32, got {dtype if dtype is not None else type(q).__name__}")
     shape = tuple(q.shape)
     if len(shape) != 3 or shape[2] != c.head_dim:
         raise ShapeError(f"q must have shape [N, Hq, {c.head_dim}], got {list(shape)}")

@@ -70,13 +70,39 @@ def fast_backend(request, monkeypatch):
 
 
 def on_device(host_pool: KVPool, backend) -> KVPool:
-    """A pool for ``backend`` holding a copy of ``host_pool``'s numbers."""
+    """A pool for ``backend`` holding a copy of ``host_pool``'s numbers (and scales)."""
     pool = KVPool(host_pool.config, device=backend.DEVICE)
     if backend.DEVICE == "cpu":
         pool.data[:] = host_pool.data
+        if host_pool.scales is not None:
+            pool.host_scales[:] = host_pool.host_scales
     else:
         pool.data.copy_to_device(host_pool.data)
+    scales = host_pool.kv_scales
+    for layer in range(len(scales) if scales is not None else 0):
+        pool.set_kv_scales(layer, *scales[layer])
     return pool
+
+
+def pool_bytes(pool: KVPool) -> np.ndarray:
+    """Every byte a pool holds: its elements, then its int8 scales and fp8 k/v scales, if any
+    (so that a comparison is bit for bit, NaNs included)."""
+    parts = [host(pool).view(np.uint8)]
+    if pool.scales is not None:
+        parts.append(host(pool.scales).view(np.uint8))
+    if pool.kv_scales is not None:
+        parts.append(pool.kv_scales.view(np.uint8).ravel())
+    return np.concatenate(parts)
+
+
+def bits(x) -> np.ndarray:
+    """An array's bytes, for bit-exact comparison of results that may hold NaN."""
+    return np.ascontiguousarray(host(x)).view(np.uint8)
+
+
+def formats_of(backend) -> tuple:
+    """The storage formats ``backend`` runs: all of them on the CPU, float32 on a GPU (for now)."""
+    return tuple(pagedkv.formats.FORMATS) if backend.DEVICE == "cpu" else ("float32",)
 
 
 def device_empty(backend, shape) -> object:

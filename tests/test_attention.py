@@ -13,13 +13,18 @@ from hypothesis import strategies as st
 import pagedkv as pk
 from pagedkv import CacheConfig, KVPool
 from pagedkv.testing import strategies as pst
-from pagedkv.testing.tolerance import assert_attention_close, score_bound
+from pagedkv.testing.tolerance import assert_attention_close, score_bound, storage_atol
 
-from .conftest import host, on_device
+from .conftest import formats_of, host, on_device
 
 ref = pk.get_backend("numpy")
 
 small_configs = pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4)
+
+
+def kv_max(pool, layer):
+    """max |K|, |V| of a layer, as decoded (the numbers attention works with)."""
+    return float(max(np.abs(pool.k_decoded(layer)).max(), np.abs(pool.v_decoded(layer)).max()))
 
 
 @st.composite
@@ -42,8 +47,12 @@ def attention_case(draw, config):
     return tables, lens, rows, config.num_kv_heads * group, options
 
 
-@given(small_configs, st.data(), st.integers(0, 2**32 - 1))
-def test_backends_agree_with_the_reference(fast_backend, config, data, seed):
+@given(st.data(), st.integers(0, 2**32 - 1))
+def test_backends_agree_with_the_reference(fast_backend, data, seed):
+    """In every storage format: both sides decode the same exact values, so the float32
+    tolerance holds unchanged."""
+    config = data.draw(pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4,
+                                   dtypes=formats_of(fast_backend)), label="config")
     host_pool = pst.filled_pool(config, seed)
     tables, lens, rows, hq, options = data.draw(attention_case(config))
     layer = data.draw(st.integers(0, config.num_layers - 1))
@@ -51,10 +60,35 @@ def test_backends_agree_with_the_reference(fast_backend, config, data, seed):
     expected = ref.paged_attention(q, host_pool, layer, tables, lens, **options)
     actual = host(fast_backend.paged_attention(q, on_device(host_pool, fast_backend), layer, tables, lens, **options))
     assert actual.shape == expected.shape and actual.dtype == np.float32
-    kv_max = float(np.abs(host_pool.data).max())
+    largest = kv_max(host_pool, layer)
     scale = options["scale"] or 1 / np.sqrt(config.head_dim)
-    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, kv_max,
-                           score_bound(config.head_dim, scale, float(np.abs(q).max(initial=0)), kv_max))
+    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, largest,
+                           score_bound(config.head_dim, scale, float(np.abs(q).max(initial=0)), largest))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"])
+@given(st.data(), st.integers(0, 2**32 - 1))
+def test_a_narrow_format_is_within_its_rounding_of_float32(dtype, data, seed):
+    """The same K/V written to a float32 pool and to a narrow one: attention differs by no more
+    than the format's rounding allows (pagedkv.testing.tolerance.storage_atol)."""
+    config = data.draw(pst.configs(max_layers=1, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4))
+    narrow_config = CacheConfig(**{**{f: getattr(config, f) for f in (
+        "num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size", "layout")}, "dtype": dtype})
+    wide, narrow = KVPool(config), KVPool(narrow_config)
+    slots = np.arange(config.num_slots, dtype=np.int64)
+    key, value = pst.token_arrays(config, config.num_slots, seed)
+    for pool in (wide, narrow):
+        ref.write(pool, 0, key, value, slots)
+    tables, lens, rows, hq, options = data.draw(attention_case(config))
+    options.update(sliding_window=None, soft_cap=None)
+    q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
+    want = ref.paged_attention(q, wide, 0, tables, lens, **options)
+    got = ref.paged_attention(q, narrow, 0, tables, lens, **options)
+    scale = options["scale"] or 1 / np.sqrt(config.head_dim)
+    largest = kv_max(wide, 0)
+    bound = storage_atol(narrow_config.format, largest, score_bound(config.head_dim, scale,
+                                                                    float(np.abs(q).max(initial=0)), largest))
+    np.testing.assert_allclose(got, want, rtol=0, atol=bound)
 
 
 def dense_attention(q, k, v, positions, scale, window=None, cap=None):

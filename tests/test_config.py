@@ -52,10 +52,31 @@ def test_unknown_layout():
         small(layout="NDH")
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float64, "int8"])
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, "fp4", "float8_e3m4"])
 def test_unsupported_dtype(dtype):
-    with pytest.raises(ConfigError, match="float32"):
+    with pytest.raises(ConfigError, match="supported: float32, float16, bfloat16, fp8_e4m3, fp8_e5m2, int8"):
         small(dtype=dtype)
+
+
+@pytest.mark.parametrize("given, name", [
+    ("bfloat16", "bfloat16"), (np.float16, "float16"), (np.dtype(np.float32), "float32"), (np.int8, "int8"),
+    ("float8_e4m3fn", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"),
+])
+def test_storage_formats_by_name_or_dtype(given, name):
+    assert small(dtype=given).dtype == name
+
+
+def test_memory_counts_the_stored_width_and_the_scales():
+    """Llama-3-8B's geometry (32 layers, 8 KV heads, D=128) at 32k tokens."""
+    geometry = dict(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=2048, block_size=16)
+    sizes = {d: CacheConfig(**geometry, dtype=d).memory_bytes for d in ("float32", "bfloat16", "fp8_e4m3", "int8")}
+    assert sizes["float32"] == 2**33  # 8 GiB
+    assert sizes["bfloat16"] == 2**32
+    assert sizes["fp8_e4m3"] == 2**31 + 32 * 2 * 4  # and a k and v scale per layer
+    assert sizes["int8"] == 2**31 + 2**31 // 128 * 4  # and a float32 scale per token and head
+    budget = CacheConfig.from_memory_budget(2**31 + 256, num_layers=32, num_kv_heads=8, head_dim=128,
+                                            dtype="fp8_e4m3")
+    assert budget.num_blocks == 2048 and budget.memory_bytes <= 2**31 + 256
 
 
 def test_config_is_frozen_and_hashable():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import layout
+from ..formats import RawKV
+from ..layout import K, Strides, V
 from ..pool import KVPool
 
 
@@ -13,4 +16,45 @@ def new_outputs(pool: KVPool, num_tokens: int, out=None) -> tuple[np.ndarray, np
         return out[0], out[1]
     c = pool.config
     shape = (num_tokens, c.num_kv_heads, c.head_dim)
-    return np.empty(shape, dtype=c.dtype), np.empty(shape, dtype=c.dtype)
+    return np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+
+
+def element_index(s: Strides, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
+    """Flat offsets ``[T, H, D]`` of every number of the tokens stored at ``slots`` (all >= 0)."""
+    rows = layout.token_base(layer, kv, slots.astype(np.int64), s)
+    heads = np.arange(s.num_kv_heads) * s.head_stride
+    dims = np.arange(s.head_dim)
+    return rows[:, None, None] + heads[None, :, None] + dims[None, None, :]
+
+
+def scale_index(s: Strides, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
+    """Indices ``[T, H]`` of the int8 scales of the tokens at ``slots`` (all >= 0)."""
+    return layout.scale_index(layer, kv, slots.astype(np.int64)[:, None], np.arange(s.num_kv_heads)[None, :], s)
+
+
+def load_raw(pool: KVPool, layer: int, kv: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored elements ``[T, H, D]`` at ``slots`` (all >= 0), and their int8 scales ``[T, H]``."""
+    s = pool.strides
+    scale = None if pool.scales is None else pool.host_scales[scale_index(s, layer, kv, slots)]
+    return pool.host[element_index(s, layer, kv, slots)], scale
+
+
+def read_raw(pool: KVPool, layer: int, slots: np.ndarray) -> RawKV:
+    """The stored elements (and int8 scales) at ``slots``, undecoded; padding rows are zero bits."""
+    real = slots >= 0
+    c = pool.config
+    parts: list[np.ndarray | None] = []
+    for kv in (K, V):
+        stored, _ = load_raw(pool, layer, kv, slots[real])
+        x = np.zeros((slots.shape[0], c.num_kv_heads, c.head_dim), c.storage_dtype)  # padding: zero bits
+        x[real] = stored
+        parts.append(x)
+    for kv in (K, V):
+        stored, scale = load_raw(pool, layer, kv, slots[real])
+        if scale is None:
+            parts.append(None)
+            continue
+        sc = np.zeros((slots.shape[0], c.num_kv_heads), np.float32)
+        sc[real] = scale
+        parts.append(sc)
+    return RawKV(*parts)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from numba import cuda
 
 from .. import device, layout, validate
 from ..errors import ArgumentError, DTypeError, PoolMismatchError
+from ..formats import RawKV
 from ..plan import Plan, check_attention, check_write, make_plan
 from ..pool import KVPool
 from .cuda_kernels import (
@@ -97,7 +98,7 @@ def new_outputs(pool: KVPool, num_tokens: int, out=None):
         return out[0], out[1]
     c = pool.config
     shape = (num_tokens, c.num_kv_heads, c.head_dim)
-    return cuda.device_array(shape, dtype=c.dtype), cuda.device_array(shape, dtype=c.dtype)
+    return cuda.device_array(shape, dtype=np.float32), cuda.device_array(shape, dtype=np.float32)
 
 
 def _outputs_on_device(out):
@@ -164,8 +165,12 @@ def write(pool: KVPool, layer: int, key, value, slot_mapping) -> None:
     write_step(pool, layer, key, value, plan(pool, slot_mapping=slot_mapping))
 
 
-def read(pool: KVPool, layer: int, slot_mapping, *, out=None):
-    """Same contract as :func:`pagedkv.backends.reference.read`; returns device arrays."""
+def read(pool: KVPool, layer: int, slot_mapping, *, out=None, raw: bool = False):
+    """Same contract as :func:`pagedkv.backends.reference.read`; returns device arrays. (A GPU
+    pool stores float32 for now, so ``raw=True`` gives the same numbers as a ``RawKV``.)"""
+    if raw:
+        validate.no_out_with_raw(out)
+        return RawKV(*read(pool, layer, slot_mapping))
     out = _outputs_on_device(out)
     layer, slots = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
     out_k, out_v = new_outputs(pool, slots.shape[0], out)
@@ -176,11 +181,15 @@ def read(pool: KVPool, layer: int, slot_mapping, *, out=None):
     return out_k, out_v
 
 
-def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None):
+def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None, raw: bool = False):
     """Same contract as :func:`pagedkv.backends.reference.gather`; returns device arrays.
 
     ``cu_seqlens`` comes back as a host numpy array (it is computed there).
     """
+    if raw:
+        validate.no_out_with_raw(out)
+        key, value, cu = gather(pool, layer, block_tables, context_lens)
+        return RawKV(key, value), cu
     out = _outputs_on_device(out)
     layer, tables, lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
     cu = layout.cu_seqlens(lens)
@@ -226,7 +235,7 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
         unpack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](
             _upload(packed), dst_pool.data, _device_index(dst, d_host), s)
     else:  # offload: pack on the GPU, one transfer, unpack on the host
-        packed = cuda.device_array(n, dtype=src_pool.config.dtype)
+        packed = cuda.device_array(n, dtype=src_pool.config.storage_dtype)
         pack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, _device_index(src, s_host), packed, s)
         _unpack_host(dst_pool, d_host, packed.copy_to_host())
 

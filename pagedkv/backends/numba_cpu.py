@@ -20,7 +20,8 @@ from .. import layout, validate
 from ..layout import K, V
 from ..plan import Plan, check_attention, check_write, make_plan
 from ..pool import KVPool
-from ._host import new_outputs
+from ._host import new_outputs, read_raw
+from ._numba_codecs import NO_CODEC, NO_LUT, SCALE_KINDS, TENSOR, TOKEN, decode_row, decode_table, load_row, store_row
 
 NAME = "numba"
 DEVICE = "cpu"
@@ -29,43 +30,67 @@ DEVICE = "cpu"
 block_base = njit(inline="always", cache=True)(layout.block_base)
 token_base = njit(inline="always", cache=True)(layout.token_base)
 table_slot = njit(inline="always", cache=True)(layout.table_slot)
+scale_index = njit(inline="always", cache=True)(layout.scale_index)
+block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 
 
 # The copies below are slice assignments: numba compiles them to a vectorised
-# copy (several times faster than an element loop) with memmove semantics.
+# copy (several times faster than an element loop) with memmove semantics. A pool
+# of another format stores and decodes rows through _numba_codecs (see there).
 
 # Token buffers reach the kernels flattened to 1-D (``key.reshape(-1)``, a view):
-# numba copies flat slices several times faster than rows of a 3-D array.
+# numba copies flat slices several times faster than rows of a 3-D array. Their
+# uint32 views (``*_bits``) let the codecs work on float32 bit patterns.
+
+
+@njit(inline="always")
+def _row_scale(layer, kv, slot, h, s, kind, tensor_scale, scales):
+    """The multiplier of one stored row: fp8's per-layer scale, int8's per (token, head), or 1."""
+    if kind == TOKEN:
+        return scales[scale_index(layer, kv, slot, h, s)]
+    if kind == TENSOR:
+        return tensor_scale
+    return np.float32(1.0)
+
 
 @njit(parallel=True, cache=True)
-def write_kernel(data, layer, key, value, slots, s):
-    """Store token t of the flat key/value at ``slots[t]``; negative slots are skipped."""
+def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec, kind, k_scale, v_scale,
+                 scales, scratch):
+    """Store token t of the flat key/value at ``slots[t]`` in the pool's format; negative slots
+    are skipped. ``scratch`` is float32 ``[T, D]`` for fp8 (``[1, 1]`` otherwise)."""
     num_kv_heads, head_dim = s.num_kv_heads, s.head_dim
     for t in prange(slots.shape[0]):
         slot = slots[t]
         if slot < 0:  # padding
             continue
-        base = token_base(layer, K, slot, s)
+        row = scratch[np.int64(t) if scratch.shape[0] > 1 else np.int64(0)]
+        row_bits = row.view(np.uint32)
+        k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
         for h in range(num_kv_heads):
-            row = base + h * s.head_stride
             src = (t * num_kv_heads + h) * head_dim
-            data[row:row + head_dim] = key[src:src + head_dim]
-            data[row + s.kv_stride:row + s.kv_stride + head_dim] = value[src:src + head_dim]
+            store_row(data, k_base + h * s.head_stride, key, key_bits, src, head_dim, codec, kind, k_scale,
+                      row, row_bits, scales, scale_index(layer, K, slot, h, s))
+            store_row(data, v_base + h * s.head_stride, value, value_bits, src, head_dim, codec, kind, v_scale,
+                      row, row_bits, scales, scale_index(layer, V, slot, h, s))
 
 
 @njit(inline="always")
-def _load_token(data, base, out_k, out_v, i, s):
-    """Copy the token whose (head 0, dim 0) is at ``base`` into row i of the flat outputs."""
+def _load_token(data, layer, slot, out_k, out_v, out_k_bits, out_v_bits, i, s, codec, kind, k_scale, v_scale,
+                scales, k_lut, v_lut):
+    """Decode the token stored at ``slot`` into row i of the flat outputs."""
     num_kv_heads, head_dim = s.num_kv_heads, s.head_dim
+    k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
     for h in range(num_kv_heads):
-        row = base + h * s.head_stride
         dst = (i * num_kv_heads + h) * head_dim
-        out_k[dst:dst + head_dim] = data[row:row + head_dim]
-        out_v[dst:dst + head_dim] = data[row + s.kv_stride:row + s.kv_stride + head_dim]
+        decode_row(data, k_base + h * s.head_stride, head_dim, out_k, out_k_bits, dst, codec, kind,
+                   _row_scale(layer, K, slot, h, s, kind, k_scale, scales), k_lut)
+        decode_row(data, v_base + h * s.head_stride, head_dim, out_v, out_v_bits, dst, codec, kind,
+                   _row_scale(layer, V, slot, h, s, kind, v_scale, scales), v_lut)
 
 
 @njit(parallel=True, cache=True)
-def read_kernel(data, layer, slots, out_k, out_v, s):
+def read_kernel(data, layer, slots, out_k, out_v, out_k_bits, out_v_bits, s, codec, kind, k_scale, v_scale, scales,
+                k_lut, v_lut):
     """Load the token at ``slots[t]`` into row t of the flat outputs; zeros for padding."""
     row_len = s.num_kv_heads * s.head_dim
     for t in prange(slots.shape[0]):
@@ -74,16 +99,19 @@ def read_kernel(data, layer, slots, out_k, out_v, s):
             out_k[t * row_len:(t + 1) * row_len] = 0.0
             out_v[t * row_len:(t + 1) * row_len] = 0.0
             continue
-        _load_token(data, token_base(layer, K, slot, s), out_k, out_v, t, s)
+        _load_token(data, layer, slot, out_k, out_v, out_k_bits, out_v_bits, t, s, codec, kind, k_scale, v_scale,
+                    scales, k_lut, v_lut)
 
 
 @njit(parallel=True, cache=True)
-def gather_kernel(data, layer, tables, cu, out_k, out_v, s):
+def gather_kernel(data, layer, tables, cu, out_k, out_v, out_k_bits, out_v_bits, s, codec, kind, k_scale, v_scale,
+                  scales, k_lut, v_lut):
     """Row i of the packed output is token ``i - cu[b]`` of the sequence b with ``cu[b] <= i < cu[b+1]``."""
     for i in prange(cu[cu.shape[0] - 1]):
         b = np.searchsorted(cu, i, side="right") - 1  # skips empty sequences
         slot = table_slot(tables, b, i - cu[b], s.block_size)
-        _load_token(data, token_base(layer, K, slot, s), out_k, out_v, i, s)
+        _load_token(data, layer, slot, out_k, out_v, out_k_bits, out_v_bits, i, s, codec, kind, k_scale, v_scale,
+                    scales, k_lut, v_lut)
 
 
 @njit(parallel=True, cache=True)
@@ -99,6 +127,41 @@ def move_blocks_kernel(src_data, dst_data, src, dst, s):
         dst_data[d0:d0 + s.block_stride] = src_data[s0:s0 + s.block_stride]
 
 
+@njit(cache=True)
+def move_scales_kernel(src_scales, dst_scales, src, dst, s):
+    """Copy the int8 scales of blocks ``src[i] -> dst[i]``, every layer, K and V."""
+    run = s.block_size * s.num_kv_heads
+    for i in range(src.shape[0]):
+        for layer in range(s.num_layers):
+            for kv in range(2):
+                s0, d0 = block_scale_base(layer, kv, src[i], s), block_scale_base(layer, kv, dst[i], s)
+                dst_scales[d0:d0 + run] = src_scales[s0:s0 + run]
+
+
+_NO_SCALES = np.ones(1, np.float32)
+_NO_SCRATCH = np.empty((1, 1), np.float32)
+
+
+def _format_args(pool: KVPool, layer: int) -> tuple:
+    """``(codec, kind, k_scale, v_scale, scales, k_lut, v_lut)``: the pool's format, as the
+    kernels take it (the decoding tables of float16 and fp8, see ``decode_table``)."""
+    fmt = pool.config.format
+    kind = SCALE_KINDS[fmt.scale]
+    k_scale = v_scale = np.float32(1.0)
+    if kind == TENSOR:
+        k_scale, v_scale = (np.float32(x) for x in pool.kv_scales[layer])  # type: ignore[index]
+    scales = pool.host_scales if kind == TOKEN else _NO_SCALES
+    k_lut = v_lut = NO_LUT
+    if fmt.name in ("float16", "fp8_e4m3", "fp8_e5m2"):
+        k_lut, v_lut = decode_table(fmt.name, float(k_scale)), decode_table(fmt.name, float(v_scale))
+    return fmt.codec or NO_CODEC, kind, k_scale, v_scale, scales, k_lut, v_lut
+
+
+def _flat_outputs(out_k: np.ndarray, out_v: np.ndarray) -> tuple[np.ndarray, ...]:
+    fk, fv = out_k.reshape(-1), out_v.reshape(-1)
+    return fk, fv, fk.view(np.uint32), fv.view(np.uint32)
+
+
 # ---- the step API: plan once, run per layer --------------------------------------------------------
 
 def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None) -> Plan:
@@ -111,7 +174,11 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
     """Same contract as :func:`pagedkv.backends.reference.write_step`."""
     layer, w = check_write(plan, pool, layer)
     validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
-    write_kernel(pool.data, layer, key.reshape(-1), value.reshape(-1), w.kernel_slots, pool.strides)
+    codec, kind, k_scale, v_scale, scales, _, _ = _format_args(pool, layer)
+    scratch = np.empty((key.shape[0], pool.config.head_dim), np.float32) if kind == TENSOR else _NO_SCRATCH
+    fk, fv = key.reshape(-1), value.reshape(-1)
+    write_kernel(pool.data, layer, fk, fv, fk.view(np.uint32), fv.view(np.uint32), w.kernel_slots, pool.strides,
+                 codec, kind, k_scale, v_scale, scales, scratch)
 
 
 def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
@@ -124,7 +191,8 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
     # NHD keeps a token's heads together: one task takes them all, reading blocks in order
     heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
     attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
-                     np.float32(opt.scale), np.float32(opt.soft_cap), heads_per_task, pool.strides)
+                     np.float32(opt.scale), np.float32(opt.soft_cap), heads_per_task, pool.strides,
+                     *_format_args(pool, layer))
     return out
 
 
@@ -135,37 +203,57 @@ def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_map
     write_step(pool, layer, key, value, plan(pool, slot_mapping=slot_mapping))
 
 
-def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None) -> tuple[np.ndarray, np.ndarray]:
+def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None, raw: bool = False):
     """Same contract as :func:`pagedkv.backends.reference.read`."""
+    if raw:
+        validate.no_out_with_raw(out)
     layer, slot_mapping = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
+    if raw:  # the stored elements as they are: index arithmetic on the host, no kernel
+        return read_raw(pool, layer, slot_mapping)
     out_k, out_v = new_outputs(pool, slot_mapping.shape[0], out)
-    read_kernel(pool.data, layer, slot_mapping, out_k.reshape(-1), out_v.reshape(-1), pool.strides)
+    fk, fv, fk_bits, fv_bits = _flat_outputs(out_k, out_v)
+    read_kernel(pool.data, layer, slot_mapping, fk, fv, fk_bits, fv_bits, pool.strides, *_format_args(pool, layer))
     return out_k, out_v
 
 
-def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray, *, out=None):
+def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray, *, out=None,
+           raw: bool = False):
     """Same contract as :func:`pagedkv.backends.reference.gather`."""
+    if raw:
+        validate.no_out_with_raw(out)
     layer, block_tables, context_lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
+    if raw:
+        return read_raw(pool, layer, layout.gather_slots(block_tables, context_lens, pool.config.block_size)), \
+            layout.cu_seqlens(context_lens)
     cu = layout.cu_seqlens(context_lens)
     out_k, out_v = new_outputs(pool, int(cu[-1]), out)
-    gather_kernel(pool.data, layer, block_tables, cu, out_k.reshape(-1), out_v.reshape(-1), pool.strides)
+    fk, fv, fk_bits, fv_bits = _flat_outputs(out_k, out_v)
+    gather_kernel(pool.data, layer, block_tables, cu, fk, fv, fk_bits, fv_bits, pool.strides,
+                  *_format_args(pool, layer))
     return out_k, out_v, cu
+
+
+def _move_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
+    move_blocks_kernel(src_pool.data, dst_pool.data, src, dst, src_pool.strides)
+    if src_pool.scales is not None:  # int8: the scales go with their blocks
+        move_scales_kernel(src_pool.host_scales, dst_pool.host_scales, src, dst, src_pool.strides)
 
 
 def copy_blocks(pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
     """Same contract as :func:`pagedkv.backends.reference.copy_blocks`."""
     src, dst = validate.copy_args(pool, pool, src, dst, DEVICE, DEVICE)
-    move_blocks_kernel(pool.data, pool.data, src, dst, pool.strides)
+    _move_blocks(pool, pool, src, dst)
 
 
 def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
     """Same contract as :func:`pagedkv.backends.reference.swap_blocks`."""
     src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
-    move_blocks_kernel(src_pool.data, dst_pool.data, src, dst, src_pool.strides)
+    _move_blocks(src_pool, dst_pool, src, dst)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, heads_per_task, s):
+def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, heads_per_task, s,
+                     codec, kind, k_scale, v_scale, scales, k_lut, v_lut):
     """Online-softmax attention over the blocks, in float32; a task is one query row and
     ``heads_per_task`` K/V heads (all of them in layout NHD, one in HND), so that a task
     reads its part of each block front to back and each K/V row once.
@@ -174,6 +262,8 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
     task, then one rescale of each head's running max, sum and accumulator
     (the streaming softmax of FlashAttention), never a gathered copy of K/V.
     ``fastmath`` lets LLVM vectorise the dot products (it reorders float32 sums).
+    A pool of a narrow format is decoded row by row on the fly (``load_row``),
+    never as a decoded copy of the pool; a float32 pool is read in place.
     """
     num_kv_heads, head_dim, block_size = s.num_kv_heads, s.head_dim, s.block_size
     pos_stride, head_stride = s.pos_stride, s.head_stride
@@ -198,17 +288,22 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
         denom = np.zeros(width, dtype=np.float32)  # running sum of the weights
         acc = np.zeros((width, head_dim), dtype=np.float32)
         scores = np.empty((width, block_size), dtype=np.float32)
+        row = np.empty(head_dim, dtype=np.float32)  # one decoded K or V row (narrow formats)
+        row_bits = row.view(np.uint32)
         for j in range(start // block_size, pos // block_size + 1):
             first = j * block_size
             p0 = max(start, first)
             n = min(pos + 1, first + block_size) - p0
             skip = (p0 - first) * pos_stride  # positions of the block before the window
-            k_base = block_base(layer, K, np.int64(tables[b, j]), s) + skip
-            v_base = block_base(layer, V, np.int64(tables[b, j]), s) + skip
+            block = np.int64(tables[b, j])
+            k_base = block_base(layer, K, block, s) + skip
+            v_base = block_base(layer, V, block, s) + skip
+            slot0 = block * block_size + p0 - first  # the slot of position p0
             for i in range(n):  # scores: each K row once, for every query head that reads it
                 for hh in range(heads_per_task):
                     at = k_base + i * pos_stride + (h0 + hh) * head_stride
-                    k = data[at:at + head_dim]
+                    k = load_row(data, at, head_dim, row, row_bits, codec, kind,
+                                 _row_scale(layer, K, slot0 + i, h0 + hh, s, kind, k_scale, scales), k_lut)
                     for g in range(group):
                         w = hh * group + g
                         dot = np.float32(0.0)
@@ -233,7 +328,8 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
             for i in range(n):  # weighted values: each V row once
                 for hh in range(heads_per_task):
                     at = v_base + i * pos_stride + (h0 + hh) * head_stride
-                    v = data[at:at + head_dim]
+                    v = load_row(data, at, head_dim, row, row_bits, codec, kind,
+                                 _row_scale(layer, V, slot0 + i, h0 + hh, s, kind, v_scale, scales), v_lut)
                     for g in range(group):
                         w = hh * group + g
                         e = scores[w, i]

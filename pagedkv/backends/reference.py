@@ -15,22 +15,44 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import layout, validate
-from ..layout import K, Strides, V
+from .. import formats, layout, validate
+from ..layout import K, V
 from ..plan import Plan, check_attention, check_write, make_plan
 from ..pool import KVPool
-from ._host import new_outputs
+from ._host import element_index, load_raw, new_outputs, read_raw, scale_index
 
 NAME = "numpy"
 DEVICE = "cpu"
 
 
-def _element_index(s: Strides, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
-    """Flat offsets ``[T, H, D]`` of every number of the tokens stored at ``slots`` (all >= 0)."""
-    rows = layout.token_base(layer, kv, slots.astype(np.int64), s)
-    heads = np.arange(s.num_kv_heads) * s.head_stride
-    dims = np.arange(s.head_dim)
-    return rows[:, None, None] + heads[None, :, None] + dims[None, None, :]
+def _store(pool: KVPool, layer: int, kv: int, slots: np.ndarray, x: np.ndarray) -> None:
+    """Encode float32 ``x [T, H, D]`` in the pool's format and store it at ``slots`` (all >= 0)."""
+    fmt, s = pool.config.format, pool.strides
+    at = element_index(s, layer, kv, slots)
+    if fmt.is_float32:
+        pool.host[at] = x
+    elif fmt.scale == "token":  # int8: a scale per (token, head)
+        q, scale = formats.quantize_int8(x)
+        pool.host[at] = q
+        pool.host_scales[scale_index(s, layer, kv, slots)] = scale
+    else:
+        if fmt.scale == "tensor":  # fp8: stored = encode(x / scale)
+            x = x / pool.kv_scales[layer, kv]  # type: ignore[index]
+        pool.host[at] = formats.encode(fmt, x)
+
+
+def _load(pool: KVPool, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
+    """The float32 values ``[T, H, D]`` stored at ``slots`` (all >= 0), decoded."""
+    fmt = pool.config.format
+    stored, scale = load_raw(pool, layer, kv, slots)
+    if fmt.is_float32:
+        return stored
+    if scale is not None:
+        return formats.dequantize_int8(stored, scale)
+    values = formats.decode(fmt, stored)
+    if fmt.scale == "tensor":  # fp8: read = decode(stored) * scale
+        values = values * pool.kv_scales[layer, kv]  # type: ignore[index]
+    return values
 
 
 # ---- the step API: plan once, run per layer --------------------------------------------------------
@@ -48,7 +70,7 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
     validate.step_tokens(pool, key, value, slots.shape[0])
     real = slots >= 0  # padding tokens are skipped
     for kv, new in ((K, key), (V, value)):
-        pool.host[_element_index(pool.strides, layer, kv, slots[real])] = new[real]
+        _store(pool, layer, kv, slots[real], new[real])
 
 
 def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
@@ -112,28 +134,34 @@ def _read(pool: KVPool, layer: int, slots: np.ndarray, out) -> tuple[np.ndarray,
     result = new_outputs(pool, slots.shape[0], out)
     for kv, x in zip((K, V), result, strict=True):
         x[~real] = 0.0  # padding reads as zeros
-        x[real] = pool.host[_element_index(pool.strides, layer, kv, slots[real])]
+        x[real] = _load(pool, layer, kv, slots[real])
     return result
 
 
-def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None) -> tuple[np.ndarray, np.ndarray]:
+def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None, raw: bool = False):
     """Load the keys and values stored at ``slot_mapping`` (the inverse of :func:`write`).
 
     Args:
         slot_mapping: int64 ``[T]``; a slot may repeat; a negative slot gives zeros.
         out: optional ``(key, value)`` float32 ``[T, H, D]`` arrays to fill
             instead of allocating (a decode loop reuses them).
+        raw: return the stored elements (and int8 scales) undecoded, as a
+            :class:`~pagedkv.formats.RawKV`; padding rows are zero bits.
 
     Returns:
-        ``(key, value)``, float32 ``[T, H, D]`` each (``out`` itself if given).
+        ``(key, value)``, float32 ``[T, H, D]`` each, decoded from the pool's
+        format (``out`` itself if given); or a ``RawKV`` with ``raw=True``.
     """
+    if raw:
+        validate.no_out_with_raw(out)
     layer, slot_mapping = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
+    if raw:
+        return read_raw(pool, layer, slot_mapping)
     return _read(pool, layer, slot_mapping, out)
 
 
-def gather(
-    pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray, *, out=None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray, *, out=None,
+           raw: bool = False):
     """Copy each sequence's keys and values, in token order, into packed buffers.
 
     Args:
@@ -144,25 +172,38 @@ def gather(
         out: optional ``(key, value)`` float32 ``[sum(context_lens), H, D]``
             arrays to fill instead of allocating.
 
+        raw: return ``(RawKV, cu_seqlens)``: the stored elements (and int8
+            scales) undecoded, as :func:`read` does.
+
     Returns:
         ``(key, value, cu_seqlens)``: float32 ``[sum(context_lens), H, D]``
-        twice, and int32 ``[B + 1]`` with sequence b at rows
+        twice, decoded, and int32 ``[B + 1]`` with sequence b at rows
         ``cu_seqlens[b]:cu_seqlens[b + 1]``.
     """
+    if raw:
+        validate.no_out_with_raw(out)
     layer, block_tables, context_lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
     slots = layout.gather_slots(block_tables, context_lens, pool.config.block_size)
+    if raw:
+        return read_raw(pool, layer, slots), layout.cu_seqlens(context_lens)
     key, value = _read(pool, layer, slots, out)
     return key, value, layout.cu_seqlens(context_lens)
 
 
-def _move_blocks(src_data: np.ndarray, dst_data: np.ndarray, s: Strides, src: np.ndarray, dst: np.ndarray) -> None:
-    """Copy blocks ``src[i] -> dst[i]`` in every layer, K and V."""
+def _move_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
+    """Copy blocks ``src[i] -> dst[i]`` in every layer, K and V, with their int8 scales."""
+    s = src_pool.strides
     within = np.arange(s.block_stride)  # a block is one contiguous run in either layout
+    scales_within = np.arange(s.block_size * s.num_kv_heads)  # and so are its scales
     for layer in range(s.num_layers):
         for kv in (K, V):
             src_base = layout.block_base(layer, kv, src, s)
             dst_base = layout.block_base(layer, kv, dst, s)
-            dst_data[dst_base[:, None] + within] = src_data[src_base[:, None] + within]
+            dst_pool.host[dst_base[:, None] + within] = src_pool.host[src_base[:, None] + within]
+            if src_pool.scales is not None and dst_pool.scales is not None:
+                src_at = layout.block_scale_base(layer, kv, src, s)[:, None] + scales_within
+                dst_at = layout.block_scale_base(layer, kv, dst, s)[:, None] + scales_within
+                dst_pool.host_scales[dst_at] = src_pool.host_scales[src_at]
 
 
 def copy_blocks(pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
@@ -174,7 +215,7 @@ def copy_blocks(pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
             copies, or be both a source and a destination.
     """
     src, dst = validate.copy_args(pool, pool, src, dst, DEVICE, DEVICE)
-    _move_blocks(pool.host, pool.host, pool.strides, src, dst)
+    _move_blocks(pool, pool, src, dst)
 
 
 def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
@@ -184,7 +225,7 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.nda
     one pool as both, the rules of :func:`copy_blocks` apply.
     """
     src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
-    _move_blocks(src_pool.host, dst_pool.host, src_pool.strides, src, dst)
+    _move_blocks(src_pool, dst_pool, src, dst)
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
+from .. import formats
 from ..config import CacheConfig
 from ..layout import LAYOUTS, cdiv
 from ..pool import KVPool
@@ -23,9 +24,11 @@ __all__ = [
 
 @st.composite
 def configs(draw, *, max_layers: int = 3, max_kv_heads: int = 4, max_head_dim: int = 8,
-            max_blocks: int = 8, max_block_size: int = 8, layouts=LAYOUTS) -> CacheConfig:
-    """A small :class:`CacheConfig` in one of ``layouts``."""
+            max_blocks: int = 8, max_block_size: int = 8, layouts=LAYOUTS, dtypes=("float32",)) -> CacheConfig:
+    """A small :class:`CacheConfig` in one of ``layouts`` and one of the storage formats ``dtypes``
+    (``tuple(pagedkv.formats.FORMATS)`` for all of them)."""
     return CacheConfig(
+        dtype=draw(st.sampled_from(dtypes)),
         num_layers=draw(st.integers(1, max_layers)),
         num_kv_heads=draw(st.integers(1, max_kv_heads)),
         head_dim=draw(st.integers(1, max_head_dim)),
@@ -90,9 +93,23 @@ def token_arrays(config: CacheConfig, num_tokens: int, seed: int, count: int = 2
 
 
 def filled_pool(config: CacheConfig, seed: int) -> KVPool:
-    """A CPU pool whose every element is a distinct-looking random number."""
+    """A CPU pool whose every element is a distinct-looking random number: standard normal
+    numbers stored in the pool's format (int8 scales random too; fp8 layers get random
+    per-layer scales), so that a kernel that moves or decodes a wrong element shows."""
+    rng = np.random.default_rng(seed)
     pool = KVPool(config)
-    pool.host[:] = np.random.default_rng(seed).standard_normal(pool.host.size, dtype=np.float32)
+    fmt = config.format
+    values = rng.standard_normal(pool.host.size, dtype=np.float32)
+    if fmt.is_float32:
+        pool.host[:] = values
+    elif fmt.codec is not None:
+        pool.host[:] = formats.encode(fmt, values)
+    else:
+        pool.host[:] = rng.integers(-127, 128, pool.host.size, dtype=np.int8)
+        pool.host_scales[:] = rng.uniform(0.001, 0.05, pool.host_scales.size).astype(np.float32)
+    if fmt.scale == "tensor":
+        for layer in range(config.num_layers):
+            pool.set_kv_scales(layer, *rng.uniform(0.25, 4.0, 2))
     return pool
 
 

@@ -40,6 +40,26 @@ def attention_atol(num_positions: int, head_dim: int, max_abs_value: float, scor
     return SAFETY * EPS32 * (num_positions + head_dim + 2 * score) * max(max_abs_value, 1e-30)
 
 
+#: each storage format's unit roundoff: half the gap between 1 and the next number (float formats,
+#: relative to the value); for int8, half a quantisation step relative to the row's absmax
+STORAGE_UNIT_ROUNDOFF = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8, "fp8_e4m3": 2.0**-4,
+                         "fp8_e5m2": 2.0**-3, "int8": 1 / 254}
+
+
+def storage_atol(fmt, max_abs_value: float, score: float) -> float:
+    """How far attention over a pool of format ``fmt`` may be from attention over a float32 pool
+    holding the same K/V (both computed the same way).
+
+    Storing rounds each V number by at most ``u * max|V|`` (``u``: the format's unit
+    roundoff; subnormals and int8 rows only round less, relative to that) and each K
+    number likewise, which moves a score by at most ``u * S`` (``S``: :func:`score_bound`);
+    an output, a convex combination of V rows, then moves by at most
+    ``u * max|V| + 2 * u * S * max|V|``. Twice that covers the float32 arithmetic around it.
+    """
+    u = STORAGE_UNIT_ROUNDOFF[getattr(fmt, "name", fmt)]
+    return 2 * u * (1 + 2 * score) * max(max_abs_value, 1e-30)
+
+
 def assert_attention_close(actual, expected, num_positions: int, head_dim: int, max_abs_value: float,
                            score: float = 0.0, err_msg: str = "") -> None:
     """Assert float32 attention output ``actual`` is within the stated bound of ``expected``."""

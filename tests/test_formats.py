@@ -1,0 +1,164 @@
+"""The storage formats' codecs, checked on every pattern against ml_dtypes (and numpy for float16),
+the kernels' compiled codecs against the reference's, and the formats' rules at the front door."""
+
+import numpy as np
+import pytest
+
+import pagedkv as pk
+from pagedkv import CacheConfig, KVPool, formats
+from pagedkv.backends import _numba_codecs as nc
+from pagedkv.formats import FORMATS
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+ORACLES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+           "fp8_e5m2": ml_dtypes.float8_e5m2}
+MINIFLOATS = list(ORACLES)
+
+
+def every_pattern(fmt):
+    return np.arange(1 << (8 * fmt.itemsize), dtype=np.int64).astype(fmt.storage)
+
+
+def hard_inputs(fmt, rng, n=200_000):
+    """Random float32 bit patterns, and every rounding boundary of ``fmt``: each finite value,
+    the midpoints between neighbours and the floats just either side, the subnormal edge,
+    overflow, signed zeros, infinities and NaNs with payloads."""
+    values = formats.decode(fmt, every_pattern(fmt))
+    finite = np.unique(values[np.isfinite(values)].astype(np.float64))
+    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32)
+    top = np.float32(finite[-1])
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3.4e38, -3.4e38,
+                         top, np.nextafter(top, np.float32(np.inf)), min(float(top) * 2, 3.4e38)], np.float32)
+    nan_payloads = np.array([0x7F800001, 0x7FA00000, 0xFFC00001, 0x7FFFFFFF, 0x7F802000], np.uint32).view(np.float32)
+    randoms = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return np.concatenate([finite.astype(np.float32), -finite.astype(np.float32), mids, -mids,
+                           np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                           specials, nan_payloads, randoms])
+
+
+@pytest.mark.parametrize("name", MINIFLOATS)
+def test_every_pattern_decodes_as_the_oracle_does(name):
+    fmt = FORMATS[name]
+    patterns = every_pattern(fmt)
+    want = patterns.view(ORACLES[name]).astype(np.float32).view(np.uint32)
+    np.testing.assert_array_equal(formats.decode(fmt, patterns).view(np.uint32), want)
+    compiled = np.array([nc.decode_bits(int(p), fmt.codec) for p in patterns.astype(np.int64)], np.uint32)
+    np.testing.assert_array_equal(compiled, want)
+
+
+@pytest.mark.parametrize("name", MINIFLOATS)
+def test_encoding_rounds_as_the_oracle_does(name):
+    fmt = FORMATS[name]
+    x = hard_inputs(fmt, np.random.default_rng(0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(ORACLES[name]).view(fmt.storage)
+    got = formats.encode(fmt, x)
+    bad = np.flatnonzero(got != want)
+    assert not bad.size, f"{bad.size} differ, first: {x[bad[0]]!r} -> {got[bad[0]]:#x}, expected {want[bad[0]]:#x}"
+    sample = x[:: max(1, len(x) // 20_000)]
+    compiled = np.array([nc.encode_bits(int(b), fmt.codec) for b in sample.view(np.uint32).astype(np.int64)])
+    np.testing.assert_array_equal(compiled.astype(fmt.storage), formats.encode(fmt, sample))
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "bfloat16"])
+def test_torch_rounds_the_same_where_installed(name):
+    torch = pytest.importorskip("torch")
+    fmt = FORMATS[name]
+    target = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bfloat16": torch.bfloat16}[name]
+    x = hard_inputs(fmt, np.random.default_rng(1), n=20_000)
+    finite = x[np.abs(x) <= np.float32(formats.decode(fmt, every_pattern(fmt))[np.isfinite(
+        formats.decode(fmt, every_pattern(fmt)))].max())]  # torch saturates or differs past the range
+    want = torch.from_numpy(finite).to(target).view(torch.uint8 if fmt.itemsize == 1 else torch.int16).numpy()
+    np.testing.assert_array_equal(formats.encode(fmt, finite).view(want.dtype), want)
+
+
+def test_worked_examples_of_the_docstring():
+    one_and_a_half = np.array([1.5], np.float32)
+    assert [int(formats.encode(FORMATS[n], one_and_a_half)[0]) for n in MINIFLOATS] == [0x3E00, 0x3FC0, 0x3C, 0x3E]
+    tenth = formats.encode(FORMATS["fp8_e4m3"], np.array([0.1], np.float32))
+    assert int(tenth[0]) == 0x1D and formats.decode(FORMATS["fp8_e4m3"], tenth)[0] == np.float32(0.1015625)
+
+
+def test_special_values_follow_the_documented_rules():
+    x = np.array([np.inf, -np.inf, np.nan, 1e6, -1e6], np.float32)
+    e4m3 = formats.encode(FORMATS["fp8_e4m3"], x)
+    assert e4m3.tolist() == [0x7F, 0xFF, 0x7F, 0x7F, 0xFF]  # no inf: NaN, sign kept
+    e5m2 = formats.encode(FORMATS["fp8_e5m2"], x)
+    assert e5m2.tolist() == [0x7C, 0xFC, 0x7E, 0x7C, 0xFC]  # inf, and one quiet NaN
+    assert formats.decode(FORMATS["fp8_e4m3"], np.array([0x7E], np.uint8))[0] == 448
+
+
+def test_int8_scales_per_token_and_head():
+    x = np.array([[[0.0, 0.0], [1.0, -2.54]], [[np.nan, 1.0], [3.0, 1.5]]], np.float32)
+    q, scale = formats.quantize_int8(x)
+    assert scale[0, 0] == 1 and q[0, 0].tolist() == [0, 0]  # a zero row gets scale 1
+    assert scale[0, 1] == np.float32(2.54) / np.float32(127) and q[0, 1].tolist() == [50, -127]
+    assert np.isnan(scale[1, 0]) and np.isnan(formats.dequantize_int8(q, scale)[1, 0]).all()
+    assert q[1, 1].tolist() == [127, 64]  # 63.5 rounds half to even: 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MINIFLOATS)
+def test_every_float32_encodes_as_the_oracle_does(name):
+    """All 2**32 float32 inputs (opt-in: ``python -m pytest -m slow``; minutes per format)."""
+    fmt = FORMATS[name]
+    for start in range(0, 2**32, 2**26):
+        x = np.arange(start, start + 2**26, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = x.astype(ORACLES[name]).view(fmt.storage)
+        np.testing.assert_array_equal(formats.encode(fmt, x), want)
+
+
+# ---- the formats at the front door ----------------------------------------------------------------
+
+def config(dtype, **kw):
+    return CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS))
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_float64_or_integer_kv_is_refused_in_every_format(dtype, backend):
+    pool = KVPool(config(dtype))
+    before = pool.data.copy()
+    b = pk.get_backend(backend)
+    for bad in (np.ones((1, 2, 4), np.float64), np.ones((1, 2, 4), np.int32)):
+        with pytest.raises(pk.DTypeError, match="float32"):
+            b.write(pool, 0, bad, bad, np.array([0]))
+    np.testing.assert_array_equal(pool.data, before)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 1e39, "x"])
+def test_bad_fp8_scales_are_refused(bad):
+    pool = KVPool(config("fp8_e4m3"))
+    with pytest.raises(pk.ConfigError, match="positive, finite float32"):
+        pool.set_kv_scales(0, bad, 1.0)
+    assert pool.kv_scales.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(pk.ConfigError, match="only fp8"):
+        KVPool(config("bfloat16")).set_kv_scales(0, 1.0, 1.0)
+
+
+def test_swaps_between_different_formats_or_scales_are_refused():
+    ref = pk.get_backend("numpy")
+    a, b = KVPool(config("fp8_e4m3")), KVPool(config("fp8_e5m2"))
+    with pytest.raises(pk.PoolMismatchError, match="different formats"):
+        ref.swap_blocks(a, b, np.array([0]), np.array([1]))
+    c = KVPool(config("fp8_e4m3"))
+    c.set_kv_scales(1, 2.0, 1.0)
+    with pytest.raises(pk.PoolMismatchError, match="k/v scales"):
+        ref.swap_blocks(a, c, np.array([0]), np.array([1]))
+    with pytest.raises(pk.ConfigError, match="float32 for now"):
+        KVPool(config("bfloat16"), device="cuda")
+
+
+def test_raw_reads_return_the_stored_elements_and_scales():
+    ref = pk.get_backend("numpy")
+    pool = KVPool(config("int8"))
+    key = np.arange(8, dtype=np.float32).reshape(1, 2, 4)
+    ref.write(pool, 1, key, -key, np.array([5]))
+    raw = ref.read(pool, 1, np.array([5, -1]), raw=True)
+    assert raw.key.dtype == np.int8 and raw.key[0, 1].tolist() == [73, 91, 109, 127]
+    assert raw.key_scale[0].tolist() == [np.float32(3) / 127, np.float32(7) / 127]
+    assert raw.key_scale[1].tolist() == [0, 0]  # padding
+    np.testing.assert_allclose(pool.k_decoded(1)[2, 1], key[0], atol=7 / 254)  # half a step of the row's scale
+    with pytest.raises(pk.ArgumentError, match="no out"):
+        ref.read(pool, 1, np.array([5]), raw=True, out=(np.empty((1, 2, 4), np.float32),) * 2)
