@@ -65,3 +65,41 @@ class AttentionRatios:
         return self.m["vs_torch_sdpa"]
 
     track_ratio_to_torch_sdpa.unit = "x torch SDPA (target >= 1)"
+
+
+class FormatAttention:
+    """Decode attention over a narrow pool against the same over float32 (issue 12 targets:
+    bfloat16 >= 1.6x the tokens/s of float32, fp8 and int8 >= 2.5x)."""
+
+    params = [["float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"]]
+    param_names = ["dtype"]
+    number = 1
+    repeat = 1
+    timeout = 900
+
+    def setup(self, dtype):
+        self.m = B.measure_format_attention(dtype)
+
+    def track_tokens_per_second_vs_float32(self, dtype):
+        return self.m["vs_float32"]
+
+    track_tokens_per_second_vs_float32.unit = "x float32 tokens/s"
+
+
+class FormatRoutines:
+    """write / gather / copy_blocks at the prefill shape on narrow pools, against a contiguous copy of
+    the same stored bytes (issue 12 target: >= 0.8x)."""
+
+    params = (["write", "gather", "copy_blocks"], ["bfloat16", "fp8_e4m3", "int8"])
+    param_names = ["routine", "dtype"]
+    number = 1
+    repeat = 1
+    timeout = 600
+
+    def setup(self, routine, dtype):
+        self.m = B.measure_format_routine(routine, dtype)
+
+    def track_ratio_to_copy(self, *_):
+        return self.m["vs_copy"]
+
+    track_ratio_to_copy.unit = "x copy of the stored bytes"

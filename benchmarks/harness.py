@@ -234,12 +234,14 @@ class AttentionWorkload:
 
 
 def make_attention_workload(batch: int = 32, context: int = 2048, q_heads: int = 32, heads: int = H,
-                            head_dim: int = D, layout: str = "NHD", seed: int = 0) -> AttentionWorkload:
-    """The decode shape of the attention targets (B=32, context 2048, Hq=32, H=8, D=128)."""
+                            head_dim: int = D, layout: str = "NHD", seed: int = 0,
+                            dtype: str = "float32") -> AttentionWorkload:
+    """The decode shape of the attention targets (B=32, context 2048, Hq=32, H=8, D=128), with
+    K/V stored as ``dtype``."""
     rng = np.random.default_rng(seed)
     per_seq = cdiv(context, BLOCK_SIZE)
     config = CacheConfig(num_layers=1, num_kv_heads=heads, head_dim=head_dim, num_blocks=batch * per_seq,
-                         block_size=BLOCK_SIZE, layout=layout)
+                         block_size=BLOCK_SIZE, layout=layout, dtype=dtype)
     pool = KVPool(config)
     tables = rng.permutation(config.num_blocks).reshape(batch, per_seq).astype(np.int32)
     lens = np.full(batch, context, dtype=np.int32)
@@ -293,3 +295,29 @@ def on_gpu_attention(w: AttentionWorkload) -> AttentionWorkload:
     pool.data.copy_to_device(w.pool.data)
     return AttentionWorkload(pool, cuda.to_device(w.q), cuda.to_device(w.tables), cuda.to_device(w.lens),
                              w.dense_k, w.dense_v)
+
+
+def measure_format_attention(dtype: str, layout: str = "NHD") -> dict[str, float]:
+    """numba decode attention over a ``dtype`` pool beside the same over a float32 pool, in one
+    process (medians): ``vs_float32`` is the ratio of tokens per second (above 1: faster)."""
+    backend = get_backend("numba")
+    narrow = make_attention_workload(layout=layout, dtype=dtype)
+    t = median_seconds(attention_call(backend, narrow), repeat=5)
+    t32 = median_seconds(attention_call(backend, make_attention_workload(layout=layout)), repeat=5)
+    return {"seconds": t, "float32_seconds": t32, "vs_float32": t32 / t}
+
+
+def measure_format_routine(routine: str, dtype: str, layout: str = "NHD") -> dict[str, float]:
+    """A numba routine at the prefill shape on a ``dtype`` pool, beside a contiguous copy of
+    the same stored bytes (read plus written), in one process (medians)."""
+    w = make_workload("prefill", layout)
+    pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D, num_blocks=w.config.num_blocks,
+                              block_size=BLOCK_SIZE, layout=layout, dtype=dtype))
+    get_backend("numba").write(pool, 0, w.key, w.value, w.slots)  # real numbers in the pool
+    w = Workload(pool.config, pool, w.key, w.value, w.slots, w.tables, w.lens, w.src, w.dst)
+    # bytes read plus written: float32 tokens in and the stored width out (or back); whole stored blocks
+    stored = pool.config.format.itemsize / 4
+    n = bytes_moved(w, routine) if routine == "copy_blocks" else int(w.token_bytes * (1 + stored))
+    t = median_seconds(backend_call(get_backend("numba"), w, routine))
+    t_copy = copy_limit_seconds(n)
+    return {"seconds": t, "vs_copy": t_copy / t}

@@ -8,6 +8,7 @@ import sys
 from ._version import __version__
 from .backends import BACKENDS, available_backends, get_backend
 from .errors import PagedKVError
+from .formats import FORMATS
 
 
 def _positive(text: str) -> int:
@@ -36,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=[*BACKENDS, "auto"], default="auto",
                    help="where the cache routines run (default auto: numba, else numpy; "
                         "cuda runs them on a GPU)")
+    d.add_argument("--dtype", choices=list(FORMATS), default="float32",
+                   help="how the pool stores K/V (default float32); another format is compared with a float32 run")
     d.add_argument("--plot", metavar="FILE.png", help="also draw memory in use over time (needs matplotlib)")
     d.add_argument("--no-check", action="store_true",
                    help="skip re-running every request over a dense cache to compare the tokens")
@@ -66,9 +69,10 @@ def _demo(args) -> int:
     from .demo import format_summary, plot, run_demo
 
     backend = get_backend(args.backend).NAME
-    print(f"pagedkv demo: {args.requests} requests, {args.blocks} blocks of 16 tokens, backend {backend}")
+    print(f"pagedkv demo: {args.requests} requests, {args.blocks} blocks of 16 tokens, backend {backend}, "
+          f"K/V stored as {args.dtype}")
     res = run_demo(args.requests, seed=args.seed, backend=backend, num_blocks=args.blocks,
-                   check=not args.no_check)
+                   check=not args.no_check, dtype=args.dtype)
     print(format_summary(res, backend))
     if args.plot:
         plot(res, args.plot)
@@ -117,6 +121,7 @@ def _info(args) -> int:
     except (ImportError, ValueError):
         pass
     print(f"numba threads {numba.get_num_threads()}, threading layer {layer}")
+    print(f"storage formats: {', '.join(FORMATS)} (numpy and numba backends; cuda: float32)")
     gpu = "none"
     if available_backends()["cuda"] is None:
         from numba import cuda

@@ -21,6 +21,7 @@ from .cache import PagedKVCache
 from .errors import PagedKVError
 from .layout import cdiv
 from .model import DenseCache, ModelConfig, TinyLlama, generate_dense, paged_step
+from .pool import human_bytes
 
 
 @dataclass
@@ -49,6 +50,10 @@ class DemoResult:
     agree: bool | None
     max_logit_diff: float | None
     stats: dict
+    dtype: str = "float32"
+    pool_bytes: int = 0
+    float32_bytes: int = 0
+    vs_float32: tuple[int, float] | None = None  # requests with float32's tokens; largest logit difference
 
 
 def make_requests(n: int, seed: int, vocab: int) -> list[Request]:
@@ -62,10 +67,17 @@ def make_requests(n: int, seed: int, vocab: int) -> list[Request]:
 
 
 def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_blocks: int = 96,
-             check: bool = True, progress=sys.stderr) -> DemoResult:
-    """Serve ``num_requests`` requests with continuous batching; see the module docstring."""
+             check: bool = True, progress=sys.stderr, dtype: str = "float32") -> DemoResult:
+    """Serve ``num_requests`` requests with continuous batching; see the module docstring.
+
+    With a ``dtype`` other than float32, ``check`` compares with the same workload
+    over a float32 pool instead of a dense cache (a narrower format rounds K/V, so
+    tokens may rightly differ): how many requests generate the same tokens, and the
+    largest logit difference up to each request's first differing token.
+    """
     model = TinyLlama(ModelConfig(seed=seed))
-    cache = PagedKVCache(model.cache_config(num_blocks), backend=backend)
+    config = model.cache_config(num_blocks, dtype=dtype)
+    cache = PagedKVCache(config, backend=backend)
     bs = cache.config.block_size
     requests = make_requests(num_requests, seed, model.config.vocab_size)
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
@@ -118,16 +130,34 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
     seconds = time.perf_counter() - start
     if progress is not None and progress.isatty():
         progress.write("\n")
-    agree, diff = None, None
-    if check:
+    agree, diff, vs_float32 = None, None, None
+    if check and config.dtype == "float32":
         agree, diff = True, 0.0
         for r in requests:
             tokens, logits = generate_dense(model, r.prompt, r.max_new_tokens)
             agree &= tokens == r.output
             diff = max(diff, float(np.abs(logits - np.array(r.logits)).max()))
+    elif check:
+        wide = run_demo(num_requests, seed, backend, num_blocks, check=False, progress=None)
+        vs_float32 = _compare(requests, wide.requests)
+    float32_bytes = model.cache_config(num_blocks).memory_bytes
     return DemoResult(requests, step, seconds, sum(len(r.output) for r in requests),
                       sum(len(r.prompt) for r in requests), sum(r.cached for r in requests),
-                      used, contiguous, peak_map, agree, diff, cache.stats())
+                      used, contiguous, peak_map, agree, diff, cache.stats(), config.dtype,
+                      config.memory_bytes, float32_bytes, vs_float32)
+
+
+def _compare(narrow: list[Request], wide: list[Request]) -> tuple[int, float]:
+    """Requests whose tokens equal the float32 run's, and the largest logit difference up to
+    each request's first differing token (past it the two runs see different inputs)."""
+    same, diff = 0, 0.0
+    for a, b in zip(sorted(narrow, key=lambda r: r.rid), sorted(wide, key=lambda r: r.rid), strict=True):
+        same += a.output == b.output
+        for step, (x, y) in enumerate(zip(a.logits, b.logits, strict=True)):
+            diff = max(diff, float(np.abs(x - y).max()))
+            if a.output[step] != b.output[step]:
+                break
+    return same, diff
 
 
 def _final_blocks(r: Request, block_size: int) -> int:
@@ -180,6 +210,14 @@ def format_summary(res: DemoResult, backend: str) -> str:
     if res.agree is not None:
         rows.append(("paged == dense generation",
                      f"{'yes' if res.agree else 'NO'} (largest logit difference {res.max_logit_diff:.1e})"))
+    if res.dtype != "float32":
+        share = res.pool_bytes / res.float32_bytes
+        rows.append(("pool memory", f"{human_bytes(res.pool_bytes)} in {res.dtype}, {share:.0%} of float32's "
+                                    f"{human_bytes(res.float32_bytes)}"))
+    if res.vs_float32 is not None:
+        same, diff = res.vs_float32
+        rows.append((f"{res.dtype} against float32", f"{same} of {len(res.requests)} requests generate the same "
+                                                     f"tokens; largest logit difference {diff:.1e}"))
     width = max(len(k) for k, _ in rows)
     lines = ["", "summary", "-------"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     lines += ["", "pool at the peak (. free, ~ cached and idle, * shared, letters: requests)", res.peak_map]

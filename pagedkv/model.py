@@ -55,11 +55,12 @@ class TinyLlama:
         self.out = w(c.dim, c.vocab_size)
         self.inv_freq = c.rope_theta ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
 
-    def cache_config(self, num_blocks: int, block_size: int = 16, layout: str = "NHD") -> CacheConfig:
-        """A cache geometry that fits this model."""
+    def cache_config(self, num_blocks: int, block_size: int = 16, layout: str = "NHD",
+                     dtype: str = "float32") -> CacheConfig:
+        """A cache geometry that fits this model, storing K/V in ``dtype``."""
         c = self.config
         return CacheConfig(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                           num_blocks=num_blocks, block_size=block_size, layout=layout)
+                           num_blocks=num_blocks, block_size=block_size, layout=layout, dtype=dtype)
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotary embeddings on ``x [N, heads, D]`` (pairs (i, i + D/2), as in Llama)."""

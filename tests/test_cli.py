@@ -21,6 +21,14 @@ def test_demo_runs_to_its_summary_and_agrees():
         assert words in out.stdout
 
 
+def test_demo_in_a_narrow_format_compares_with_float32():
+    out = run("demo", "--requests", "4", "--dtype", "bfloat16")
+    assert out.returncode == 0, out.stderr
+    assert "K/V stored as bfloat16" in out.stdout
+    assert "in bfloat16, 50% of float32's" in out.stdout
+    assert "bfloat16 against float32" in out.stdout and "requests generate the same tokens" in out.stdout
+
+
 def test_demo_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "memory.png"
@@ -49,6 +57,7 @@ def test_info():
     assert out.returncode == 0, out.stderr
     assert "backend numpy  available" in out.stdout
     assert "threading layer" in out.stdout and "GPU:" in out.stdout
+    assert "storage formats: float32, float16, bfloat16, fp8_e4m3, fp8_e5m2, int8" in out.stdout
 
 
 def test_bench_decode():

@@ -162,3 +162,14 @@ def test_raw_reads_return_the_stored_elements_and_scales():
     np.testing.assert_allclose(pool.k_decoded(1)[2, 1], key[0], atol=7 / 254)  # half a step of the row's scale
     with pytest.raises(pk.ArgumentError, match="no out"):
         ref.read(pool, 1, np.array([5]), raw=True, out=(np.empty((1, 2, 4), np.float32),) * 2)
+
+
+@pytest.mark.parametrize("name", MINIFLOATS)
+def test_the_numba_write_encodes_every_boundary_as_the_reference(name):
+    """The kernels' own encoding paths (bfloat16's has a shortcut) against formats.encode."""
+    fmt = FORMATS[name]
+    x = hard_inputs(fmt, np.random.default_rng(2), n=20_000)
+    x = x[: len(x) // 8 * 8].reshape(-1, 1, 8)
+    pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=len(x), block_size=1, dtype=name))
+    pk.get_backend("numba").write(pool, 0, x, x, np.arange(len(x), dtype=np.int64))
+    np.testing.assert_array_equal(pool.k(0).reshape(-1), formats.encode(fmt, x.reshape(-1)))

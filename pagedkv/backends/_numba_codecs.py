@@ -84,6 +84,13 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
                 scratch[d] = x[off + d] / scale
             for d in range(n):
                 data[at + d] = encode_bits(np.int64(scratch_bits[d]), codec)
+        elif codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
+            for d in range(n):
+                b = np.int64(x_bits[off + d])
+                if b & 0x7FFFFFFF > 0x7F800000:  # NaN: the quiet one, with its sign
+                    data[at + d] = ((b >> 16) & 0x8000) | 0x7FC0
+                else:  # a carry past the mantissa bumps the exponent, up to inf: rightly
+                    data[at + d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
         else:
             for d in range(n):
                 data[at + d] = encode_bits(np.int64(x_bits[off + d]), codec)
