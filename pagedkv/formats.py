@@ -129,12 +129,13 @@ def get_format(dtype: object) -> StorageFormat:
     library is imported). Raises ConfigError listing the supported names otherwise."""
     if isinstance(dtype, StorageFormat):
         return dtype
-    name = str(dtype).removeprefix("torch.") if not isinstance(dtype, str) else dtype
-    if not isinstance(dtype, str):
+    if isinstance(dtype, str):
+        name = dtype
+    else:
         try:
-            name = np.dtype(dtype).name if np.dtype(dtype).kind in "fi" else name  # type: ignore[call-overload]
+            name = np.dtype(dtype).name  # type: ignore[call-overload]  # numpy and ml_dtypes types
         except TypeError:
-            pass
+            name = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
     name = _ALIASES.get(name, name)
     if name not in FORMATS:
         raise ConfigError(f"unknown KV storage format {dtype!r}; supported: {', '.join(FORMATS)}")

@@ -66,6 +66,12 @@ def test_storage_formats_by_name_or_dtype(given, name):
     assert small(dtype=given).dtype == name
 
 
+def test_storage_formats_by_ml_dtypes_type():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert [small(dtype=t).dtype for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)] \
+        == ["bfloat16", "fp8_e4m3", "fp8_e5m2"]
+
+
 def test_memory_counts_the_stored_width_and_the_scales():
     """Llama-3-8B's geometry (32 layers, 8 KV heads, D=128) at 32k tokens."""
     geometry = dict(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=2048, block_size=16)

@@ -43,18 +43,14 @@ def read_raw(pool: KVPool, layer: int, slots: np.ndarray) -> RawKV:
     """The stored elements (and int8 scales) at ``slots``, undecoded; padding rows are zero bits."""
     real = slots >= 0
     c = pool.config
-    parts: list[np.ndarray | None] = []
-    for kv in (K, V):
-        stored, _ = load_raw(pool, layer, kv, slots[real])
-        x = np.zeros((slots.shape[0], c.num_kv_heads, c.head_dim), c.storage_dtype)  # padding: zero bits
-        x[real] = stored
-        parts.append(x)
+    elements, scales = [], []
     for kv in (K, V):
         stored, scale = load_raw(pool, layer, kv, slots[real])
-        if scale is None:
-            parts.append(None)
-            continue
-        sc = np.zeros((slots.shape[0], c.num_kv_heads), np.float32)
-        sc[real] = scale
-        parts.append(sc)
-    return RawKV(*parts)  # type: ignore[arg-type]
+        x = np.zeros((slots.shape[0], c.num_kv_heads, c.head_dim), c.storage_dtype)  # padding: zero bits
+        x[real] = stored
+        elements.append(x)
+        if scale is not None:
+            sc = np.zeros((slots.shape[0], c.num_kv_heads), np.float32)
+            sc[real] = scale
+            scales.append(sc)
+    return RawKV(*elements, *scales)
