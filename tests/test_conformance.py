@@ -245,3 +245,59 @@ def test_workloads_yield_consistent_pools():
             np.testing.assert_array_equal(got, want)
 
     run()
+
+
+# ---- storage formats ------------------------------------------------------------------------------
+
+ALL_FORMATS = tuple(pagedkv.formats.FORMATS)
+
+
+@pytest.mark.parametrize("routine", list(KIT))
+def test_the_numba_backend_passes_the_kit_in_every_format(routine):
+    check, function = KIT[routine]
+    check(function(pagedkv.get_backend("numba")), dtype=ALL_FORMATS, max_examples=30)
+
+
+def truncating_bf16_write(pool, layer, key, value, slots):
+    """bfloat16 by dropping the low half: truncation, not round-to-nearest-even."""
+    bs = pool.config.block_size
+    for kv, x in ((pool.k(layer), key), (pool.v(layer), value)):
+        for t, slot in enumerate(slots):
+            if slot >= 0:
+                bits = (np.ascontiguousarray(x[t]).view(np.uint32) >> 16).astype(np.uint16)
+                if pool.config.layout == "NHD":
+                    kv[slot // bs, slot % bs] = bits
+                else:
+                    kv[slot // bs, :, slot % bs] = bits
+
+
+def fp8_read_scaling_twice(pool, layer, slots):
+    k, v = pagedkv.get_backend("numpy").read(pool, layer, slots)
+    k_scale, v_scale = pool.kv_scales[layer]
+    return k * k_scale, v * v_scale
+
+
+def int8_copy_without_scales(pool, src, dst):
+    for layer in range(pool.config.num_layers):
+        pool.k(layer)[dst] = pool.k(layer)[src]
+        pool.v(layer)[dst] = pool.v(layer)[src]
+
+
+def test_truncation_instead_of_rounding_is_caught():
+    e = caught(check_write, truncating_bf16_write, dtype="bfloat16")
+    assert e.where["slot"] in e.case["slot_mapping"]
+
+
+def test_a_scale_applied_twice_is_caught():
+    e = caught(check_read, fp8_read_scaling_twice, dtype="fp8_e4m3")
+    assert e.where["slot"] in e.case["slot_mapping"]
+
+
+def test_a_scale_dropped_by_copy_blocks_is_caught():
+    e = caught(check_copy_blocks, int8_copy_without_scales, dtype="int8")
+    assert "int8 scale" in str(e) and e.where["slot"] // e.case["block_size"] in e.case["dst"]
+
+
+def test_narrow_formats_need_the_pagedkv_convention():
+    with pytest.raises(ValueError, match="'pagedkv' convention"):
+        check_write(vllm_write, convention="vllm", dtype="bfloat16")

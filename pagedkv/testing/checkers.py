@@ -37,18 +37,27 @@ Conventions (``convention=``), the shapes your function receives:
 
 Arrays are numpy unless you pass ``to_user`` (numpy -> your array type: a
 torch or CuPy converter) and ``from_user`` (back to numpy).
+
+Storage formats (``dtype=``, a name or a list of names of
+:data:`pagedkv.formats.FORMATS`): in the ``"pagedkv"`` convention the pool
+carries the format, its raw elements and its scales (fp8's per-layer
+``kv_scales``, int8's per-(token, head) ``scales``); every stored byte and
+scale is compared, so truncation instead of round-to-nearest-even, a scale
+applied twice or a scale left behind by ``copy_blocks`` is found and named.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .. import formats
 from ..backends import reference as ref
 from ..config import CacheConfig
+from ..formats import get_format
 from ..layout import decode_offset, page_lists
 from ..pool import KVPool
 from . import strategies as pst
@@ -85,12 +94,16 @@ def _layouts(convention: str):
     return {"pagedkv": ("NHD", "HND"), "vllm": ("NHD",), "hnd": ("HND",), "flashinfer": ("NHD",)}[convention]
 
 
-def _configs(convention: str, **sizes):
+def _configs(convention: str, dtype: str | Sequence[str] = "float32", **sizes):
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    dtypes = tuple(get_format(d).name for d in ((dtype,) if isinstance(dtype, str) else dtype))
+    if convention != "pagedkv" and dtypes != ("float32",):
+        raise ValueError(f"dtype={dtype!r}: storage formats other than float32 are checked in the 'pagedkv' "
+                         "convention (the pool carries the scales); other conventions take float32 caches")
     limits = dict(max_layers=2, max_kv_heads=3, max_head_dim=8, max_blocks=6, max_block_size=4)
     limits.update(sizes)
-    return pst.configs(layouts=_layouts(convention), **limits)
+    return pst.configs(layouts=_layouts(convention), dtypes=dtypes, **limits)
 
 
 def _run(test, max_examples: int) -> None:
@@ -122,10 +135,22 @@ def _flat(config: CacheConfig, k_caches, v_caches, from_user) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _compare_pool(what: str, expected: KVPool, actual: np.ndarray, case: dict) -> None:
+def _same(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Elementwise equality, a NaN equal to a NaN (float arrays)."""
+    if expected.dtype.kind != "f":
+        return actual == expected
+    return (actual == expected) | (np.isnan(actual) & np.isnan(expected))
+
+
+def _compare_pool(what: str, expected: KVPool, actual: np.ndarray, case: dict, scales=None) -> None:
+    """The pool's elements (in its storage dtype) and, for int8, ``scales``, against the reference."""
     if actual.shape != expected.host.shape:
         raise KernelMismatch(f"{what}: the pool has {actual.size} elements, expected {expected.host.size}", case, {})
-    bad = np.flatnonzero(~((actual == expected.host) | (np.isnan(actual) & np.isnan(expected.host))))
+    if actual.dtype != expected.host.dtype:
+        raise KernelMismatch(f"{what}: the pool holds {actual.dtype}, expected {expected.host.dtype}", case, {})
+    bad = np.flatnonzero(~_same(actual, expected.host))
+    if not bad.size and expected.scales is not None:
+        _compare_scales(what, expected, np.asarray(scales), case)
     if bad.size:
         i = int(bad[0])
         w = decode_offset(expected.strides, i)
@@ -133,6 +158,26 @@ def _compare_pool(what: str, expected: KVPool, actual: np.ndarray, case: dict) -
             f"{what}: first difference at layer {w['layer']}, {w['kv']}, block {w['block']}, position {w['pos']} "
             f"(slot {w['slot']}), head {w['head']}, dim {w['dim']}: expected {float(expected.host[i]):.9g}, "
             f"got {float(actual[i]):.9g} ({bad.size} elements differ)", case, w)
+
+
+def _compare_scales(what: str, expected: KVPool, actual: np.ndarray, case: dict) -> None:
+    bad = np.flatnonzero(~_same(actual, expected.host_scales))
+    if bad.size:
+        i, s = int(bad[0]), expected.strides
+        per_kv = s.num_blocks * s.block_size * s.num_kv_heads
+        layer_kv, rest = divmod(i, per_kv)
+        slot, head = divmod(rest, s.num_kv_heads)
+        w = {"layer": layer_kv // 2, "kv": "KV"[layer_kv % 2], "slot": slot, "head": head}
+        raise KernelMismatch(
+            f"{what}: first difference at layer {w['layer']}, {w['kv']}, slot {slot}, head {head} (its int8 scale): "
+            f"expected {float(expected.host_scales[i]):.9g}, got {float(actual[i]):.9g} "
+            f"({bad.size} scales differ)", case, w)
+
+
+def _user_pool(pool: KVPool, from_user) -> tuple[np.ndarray, np.ndarray | None]:
+    """A pagedkv-convention pool's elements and int8 scales, through ``from_user``."""
+    return (np.asarray(from_user(pool.data)),
+            None if pool.scales is None else np.asarray(from_user(pool.scales)))
 
 
 def _compare_rows(what: str, expected: np.ndarray, actual, case: dict, rows: Callable[[int], dict] | None,
@@ -170,11 +215,12 @@ def _row_in_sequence(lens: np.ndarray, query_lens: np.ndarray | None = None, *, 
 
 # ---- checkers ----------------------------------------------------------------------------------
 
-def check_write(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
+def check_write(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
+                max_examples: int = 100,
                 to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``write`` / ``reshape_and_cache`` kernel: every byte of the cache afterwards,
     with padding (negative) slots mixed in anywhere."""
-    @given(_configs(convention), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         expected = pst.filled_pool(config, seed)
         slots = data.draw(pst.slot_mappings(config, max_tokens=10), label="slot_mapping")
@@ -184,20 +230,21 @@ def check_write(fn: Callable, *, convention: str = "pagedkv", max_examples: int 
         if convention == "pagedkv":
             actual = pst.filled_pool(config, seed)
             fn(actual, layer, to_user(key), to_user(value), to_user(slots))
-            got = np.asarray(from_user(actual.data))
+            got, scales = _user_pool(actual, from_user)
         else:
             ks, vs = _caches(expected, to_user)
             fn(to_user(key), to_user(value), ks[layer], vs[layer], to_user(slots))
-            got = _flat(config, ks, vs, from_user)
+            got, scales = _flat(config, ks, vs, from_user), None
         ref.write(expected, layer, key, value, slots)
-        _compare_pool("write", expected, got, case)
+        _compare_pool("write", expected, got, case, scales)
     _run(test, max_examples)
 
 
-def check_read(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
+def check_read(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
+               max_examples: int = 100,
                to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``read`` kernel (slots may repeat; padding must read as zeros)."""
-    @given(_configs(convention), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         pool = pst.filled_pool(config, seed)
         slots = data.draw(pst.slot_mappings(config, max_tokens=10, unique=False), label="slot_mapping")
@@ -214,10 +261,11 @@ def check_read(fn: Callable, *, convention: str = "pagedkv", max_examples: int =
     _run(test, max_examples)
 
 
-def check_gather(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
+def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
+                 max_examples: int = 100,
                  to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``gather`` kernel: block tables with shared and repeated blocks, empty sequences."""
-    @given(_configs(convention), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         pool = pst.filled_pool(config, seed)
         tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3), label="tables")
@@ -238,10 +286,11 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", max_examples: int
     _run(test, max_examples)
 
 
-def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
+def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
+                      max_examples: int = 100,
                       to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``copy_blocks`` kernel: every layer, K and V, and nothing else touched."""
-    @given(_configs(convention), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         expected = pst.filled_pool(config, seed)
         src, dst = data.draw(pst.block_copies(config), label="copies")
@@ -249,29 +298,34 @@ def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", max_examples
         if convention == "pagedkv":
             actual = pst.filled_pool(config, seed)
             fn(actual, to_user(src), to_user(dst))
-            got = np.asarray(from_user(actual.data))
+            got, scales = _user_pool(actual, from_user)
         else:
             ks, vs = _caches(expected, to_user)
             fn(ks, vs, to_user(np.stack([src, dst], axis=1)))
-            got = _flat(config, ks, vs, from_user)
+            got, scales = _flat(config, ks, vs, from_user), None
         ref.copy_blocks(expected, src, dst)
-        _compare_pool("copy_blocks", expected, got, case)
+        _compare_pool("copy_blocks", expected, got, case, scales)
     _run(test, max_examples)
 
 
-def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
+def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
+                      max_examples: int = 100,
                       to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``swap_blocks`` kernel between two pools (or two caches) of one geometry."""
-    @given(_configs(convention), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         source = pst.filled_pool(config, seed)
         expected = pst.filled_pool(config, seed + 1)
+        actual = pst.filled_pool(config, seed + 1)
+        for layer in range(config.num_layers if source.kv_scales is not None else 0):
+            for pool in (expected, actual):  # fp8 blocks move only between pools of like scales
+                pool.set_kv_scales(layer, *source.kv_scales[layer])
         src, dst = data.draw(pst.block_copies(config, same_pool=False), label="copies")
         case = _case(config, src=src, dst=dst)
+        scales = None
         if convention == "pagedkv":
-            actual = pst.filled_pool(config, seed + 1)
             fn(source, actual, to_user(src), to_user(dst))
-            got = np.asarray(from_user(actual.data))
+            got, scales = _user_pool(actual, from_user)
         else:
             sk, sv = _caches(source, to_user)
             dk, dv = _caches(expected, to_user)
@@ -280,11 +334,27 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", max_examples
                 fn(s, d, mapping)
             got = _flat(config, dk, dv, from_user)
         ref.swap_blocks(source, expected, src, dst)
-        _compare_pool("swap_blocks", expected, got, case)
+        _compare_pool("swap_blocks", expected, got, case, scales)
     _run(test, max_examples)
 
 
-def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", max_examples: int = 100,
+def _attention_pool(config: CacheConfig, rng: np.random.Generator, magnitude: float) -> KVPool:
+    """A pool of standard normal K/V times ``magnitude``, stored in its format."""
+    pool = KVPool(config)
+    values = rng.standard_normal(pool.host.size, dtype=np.float32) * np.float32(magnitude)
+    fmt = config.format
+    if fmt.is_float32:
+        pool.host[:] = values
+    elif fmt.codec is not None:
+        pool.host[:] = formats.encode(fmt, values)
+    else:  # int8: random elements and per-(token, head) scales of the wanted size
+        pool.host[:] = rng.integers(-127, 128, pool.host.size, dtype=np.int8)
+        pool.host_scales[:] = rng.uniform(0.5, 1.5, pool.host_scales.size).astype(np.float32) * magnitude / 127
+    return pool
+
+
+def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
+                          max_examples: int = 100,
                           rtol: float | None = None, atol: float | None = None, varlen: bool = True,
                           to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a paged attention kernel against the float64 reference.
@@ -295,12 +365,11 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", max_exam
     overflow a softmax that does not subtract the max. The default tolerance
     is :mod:`pagedkv.testing.tolerance`'s bound for float32 kernels.
     """
-    @given(_configs(convention), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         rng = np.random.default_rng(seed)
         magnitude = data.draw(st.sampled_from([1.0, 1.0, 30.0]), label="magnitude")  # 30: exp overflows unshifted
-        pool = KVPool(config)
-        pool.host[:] = rng.standard_normal(pool.host.size, dtype=np.float32) * np.float32(magnitude)
+        pool = _attention_pool(config, rng, magnitude)
         tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3), label="tables")
         group = data.draw(st.integers(1, 3), label="group")
         layer = 0 if convention != "pagedkv" else data.draw(st.integers(0, config.num_layers - 1))
@@ -325,7 +394,8 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", max_exam
             got = fn(to_user(q), ks[layer], vs[layer], to_user(tables), to_user(lens), scale,
                      None if query_lens is None else to_user(query_lens))
         want = ref.paged_attention(q, pool, layer, tables, lens, scale=scale, query_lens=query_lens)
-        kv_max = float(np.abs(pool.host).max())
+        kv_max = max(float(np.abs(pool.k_decoded(i)).max()) for i in range(config.num_layers))
+        kv_max = max([kv_max] + [float(np.abs(pool.v_decoded(i)).max()) for i in range(config.num_layers)])
         q_max = float(np.abs(q).max(initial=0.0))
         bound = atol if atol is not None else attention_atol(
             int(lens.max(initial=0)), config.head_dim, kv_max, score_bound(config.head_dim, scale, q_max, kv_max))
