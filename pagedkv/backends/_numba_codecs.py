@@ -7,17 +7,28 @@ through ``uint32`` views too. Which code a row takes depends on the pool's
 element type, so :func:`store_row` and :func:`decode_row` are chosen when a
 kernel is compiled for that type (``numba.extending.overload``); a float32
 pool compiles to the plain slice copies it always had.
+
+A note for whoever edits this module: numba's on-disk cache of the kernels in
+:mod:`pagedkv.backends.numba_cpu` is keyed on that file alone, so after a change
+here delete its ``__pycache__/*.nbi``/``*.nbc`` (or touch ``numba_cpu.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 from numba import njit, types
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from .. import formats
+
+# Inlining store_row's branches (for speed) trips a pedantic internal check of numba's SSA
+# pass about variables set in one branch only; the compiled code is right (the agreement
+# tests prove it), so that one notice about this function is silenced.
+warnings.filterwarnings("ignore", message=r"variable '_store_row__locals__", category=NumbaIRAssumptionWarning)
 
 NONE, TENSOR, TOKEN = 0, 1, 2  #: scale kinds: none, fp8's per-layer, int8's per (token, head)
 SCALE_KINDS = {"none": NONE, "tensor": TENSOR, "token": TOKEN}
@@ -83,7 +94,7 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
             for d in range(n):
                 scratch[d] = x[off + d] / scale
             for d in range(n):
-                data[at + d] = encode_bits(np.int64(scratch_bits[d]), codec)
+                data[at + d] = encode_normal(np.int64(scratch_bits[d]), codec)
         elif codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
             for d in range(n):
                 b = np.int64(x_bits[off + d])
@@ -93,8 +104,27 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
                     data[at + d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
         else:
             for d in range(n):
-                data[at + d] = encode_bits(np.int64(x_bits[off + d]), codec)
+                data[at + d] = encode_normal(np.int64(x_bits[off + d]), codec)
     return store_minifloat
+
+
+@njit(cache=True)
+def encode_normal(b, c):
+    """:func:`pagedkv.formats.encode_bits`, with a shortcut for numbers that land among the
+    target's normal numbers: rebias the exponent and round the mantissa to nearest even in
+    one add-and-shift (a carry into the exponent, up to inf, is right). The rest (zero,
+    subnormals, overflow, inf, NaN) takes the general codec."""
+    a = b & 0x7FFFFFFF
+    e = (a >> 23) - 127 + c.bias
+    top = (1 << c.exp_bits) - 1
+    if e >= 1 and (e <= top if c.finite_only else e < top):
+        base = 23 - c.man_bits
+        h = (a - ((127 - c.bias) << 23) + (1 << (base - 1)) - 1 + ((a >> base) & 1)) >> base
+        nan = (top << c.man_bits) | ((1 << c.man_bits) - 1)
+        if c.finite_only and h >= nan:  # past 448: no inf in e4m3fn, so NaN
+            h = nan
+        return ((b >> 31) << (c.exp_bits + c.man_bits)) | h
+    return encode_bits(b, c)
 
 
 @overload(decode_row, inline="always")

@@ -54,7 +54,6 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .. import formats
 from ..backends import reference as ref
 from ..config import CacheConfig
 from ..formats import get_format
@@ -338,21 +337,6 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
     _run(test, max_examples)
 
 
-def _attention_pool(config: CacheConfig, rng: np.random.Generator, magnitude: float) -> KVPool:
-    """A pool of standard normal K/V times ``magnitude``, stored in its format."""
-    pool = KVPool(config)
-    values = rng.standard_normal(pool.host.size, dtype=np.float32) * np.float32(magnitude)
-    fmt = config.format
-    if fmt.is_float32:
-        pool.host[:] = values
-    elif fmt.codec is not None:
-        pool.host[:] = formats.encode(fmt, values)
-    else:  # int8: random elements and per-(token, head) scales of the wanted size
-        pool.host[:] = rng.integers(-127, 128, pool.host.size, dtype=np.int8)
-        pool.host_scales[:] = rng.uniform(0.5, 1.5, pool.host_scales.size).astype(np.float32) * magnitude / 127
-    return pool
-
-
 def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
                           max_examples: int = 100,
                           rtol: float | None = None, atol: float | None = None, varlen: bool = True,
@@ -369,7 +353,7 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: s
     def test(config, data, seed):
         rng = np.random.default_rng(seed)
         magnitude = data.draw(st.sampled_from([1.0, 1.0, 30.0]), label="magnitude")  # 30: exp overflows unshifted
-        pool = _attention_pool(config, rng, magnitude)
+        pool = pst.filled_pool(config, seed, magnitude)
         tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3), label="tables")
         group = data.draw(st.integers(1, 3), label="group")
         layer = 0 if convention != "pagedkv" else data.draw(st.integers(0, config.num_layers - 1))

@@ -92,21 +92,22 @@ def token_arrays(config: CacheConfig, num_tokens: int, seed: int, count: int = 2
     return [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
 
 
-def filled_pool(config: CacheConfig, seed: int) -> KVPool:
+def filled_pool(config: CacheConfig, seed: int, magnitude: float = 1.0) -> KVPool:
     """A CPU pool whose every element is a distinct-looking random number: standard normal
-    numbers stored in the pool's format (int8 scales random too; fp8 layers get random
-    per-layer scales), so that a kernel that moves or decodes a wrong element shows."""
+    numbers (times ``magnitude``) stored in the pool's format (int8 scales random too; fp8
+    layers get random per-layer scales), so that a kernel that moves or decodes a wrong
+    element shows."""
     rng = np.random.default_rng(seed)
     pool = KVPool(config)
     fmt = config.format
-    values = rng.standard_normal(pool.host.size, dtype=np.float32)
+    values = rng.standard_normal(pool.host.size, dtype=np.float32) * np.float32(magnitude)
     if fmt.is_float32:
         pool.host[:] = values
     elif fmt.codec is not None:
         pool.host[:] = formats.encode(fmt, values)
     else:
         pool.host[:] = rng.integers(-127, 128, pool.host.size, dtype=np.int8)
-        pool.host_scales[:] = rng.uniform(0.001, 0.05, pool.host_scales.size).astype(np.float32)
+        pool.host_scales[:] = rng.uniform(0.001, 0.05, pool.host_scales.size).astype(np.float32) * np.float32(magnitude)
     if fmt.scale == "tensor":
         for layer in range(config.num_layers):
             pool.set_kv_scales(layer, *rng.uniform(0.25, 4.0, 2))
