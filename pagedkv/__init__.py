@@ -1,7 +1,8 @@
 """pagedkv: a paged (vLLM-style) KV cache for LLM inference.
 
 The keys and values of every past token live in fixed-size blocks of one flat
-float32 pool (:class:`KVPool`, arithmetic in :mod:`pagedkv.layout`), so memory
+pool (:class:`KVPool`, arithmetic in :mod:`pagedkv.layout`; float32 or one of the
+16- and 8-bit formats of :mod:`pagedkv.formats`), so memory
 is taken block by block as sequences grow and blocks can be shared between
 sequences. The routines that move data in and out of the pool exist in several
 backends that agree exactly with the numpy reference (:func:`get_backend`).
@@ -9,6 +10,7 @@ backends that agree exactly with the numpy reference (:func:`get_backend`).
 Where things live, from the bottom up (a module imports only from below it):
 
 - ``errors``, ``layout`` (the arithmetic: offsets, slots, ragged batches),
+  ``formats`` (the storage formats and their exact codecs),
   ``config``, ``device`` (host or GPU arrays), ``pool`` (:class:`KVPool`);
 - ``validate`` (front-door checks) and ``plan`` (a step's checked index
   arrays, made once, run per layer);
@@ -20,6 +22,7 @@ Where things live, from the bottom up (a module imports only from below it):
   ``bench`` and ``cli``; ``testing`` is the conformance kit.
 """
 
+from . import formats, layout
 from ._version import __version__
 from .backends import BACKENDS, Backend, available_backends, get_backend, resolve_backend
 from .block_pool import BlockPool
@@ -58,5 +61,5 @@ __all__ = [
     "ContextLengthError", "ContiguityError", "DTypeError", "DuplicateSlotError", "InvariantError", "KVPool",
     "LayerIndexError", "OutOfBlocksError", "PagedKVCache", "PagedKVError", "Plan", "PoolMismatchError",
     "SequenceExistsError", "ShapeError", "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
-    "__version__", "available_backends", "get_backend", "resolve_backend",
+    "__version__", "available_backends", "formats", "get_backend", "layout", "resolve_backend",
 ]

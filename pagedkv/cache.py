@@ -33,7 +33,7 @@ class Added(NamedTuple):
     num_cached_tokens: int  # prompt tokens already in the cache: do not compute them again
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a step is equal only to itself (it holds arrays)
 class Step:
     """The bookkeeping of one step, made once and used by every layer.
 
