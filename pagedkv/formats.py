@@ -274,6 +274,19 @@ def decode_bits(h, c):
     return sign | (m << base)
 
 
+def to_float32(fmt: StorageFormat, stored: np.ndarray, scale: np.ndarray | np.float32 | None = None) -> np.ndarray:
+    """Stored elements ``[..., D]`` as the float32 values they stand for: float32 as they are
+    (a copy); a minifloat decoded, times fp8's per-layer ``scale``; int8 times its per-row
+    ``scale [...]``."""
+    if fmt.is_float32:
+        return np.array(stored, dtype=np.float32)
+    if fmt.scale == "token":
+        assert scale is not None, "int8 needs its scales"
+        return dequantize_int8(stored, np.asarray(scale))
+    values = decode(fmt, stored)
+    return values * np.float32(scale) if fmt.scale == "tensor" else values  # fp8: decode(stored) * scale
+
+
 # ---- int8 with a scale per (token, head) -----------------------------------------------------------
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -165,21 +165,17 @@ class KVPool:
     def _decoded(self, layer: int, kv: int) -> np.ndarray:
         stored = self.host if self.device == "cpu" else self.to_host()
         half = cast(np.ndarray, self._half_of(stored, self.config.check_layer(layer), kv))
-        fmt, c = self.config.format, self.config
-        if fmt.is_float32:
-            return half.copy()
-        if fmt.codec is not None:
-            out = formats.decode(fmt, half)
-            if self._kv_scales is not None:
-                out = out * self._kv_scales[layer, kv]
-            return out
-        s = self.strides
-        start = layout.scale_index(layer, kv, 0, 0, s)
-        scales = self.host_scales[start:start + s.num_blocks * s.block_size * s.num_kv_heads]
-        scales = scales.reshape(c.num_blocks, c.block_size, c.num_kv_heads)
-        if c.layout == "HND":
-            scales = scales.transpose(0, 2, 1)
-        return formats.dequantize_int8(half, scales)
+        c, scale = self.config, None
+        if self._kv_scales is not None:  # fp8: one scale per layer, K and V
+            scale = self._kv_scales[layer, kv]
+        elif self._scales is not None:  # int8: a scale per (token, head), shaped like the view's rows
+            s = self.strides
+            start = layout.scale_index(layer, kv, 0, 0, s)
+            scale = self.host_scales[start:start + s.num_blocks * s.block_size * s.num_kv_heads]
+            scale = scale.reshape(c.num_blocks, c.block_size, c.num_kv_heads)
+            if c.layout == "HND":
+                scale = scale.transpose(0, 2, 1)
+        return formats.to_float32(c.format, half, scale)
 
     def to_host(self) -> np.ndarray:
         """The flat data as a numpy array (a copy when the pool is on a GPU)."""

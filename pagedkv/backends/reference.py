@@ -43,16 +43,10 @@ def _store(pool: KVPool, layer: int, kv: int, slots: np.ndarray, x: np.ndarray) 
 
 def _load(pool: KVPool, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
     """The float32 values ``[T, H, D]`` stored at ``slots`` (all >= 0), decoded."""
-    fmt = pool.config.format
     stored, scale = load_raw(pool, layer, kv, slots)
-    if fmt.is_float32:
-        return stored
-    if scale is not None:
-        return formats.dequantize_int8(stored, scale)
-    values = formats.decode(fmt, stored)
-    if fmt.scale == "tensor":  # fp8: read = decode(stored) * scale
-        values = values * pool.kv_scales[layer, kv]  # type: ignore[index]
-    return values
+    if scale is None and pool.kv_scales is not None:  # fp8: read = decode(stored) * scale
+        scale = pool.kv_scales[layer, kv]
+    return formats.to_float32(pool.config.format, stored, scale)
 
 
 # ---- the step API: plan once, run per layer --------------------------------------------------------
