@@ -25,6 +25,15 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 import pagedkv  # noqa: E402
 from pagedkv import KVPool  # noqa: E402
 
+
+def pytest_configure(config):
+    # The notice pagedkv.backends._numba_codecs silences for users (pytest resets filters per
+    # test). Added here, not in pyproject.toml: naming the warning class imports numba, which
+    # must wait until NUMBA_ENABLE_CUDASIM is set above.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:variable '_store_row__locals__:numba.core.errors.NumbaIRAssumptionWarning")
+
+
 # deadline=None: a first call compiles a kernel, which takes far longer than 200 ms.
 # function_scoped_fixture: the backend fixtures return stateless modules.
 _common = dict(deadline=None, suppress_health_check=[
