@@ -287,6 +287,25 @@ def to_float32(fmt: StorageFormat, stored: np.ndarray, scale: np.ndarray | np.fl
     return values * np.float32(scale) if fmt.scale == "tensor" else values  # fp8: decode(stored) * scale
 
 
+
+def widen_input(x):
+    """K or V handed to a write, as float32 where it was a narrower float: exactly, in a copy.
+
+    float32 arrays come back as they are. numpy float16 arrays, ml_dtypes bfloat16
+    arrays and **uint16 arrays, read as bfloat16 bit patterns** (the way to hand over
+    a torch bfloat16 tensor: ``tensor.view(torch.uint16).numpy()``) are widened:
+    every float16 and bfloat16 number is a float32 number, so nothing rounds. Any
+    other array (or a GPU array: the cuda backend widens those itself) comes back
+    as it is, for the write's checks to accept or refuse.
+    """
+    if not isinstance(x, np.ndarray):
+        return x
+    if x.dtype == np.float16 or x.dtype.name == "bfloat16":
+        return x.astype(np.float32)
+    if x.dtype == np.uint16:  # bfloat16 bits: the top half of a float32
+        return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return x
+
 # ---- int8 with a scale per (token, head) -----------------------------------------------------------
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

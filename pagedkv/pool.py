@@ -47,9 +47,6 @@ class KVPool:
         self.strides: Strides = config.strides
         self.device = device
         fmt = config.format
-        if device == "cuda" and not fmt.is_float32:
-            raise ConfigError(f"a pool on the GPU stores float32 for now, not {fmt.name} (the cuda kernels do not "
-                              "decode narrow formats yet); use a CPU pool")
         self._data: Array = zeros(self.strides.size, fmt.storage, device)
         # int8: a float32 scale per (token, head), laid out as layout.scale_index says
         self._scales: Array | None = zeros(self.strides.num_scales, np.dtype(np.float32), device) \
@@ -171,7 +168,8 @@ class KVPool:
         elif self._scales is not None:  # int8: a scale per (token, head), shaped like the view's rows
             s = self.strides
             start = layout.scale_index(layer, kv, 0, 0, s)
-            scale = self.host_scales[start:start + s.num_blocks * s.block_size * s.num_kv_heads]
+            scales = self._scales if isinstance(self._scales, np.ndarray) else self._scales.copy_to_host()
+            scale = scales[start:start + s.num_blocks * s.block_size * s.num_kv_heads]
             scale = scale.reshape(c.num_blocks, c.block_size, c.num_kv_heads)
             if c.layout == "HND":
                 scale = scale.transpose(0, 2, 1)

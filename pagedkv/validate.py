@@ -83,7 +83,8 @@ def tokens(p: KVPool, name: str, a, num_tokens: int | None = None) -> int:
     if dtype is None or not hasattr(a, "shape"):
         raise DTypeError(f"{name} must be an array of float32, got {type(a).__name__}")
     if np.dtype(dtype) != FLOAT32:
-        raise DTypeError(f"{name} must be float32 (the pool stores {c.dtype} and encodes it), got {dtype}")
+        raise DTypeError(f"{name} must be float32 (the pool stores {c.dtype} and encodes it; a write also takes "
+                         f"float16 and bfloat16, see formats.widen_input), got {dtype}")
     shape = tuple(a.shape)
     if len(shape) != 3 or shape[1:] != (c.num_kv_heads, c.head_dim):
         raise ShapeError(f"{name} must have shape [T, {c.num_kv_heads}, {c.head_dim}], got {list(shape)}")

@@ -31,7 +31,7 @@ def pytest_configure(config):
     # test). Added here, not in pyproject.toml: naming the warning class imports numba, which
     # must wait until NUMBA_ENABLE_CUDASIM is set above.
     config.addinivalue_line(
-        "filterwarnings", "ignore:variable '_store_row__locals__:numba.core.errors.NumbaIRAssumptionWarning")
+        "filterwarnings", "ignore:variable '_(store|decode)_row__locals__:numba.core.errors.NumbaIRAssumptionWarning")
 
 
 # deadline=None: a first call compiles a kernel, which takes far longer than 200 ms.
@@ -87,6 +87,8 @@ def on_device(host_pool: KVPool, backend) -> KVPool:
             pool.host_scales[:] = host_pool.host_scales
     else:
         pool.data.copy_to_device(host_pool.data)
+        if host_pool.scales is not None:
+            pool.scales.copy_to_device(host_pool.host_scales)
     scales = host_pool.kv_scales
     for layer in range(len(scales) if scales is not None else 0):
         pool.set_kv_scales(layer, *scales[layer])
@@ -110,8 +112,8 @@ def bits(x) -> np.ndarray:
 
 
 def formats_of(backend) -> tuple:
-    """The storage formats ``backend`` runs: all of them on the CPU, float32 on a GPU (for now)."""
-    return tuple(pagedkv.formats.FORMATS) if backend.DEVICE == "cpu" else ("float32",)
+    """The storage formats ``backend`` runs: all of them, on the CPU and on a GPU."""
+    return tuple(pagedkv.formats.FORMATS)
 
 
 def device_empty(backend, shape) -> object:

@@ -1,5 +1,5 @@
 """Every backend equals the numpy reference bit for bit, results and the whole pool after,
-in every storage format it runs (all of them on the CPU; float32 on the GPU for now).
+in every storage format (the cuda backend too).
 
 The pools start from the same random numbers, so a kernel that writes a
 wrong element, or one too many, shows up as a difference somewhere in the pool.

@@ -17,7 +17,7 @@ RANKS = {
     "_version": 0, "errors": 0, "layout": 1, "formats": 1, "config": 2, "device": 3, "_cuda_fill": 2, "pool": 4,
     "_scan": 4, "backends._numba_codecs": 7,
     "validate": 5, "plan": 6, "backends._host": 7, "backends.reference": 8, "backends.numba_cpu": 8,
-    "backends.cuda_kernels": 7, "backends.cuda": 8, "backends": 9,
+    "backends.cuda_kernels": 7, "backends.cuda_format_kernels": 7.5, "backends.cuda": 8, "backends": 9,
     "prefix_key": 10, "block_table": 10, "block_pool": 10, "prefix_cache": 11, "sequence": 11, "manager": 12,
     "cache": 13, "model": 14, "testing.tolerance": 14, "testing.strategies": 15, "testing.checkers": 16,
     "testing": 17, "demo": 15, "bench": 15, "cli": 18, "__main__": 19, "": 20,

@@ -146,8 +146,6 @@ def test_swaps_between_different_formats_or_scales_are_refused():
     c.set_kv_scales(1, 2.0, 1.0)
     with pytest.raises(pk.PoolMismatchError, match="k/v scales"):
         ref.swap_blocks(a, c, np.array([0]), np.array([1]))
-    with pytest.raises(pk.ConfigError, match="float32 for now"):
-        KVPool(config("bfloat16"), device="cuda")
 
 
 def test_raw_reads_return_the_stored_elements_and_scales():
@@ -173,3 +171,53 @@ def test_the_numba_write_encodes_every_boundary_as_the_reference(name):
     pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=len(x), block_size=1, dtype=name))
     pk.get_backend("numba").write(pool, 0, x, x, np.arange(len(x), dtype=np.int64))
     np.testing.assert_array_equal(pool.k(0).reshape(-1), formats.encode(fmt, x.reshape(-1)))
+
+
+@pytest.mark.parametrize("name", MINIFLOATS)
+def test_the_numba_read_decodes_every_pattern_as_the_reference(name):
+    """Every stored pattern (NaN payloads, subnormals, infinities) read back by the numba kernel,
+    whose decoding (a bit cast, a table or a branch-free loop) must equal formats.decode bit for
+    bit, times a non-trivial fp8 scale."""
+    fmt = FORMATS[name]
+    patterns = every_pattern(fmt)
+    head_dim = 16
+    pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=head_dim, block_size=1,
+                              num_blocks=len(patterns) // head_dim, dtype=name))
+    pool.host[: pool.host.size // 2] = patterns
+    pool.host[pool.host.size // 2:] = patterns[::-1]
+    if fmt.scale == "tensor":
+        pool.set_kv_scales(0, 0.3, 5.0)
+    slots = np.arange(pool.config.num_blocks, dtype=np.int64)
+    got = pk.get_backend("numba").read(pool, 0, slots)
+    want = pk.get_backend("numpy").read(pool, 0, slots)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.view(np.uint32), w.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8_e4m3", "int8"])
+def test_writes_take_float16_and_bfloat16_inputs_widened_exactly(backend, dtype):
+    """A float16 or bfloat16 K/V (numpy float16, ml_dtypes bfloat16, uint16 bfloat16 bits) is
+    stored exactly as its float32 widening is: no number rounds on the way in."""
+    from .conftest import host, on_device
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32) * 8
+    as_bf16 = x.astype(ml_dtypes.bfloat16)
+    inputs = {"float16": (x.astype(np.float16), x.astype(np.float16).astype(np.float32)),
+              "bfloat16": (as_bf16, as_bf16.astype(np.float32)),
+              "bits": (as_bf16.view(np.uint16), as_bf16.astype(np.float32))}
+    slots = np.array([0, 3, 5])
+    for name, (narrow, exact) in inputs.items():
+        want = KVPool(config(dtype))
+        pk.get_backend("numpy").write(want, 1, exact, exact[::-1].copy(), slots)
+        handed = [(narrow, narrow[::-1].copy())]
+        if backend.DEVICE == "cuda" and name != "bfloat16":  # GPU arrays too (numba has no bfloat16 dtype)
+            from numba import cuda
+
+            handed.append((cuda.to_device(narrow), cuda.to_device(narrow[::-1].copy())))
+        for key, value in handed:
+            got = on_device(KVPool(config(dtype)), backend)
+            backend.write(got, 1, key, value, slots)
+            np.testing.assert_array_equal(host(got), host(want), err_msg=name)
+            if dtype == "int8":
+                np.testing.assert_array_equal(host(got.scales), want.host_scales, err_msg=name)

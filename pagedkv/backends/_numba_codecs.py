@@ -1,12 +1,19 @@
 """The storage formats inside the numba kernels: store a row of float32 numbers in a pool's
 format, or decode one, with :mod:`pagedkv.formats`' scalar codecs compiled for the CPU.
 
-numba's CPU target has no float16 or bfloat16 arithmetic, so rows are encoded
-and decoded on their bit patterns: the kernels see float32 inputs and outputs
-through ``uint32`` views too. Which code a row takes depends on the pool's
-element type, so :func:`store_row` and :func:`decode_row` are chosen when a
-kernel is compiled for that type (``numba.extending.overload``); a float32
-pool compiles to the plain slice copies it always had.
+numba's CPU target has no float16 or bfloat16 arithmetic, so numbers are encoded
+and decoded on their bit patterns: float32 inputs are read through ``uint32``
+views, and stored bits become float32 values by a bit cast (:func:`as_float32`).
+Which code a row takes depends on the pool's element type, so :func:`store_row`
+and :func:`decode_row` are chosen when a kernel is compiled for that type
+(``numba.extending.overload``); a float32 pool compiles to the plain slice
+copies it always had.
+
+Speed rests on two habits. Every loop runs over slices (``src = data[at:at + n]``,
+then ``src[d]``), never ``data[at + d]``: numba wraps negative indices, and only
+over a slice can LLVM see that ``d`` never is one and vectorise the loop (2-3x).
+And a format's decoding loop has its parameters as constants and no branch
+(:func:`decode_loop`), or is one table lookup (fp8).
 
 A note for whoever edits this module: numba's on-disk cache of the kernels in
 :mod:`pagedkv.backends.numba_cpu` is keyed on that file alone, so after a change
@@ -19,16 +26,18 @@ import functools
 import warnings
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core.errors import NumbaIRAssumptionWarning
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from .. import formats
 
-# Inlining store_row's branches (for speed) trips a pedantic internal check of numba's SSA
+# Inlining the row codecs' branches (for speed) trips a pedantic internal check of numba's SSA
 # pass about variables set in one branch only; the compiled code is right (the agreement
-# tests prove it), so that one notice about this function is silenced.
-warnings.filterwarnings("ignore", message=r"variable '_store_row__locals__", category=NumbaIRAssumptionWarning)
+# tests prove it), so that one notice about these functions is silenced.
+warnings.filterwarnings("ignore", message=r"variable '_(store|decode)_row__locals__",
+                        category=NumbaIRAssumptionWarning)
 
 NONE, TENSOR, TOKEN = 0, 1, 2  #: scale kinds: none, fp8's per-layer, int8's per (token, head)
 SCALE_KINDS = {"none": NONE, "tensor": TENSOR, "token": TOKEN}
@@ -45,8 +54,9 @@ NO_LUT = np.zeros(1, np.float32)
 @functools.lru_cache(maxsize=64)
 def decode_table(name: str, scale: float = 1.0) -> np.ndarray:
     """float32 value of every stored pattern of format ``name`` (times an fp8 layer's ``scale``),
-    computed by the reference codec: decoding is then one exact lookup. float16 and fp8 use
-    one (256 KiB and 1 KiB); bfloat16 decodes by a shift, int8 by a multiply."""
+    computed by the reference codec: decoding is then one exact lookup. fp8 uses one (1 KiB,
+    it stays in the L1 cache); bfloat16 decodes by a shift, float16 by :func:`decode_loop`
+    (its table of 256 KiB would not stay there), int8 by a multiply."""
     fmt = formats.FORMATS[name]
     values = formats.decode(fmt, np.arange(1 << (8 * fmt.itemsize), dtype=np.int64).astype(fmt.storage))
     if fmt.scale == "tensor":
@@ -61,10 +71,10 @@ def store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_
     ``scales[scale_at]``. ``scratch`` (float32, with its uint32 view ``scratch_bits``) holds >= n."""
 
 
-def decode_row(data, at, n, out, out_bits, off, codec, kind, scale, lut):
-    """Decode ``data[at:at + n]`` into float32 ``out[off:off + n]`` (``out_bits``: its uint32
-    view): fp8 multiplies by its per-layer ``scale``, int8 by the row's ``scale``. ``lut``, when
-    longer than 1, is every pattern's value (the scale folded in), looked up instead."""
+def decode_row(data, at, n, out, off, codec, kind, scale, lut):
+    """Decode ``data[at:at + n]`` into float32 ``out[off:off + n]``: fp8 multiplies by its
+    per-layer ``scale``, int8 by the row's ``scale``. ``lut``, when longer than 1, is every
+    pattern's value (the scale folded in), looked up instead (fp8)."""
 
 
 @overload(store_row, inline="always")
@@ -75,100 +85,170 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
         return store_float32
     if data.dtype == types.int8:
         def store_int8(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+            src, dst = x[off:off + n], data[at:at + n]
             absmax = np.float32(0.0)
             for d in range(n):
-                a = abs(x[off + d])
+                a = abs(src[d])
                 if absmax == absmax and (a != a or a > absmax):  # keeps a NaN, as numpy's max does
                     absmax = a
             s = absmax / np.float32(127.0) if absmax > 0 or absmax != absmax else np.float32(1.0)
             scales[scale_at] = s
             for d in range(n):
-                q = np.rint(x[off + d] / s)
+                q = np.rint(src[d] / s)
                 if q != q:
                     q = np.float32(0.0)
-                data[at + d] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
+                dst[d] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
         return store_int8
 
     def store_minifloat(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+        dst = data[at:at + n]
+        bits = x_bits[off:off + n]
         if kind == TENSOR:  # fp8: stored = encode(x / scale)
+            src = x[off:off + n]
             for d in range(n):
-                scratch[d] = x[off + d] / scale
+                scratch[d] = src[d] / scale
+            bits = scratch_bits[:n]
+        # each format its own loop, its parameters constants in it: so the loop vectorises
+        if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
             for d in range(n):
-                data[at + d] = encode_normal(np.int64(scratch_bits[d]), codec)
-        elif codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
-            for d in range(n):
-                b = np.int64(x_bits[off + d])
+                b = np.int64(bits[d])
                 if b & 0x7FFFFFFF > 0x7F800000:  # NaN: the quiet one, with its sign
-                    data[at + d] = ((b >> 16) & 0x8000) | 0x7FC0
+                    dst[d] = ((b >> 16) & 0x8000) | 0x7FC0
                 else:  # a carry past the mantissa bumps the exponent, up to inf: rightly
-                    data[at + d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+                    dst[d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        elif codec.exp_bits == 5 and codec.man_bits == 10 and not codec.finite_only:
+            encode_loop(bits, dst, n, 5, 10, 15, False, codec)  # float16
+        elif codec.exp_bits == 4 and codec.man_bits == 3 and codec.finite_only:
+            encode_loop(bits, dst, n, 4, 3, 7, True, codec)  # fp8_e4m3 (fn)
+        elif codec.exp_bits == 5 and codec.man_bits == 2 and not codec.finite_only:
+            encode_loop(bits, dst, n, 5, 2, 15, False, codec)  # fp8_e5m2
         else:
             for d in range(n):
-                data[at + d] = encode_normal(np.int64(x_bits[off + d]), codec)
+                dst[d] = encode_bits(np.int64(bits[d]), codec)
     return store_minifloat
 
 
-@njit(cache=True)
-def encode_normal(b, c):
-    """:func:`pagedkv.formats.encode_bits`, with a shortcut for numbers that land among the
-    target's normal numbers: rebias the exponent and round the mantissa to nearest even in
-    one add-and-shift (a carry into the exponent, up to inf, is right). The rest (zero,
-    subnormals, overflow, inf, NaN) takes the general codec."""
-    a = b & 0x7FFFFFFF
-    e = (a >> 23) - 127 + c.bias
-    top = (1 << c.exp_bits) - 1
-    if e >= 1 and (e <= top if c.finite_only else e < top):
-        base = 23 - c.man_bits
-        h = (a - ((127 - c.bias) << 23) + (1 << (base - 1)) - 1 + ((a >> base) & 1)) >> base
-        nan = (top << c.man_bits) | ((1 << c.man_bits) - 1)
-        if c.finite_only and h >= nan:  # past 448: no inf in e4m3fn, so NaN
-            h = nan
-        return ((b >> 31) << (c.exp_bits + c.man_bits)) | h
-    return encode_bits(b, c)
+@intrinsic
+def as_float32(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 ``bits`` (a bit cast, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always")
+def decode_loop(src, dst, n, exp_bits, man_bits, bias, finite_only, nan_payload):
+    """``dst[:n]`` = the float32 values of the stored minifloats ``src[:n]``, without a branch, so
+    that the loop vectorises (the callers pass the format's parameters as constants).
+
+    :func:`pagedkv.formats.decode_bits`, by another road: a stored exponent and mantissa,
+    placed where a float32 keeps them, read as a float32 are the number times
+    2^(bias - 127), exactly (a stored subnormal lands on a float32 subnormal), so one
+    multiply by the power of two 2^(127 - bias) finishes the decoding. The all-ones
+    exponent is inf or NaN (in e4m3fn: the all-ones pattern alone, NaN)."""
+    width = exp_bits + man_bits
+    base = np.uint32(23 - man_bits)
+    top = np.uint32((1 << width) - 1)
+    power = as_float32(np.uint32((254 - bias) << 23))
+    for d in range(n):
+        h = np.uint32(src[d])
+        sign = (h >> np.uint32(width)) << np.uint32(31)
+        mag = h & top
+        m = mag & np.uint32((1 << man_bits) - 1)
+        x = as_float32(sign | (mag << base)) * power
+        if finite_only:
+            special = mag == top
+            bits = sign | np.uint32(0x7FC00000)
+        else:
+            special = (mag >> np.uint32(man_bits)) == np.uint32((1 << exp_bits) - 1)
+            if nan_payload:
+                bits = sign | np.uint32(0x7F800000) | (m << base)
+            else:
+                bits = sign | (np.uint32(0x7FC00000) if m != 0 else np.uint32(0x7F800000))
+        dst[d] = as_float32(bits) if special else x
+
+
+@njit(inline="always")
+def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
+    """``dst[:n]`` = float32 bits ``bits[:n]`` stored in a minifloat format: the format's
+    parameters are constants at each call, so that the first loop vectorises.
+
+    :func:`pagedkv.formats.encode_bits` with a shortcut for the numbers that land among
+    the format's normal numbers: rebias the exponent and round the mantissa to nearest,
+    ties to even, in one add-and-shift (a carry into the exponent, up to inf, is right;
+    past e4m3fn's 448, which has no inf, NaN). The rest (zero, subnormals, overflow, inf,
+    NaN) are marked and then take the general codec, one by one."""
+    base = 23 - man_bits
+    top = (1 << exp_bits) - 1
+    nan = (top << man_bits) | ((1 << man_bits) - 1)
+    highest = top if finite_only else top - 1  # the highest exponent of a normal number
+    rebias = (127 - bias) << 23
+    others = 0
+    for d in range(n):
+        b = np.int64(bits[d])
+        a = b & 0x7FFFFFFF
+        e = (a >> 23) - (127 - bias)
+        normal = (e >= 1) & (e <= highest)
+        h = (a - rebias + (1 << (base - 1)) - 1 + ((a >> base) & 1)) >> base
+        if finite_only:
+            h = min(h, nan)
+        dst[d] = (((b >> 31) << (exp_bits + man_bits)) | h) if normal else 0
+        others += not normal
+    if others:
+        for d in range(n):
+            b = np.int64(bits[d])
+            e = ((b & 0x7FFFFFFF) >> 23) - (127 - bias)
+            if not ((e >= 1) & (e <= highest)):
+                dst[d] = encode_bits(b, codec)
 
 
 @overload(decode_row, inline="always")
-def _decode_row(data, at, n, out, out_bits, off, codec, kind, scale, lut):
+def _decode_row(data, at, n, out, off, codec, kind, scale, lut):
     if data.dtype == types.float32:
-        def decode_float32(data, at, n, out, out_bits, off, codec, kind, scale, lut):
+        def decode_float32(data, at, n, out, off, codec, kind, scale, lut):
             out[off:off + n] = data[at:at + n]
         return decode_float32
     if data.dtype == types.int8:
-        def decode_int8(data, at, n, out, out_bits, off, codec, kind, scale, lut):
+        def decode_int8(data, at, n, out, off, codec, kind, scale, lut):
+            src, dst = data[at:at + n], out[off:off + n]
             for d in range(n):
-                out[off + d] = np.float32(data[at + d]) * scale
+                dst[d] = np.float32(src[d]) * scale
         return decode_int8
 
-    def decode_minifloat(data, at, n, out, out_bits, off, codec, kind, scale, lut):
-        if lut.shape[0] > 1:  # a table of every pattern's value (float16, fp8): one load each
+    def decode_minifloat(data, at, n, out, off, codec, kind, scale, lut):
+        src, dst = data[at:at + n], out[off:off + n]
+        # each format its own loop, its parameters constants in it: so the loop vectorises
+        if lut.shape[0] > 1:  # fp8: a 1 KiB table of every pattern's value (scale folded in)
             for d in range(n):
-                out[off + d] = lut[np.int64(data[at + d])]
+                dst[d] = lut[np.int64(src[d])]
             return
         if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: the top half of a float32, exactly
             for d in range(n):
-                out_bits[off + d] = np.uint32(data[at + d]) << np.uint32(16)
-        else:
+                dst[d] = as_float32(np.uint32(src[d]) << np.uint32(16))
+        elif codec.exp_bits == 5 and codec.man_bits == 10 and codec.nan_payload_decode:  # float16
+            decode_loop(src, dst, n, 5, 10, 15, False, True)
+        else:  # any other codec: the reference's scalar decoding
             for d in range(n):
-                out_bits[off + d] = decode_bits(np.int64(data[at + d]), codec)
-        if kind == TENSOR:  # fp8: read = decode(stored) * scale
-            for d in range(n):
-                out[off + d] = out[off + d] * scale
+                dst[d] = as_float32(np.uint32(decode_bits(np.int64(src[d]), codec)))
+            if kind == TENSOR:  # fp8: read = decode(stored) * scale
+                for d in range(n):
+                    dst[d] = dst[d] * scale
     return decode_minifloat
 
 
-def load_row(data, at, n, buf, buf_bits, codec, kind, scale, lut):
+def load_row(data, at, n, buf, codec, kind, scale, lut):
     """The float32 values of ``data[at:at + n]``: a view of a float32 pool, else decoded into
-    ``buf`` (float32 ``>= n``, with its uint32 view ``buf_bits``) and ``buf`` returned."""
+    ``buf`` (float32, ``>= n``) and ``buf`` returned."""
 
 
 @overload(load_row, inline="always")
-def _load_row(data, at, n, buf, buf_bits, codec, kind, scale, lut):
+def _load_row(data, at, n, buf, codec, kind, scale, lut):
     if data.dtype == types.float32:
-        def view_float32(data, at, n, buf, buf_bits, codec, kind, scale, lut):
+        def view_float32(data, at, n, buf, codec, kind, scale, lut):
             return data[at:at + n]
         return view_float32
 
-    def load_decoded(data, at, n, buf, buf_bits, codec, kind, scale, lut):
-        decode_row(data, at, n, buf, buf_bits, 0, codec, kind, scale, lut)
+    def load_decoded(data, at, n, buf, codec, kind, scale, lut):
+        decode_row(data, at, n, buf, 0, codec, kind, scale, lut)
         return buf
     return load_decoded

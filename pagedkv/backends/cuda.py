@@ -7,6 +7,10 @@ taken without a copy) or numpy arrays (copied to the GPU once per call).
 Outputs are numba device arrays (wrap them with ``cupy.asarray`` or
 ``torch.as_tensor`` at no cost), or the ``out=`` arrays you pass.
 
+Every storage format works: a narrow pool (float16, bfloat16, fp8, int8)
+stores and decodes exactly as the reference does, through the kernels of
+:mod:`pagedkv.backends.cuda_format_kernels` (which say how).
+
 Index arrays are validated on the host before any kernel runs: a device
 index array is copied to the host for that (it is small), then used as is.
 A step's :func:`plan` keeps its index arrays on the GPU for every layer.
@@ -22,17 +26,25 @@ without ``NUMBA_ENABLE_CUDASIM=1``) :func:`pagedkv.get_backend` raises a
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import cuda
 
-from .. import device, layout, validate
+from .. import device, formats, layout, validate
 from ..errors import ArgumentError, DTypeError, PoolMismatchError
-from ..formats import RawKV
+from ..formats import FORMATS, RawKV
+from ..layout import K, V
 from ..plan import Plan, check_attention, check_write, make_plan
 from ..pool import KVPool
+from . import cuda_format_kernels as fmt_kernels
+from ._host import element_index, scale_index
 from .cuda_kernels import (
+    AS_IS,
+    INT8,
     MAX_HEAD_DIM,
     MAX_TILE,
+    TABLE,
     attention_kernel,
     gather_kernel,
     move_blocks_kernel,
@@ -84,6 +96,100 @@ def _flat(x):
     return x.reshape(x.size)
 
 
+@functools.lru_cache(maxsize=64)
+def _decode_table(name: str, scale: float):
+    """On the GPU: the float32 value of every stored pattern of minifloat format ``name``,
+    times fp8's ``scale`` (the reference's values, bit for bit); uploaded once per format and scale."""
+    fmt = FORMATS[name]
+    patterns = np.arange(1 << (8 * fmt.itemsize), dtype=np.int64).astype(fmt.storage)
+    return _upload(formats.to_float32(fmt, patterns, np.float32(scale) if fmt.scale == "tensor" else None))
+
+
+@functools.lru_cache(maxsize=1)
+def _unused():
+    """A one-element device array for the kernel arguments a format does not use."""
+    return _upload(np.zeros(1, np.float32))
+
+
+def _decoding(pool: KVPool, layer: int) -> tuple:
+    """``(decode, k_table, v_table, scales)``: how the kernels turn ``layer``'s stored
+    elements into float32 (see ``cuda_kernels.load_value``)."""
+    fmt, none = pool.config.format, _unused()
+    if fmt.is_float32:
+        return AS_IS, none, none, none
+    if fmt.scale == "token":
+        return INT8, none, none, pool.scales
+    k_scale, v_scale = pool.kv_scales[layer] if pool.kv_scales is not None else (1.0, 1.0)
+    return TABLE, _decode_table(fmt.name, float(k_scale)), _decode_table(fmt.name, float(v_scale)), none
+
+
+def _write(pool: KVPool, layer: int, key, value, slots) -> None:
+    """Launch the write of the flat float32 device ``key``/``value`` in the pool's format."""
+    fmt, s = pool.config.format, pool.strides
+    if fmt.is_float32:
+        write_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](pool.data, layer, key, value, slots, s)
+        return
+    if fmt.scale == "token":
+        rows = key.shape[0] // s.head_dim
+        fmt_kernels.write_int8_kernel[_blocks(rows), THREADS_PER_BLOCK](pool.data, pool.scales, layer, key, value,
+                                                                        slots, s)
+        return
+    if pool.kv_scales is not None:  # fp8: stored = encode(x / scale), the division first
+        k_scale, v_scale = pool.kv_scales[layer]
+        key, value = _divided(key, k_scale), _divided(value, v_scale)
+    fmt_kernels.write_minifloat_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](
+        pool.data, layer, key.view(np.uint32), value.view(np.uint32), slots, s, fmt.codec)
+
+
+def _divided(x, scale):
+    out = cuda.device_array(x.shape[0], dtype=np.float32)
+    fmt_kernels.divide_kernel[_blocks(x.shape[0]), THREADS_PER_BLOCK](x, np.float32(scale), out)
+    return out
+
+
+def _widened(x):
+    """K or V of a write as float32 (see :func:`pagedkv.formats.widen_input`): float16 and
+    uint16 (bfloat16 bits) GPU arrays widened by a kernel, host arrays on the host."""
+    if isinstance(x, np.ndarray):
+        return formats.widen_input(x)
+    dtype = np.dtype(getattr(x, "dtype", np.float32))
+    if dtype not in (np.float16, np.uint16) or not hasattr(x, "reshape"):
+        return x
+    out = cuda.device_array(tuple(x.shape), dtype=np.float32)
+    flat, grid = _flat(x), (_blocks(x.size), THREADS_PER_BLOCK)
+    if dtype == np.uint16:
+        fmt_kernels.widen_bfloat16_kernel[grid](flat, _flat(out).view(np.uint32))
+    else:
+        fmt_kernels.widen_float16_kernel[grid](flat, _flat(out))
+    return out
+
+
+def _take(src, at: np.ndarray, dtype):
+    """``src[at]`` on the GPU (0 where ``at < 0``), as a new flat device array."""
+    out = cuda.device_array(at.size, dtype=dtype)
+    if at.size:
+        fmt_kernels.take_kernel[_blocks(at.size), THREADS_PER_BLOCK](src, _upload(at.reshape(-1)), out)
+    return out
+
+
+def _read_raw(pool: KVPool, layer: int, slots: np.ndarray) -> RawKV:
+    """The stored elements (and int8 scales) at ``slots``, undecoded, as device arrays; padding
+    rows are zero bits (the reference's ``read_raw``, by index arithmetic on the host)."""
+    c, s = pool.config, pool.strides
+    real = slots >= 0
+    parts = []
+    for kv in (K, V):
+        at = np.full((slots.shape[0], c.num_kv_heads, c.head_dim), -1, np.int64)
+        at[real] = element_index(s, layer, kv, slots[real])
+        parts.append(_take(pool.data, at, c.storage_dtype).reshape(at.shape))
+    if pool.scales is not None:
+        for kv in (K, V):
+            at = np.full((slots.shape[0], c.num_kv_heads), -1, np.int64)
+            at[real] = scale_index(s, layer, kv, slots[real])
+            parts.append(_take(pool.scales, at, np.float32).reshape(at.shape))
+    return RawKV(*parts)
+
+
 # ---- the public routines ----------------------------------------------------------------------
 
 def _device_index(original, checked: np.ndarray):
@@ -131,13 +237,12 @@ def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=Non
 
 def write_step(pool: KVPool, layer: int, key, value, plan: Plan) -> None:
     """Same contract as :func:`pagedkv.backends.reference.write_step`, on a GPU pool."""
-    key, value = _on_device(key, "key"), _on_device(value, "value")
+    key, value = _widened(_on_device(key, "key")), _widened(_on_device(value, "value"))
     layer, w = check_write(plan, pool, layer)
     validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
     if w.slot_mapping.shape[0] == 0:
         return
-    key, value = _flat(_to_device(key)), _flat(_to_device(value))
-    write_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](pool.data, layer, key, value, w.kernel_slots, pool.strides)
+    _write(pool, layer, _flat(_to_device(key)), _flat(_to_device(value)), w.kernel_slots)
 
 
 def attention_step(q, pool: KVPool, layer: int, plan: Plan, *, scale=None, sliding_window=None, soft_cap=None):
@@ -154,7 +259,7 @@ def attention_step(q, pool: KVPool, layer: int, plan: Plan, *, scale=None, slidi
     if q.shape[0]:
         attention_kernel[(q.shape[0], q.shape[1]), threads](
             pool.data, layer, _to_device(q), a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
-            np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides)
+            np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides, *_decoding(pool, layer))
     return out
 
 
@@ -166,18 +271,18 @@ def write(pool: KVPool, layer: int, key, value, slot_mapping) -> None:
 
 
 def read(pool: KVPool, layer: int, slot_mapping, *, out=None, raw: bool = False):
-    """Same contract as :func:`pagedkv.backends.reference.read`; returns device arrays. (A GPU
-    pool stores float32 for now, so ``raw=True`` gives the same numbers as a ``RawKV``.)"""
+    """Same contract as :func:`pagedkv.backends.reference.read`; returns device arrays."""
     if raw:
         validate.no_out_with_raw(out)
-        return RawKV(*read(pool, layer, slot_mapping))
     out = _outputs_on_device(out)
     layer, slots = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
+    if raw:
+        return _read_raw(pool, layer, slots)
     out_k, out_v = new_outputs(pool, slots.shape[0], out)
     if slots.shape[0]:
         fk, fv = _flat(out_k), _flat(out_v)
         read_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
-            pool.data, layer, _device_index(slot_mapping, slots), fk, fv, pool.strides)
+            pool.data, layer, _device_index(slot_mapping, slots), fk, fv, pool.strides, *_decoding(pool, layer))
     return out_k, out_v
 
 
@@ -188,16 +293,17 @@ def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None, ra
     """
     if raw:
         validate.no_out_with_raw(out)
-        key, value, cu = gather(pool, layer, block_tables, context_lens)
-        return RawKV(key, value), cu
     out = _outputs_on_device(out)
     layer, tables, lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
     cu = layout.cu_seqlens(lens)
+    if raw:
+        return _read_raw(pool, layer, layout.gather_slots(tables, lens, pool.config.block_size)), cu
     out_k, out_v = new_outputs(pool, int(cu[-1]), out)
     if cu[-1]:
         fk, fv = _flat(out_k), _flat(out_v)
         gather_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
-            pool.data, layer, _device_index(block_tables, tables), _upload(cu), fk, fv, pool.strides)
+            pool.data, layer, _device_index(block_tables, tables), _upload(cu), fk, fv, pool.strides,
+            *_decoding(pool, layer))
     return out_k, out_v, cu
 
 
@@ -205,13 +311,18 @@ def copy_blocks(pool: KVPool, src, dst) -> None:
     """Same contract as :func:`pagedkv.backends.reference.copy_blocks`, on a GPU pool."""
     s_host, d_host = validate.copy_args(pool, pool, src, dst, DEVICE, DEVICE)
     if s_host.size:
-        _move_on_device(pool, pool, _device_index(src, s_host), _device_index(dst, d_host))
+        _move_on_device(pool, pool, src, dst, s_host, d_host)
 
 
-def _move_on_device(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
+def _move_on_device(src_pool: KVPool, dst_pool: KVPool, src, dst, s_host: np.ndarray, d_host: np.ndarray) -> None:
     s = src_pool.strides
-    n = src.shape[0] * s.num_layers * 2 * s.block_stride
-    move_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, dst_pool.data, src, dst, s)
+    n = s_host.size * s.num_layers * 2 * s.block_stride
+    move_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, dst_pool.data, _device_index(src, s_host),
+                                                      _device_index(dst, d_host), s)
+    if src_pool.scales is not None:  # int8: the scales go with their blocks
+        at, to = _scale_offsets(src_pool, s_host), _scale_offsets(dst_pool, d_host)
+        fmt_kernels.move_indexed_kernel[_blocks(at.size), THREADS_PER_BLOCK](
+            src_pool.scales, _upload(at), dst_pool.scales, _upload(to))
 
 
 def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
@@ -229,8 +340,9 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
     s = src_pool.strides
     n = s_host.size * s.num_layers * 2 * s.block_stride
     if src_pool.device == dst_pool.device:
-        _move_on_device(src_pool, dst_pool, _device_index(src, s_host), _device_index(dst, d_host))
-    elif src_pool.device == "cpu":  # reload: pack on the host, one transfer, unpack on the GPU
+        _move_on_device(src_pool, dst_pool, src, dst, s_host, d_host)
+        return
+    if src_pool.device == "cpu":  # reload: pack on the host, one transfer, unpack on the GPU
         packed = _pack_host(src_pool, s_host)
         unpack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](
             _upload(packed), dst_pool.data, _device_index(dst, d_host), s)
@@ -238,6 +350,22 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
         packed = cuda.device_array(n, dtype=src_pool.config.storage_dtype)
         pack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, _device_index(src, s_host), packed, s)
         _unpack_host(dst_pool, d_host, packed.copy_to_host())
+    if src_pool.scales is not None:  # int8: the blocks' scales, one more transfer
+        at, to = _scale_offsets(src_pool, s_host), _scale_offsets(dst_pool, d_host)
+        if src_pool.device == "cpu":
+            fmt_kernels.put_kernel[_blocks(to.size), THREADS_PER_BLOCK](
+                _upload(src_pool.host_scales[at]), _upload(to), dst_pool.scales)
+        else:
+            dst_pool.host_scales[to] = _take(src_pool.scales, at, np.float32).copy_to_host()
+
+
+def _scale_offsets(p: KVPool, blocks: np.ndarray) -> np.ndarray:
+    """Flat indices ``[N, layers, 2, block_size * H]`` of whole blocks' int8 scales."""
+    s = p.strides
+    layers = np.arange(s.num_layers)[None, :, None, None]
+    kv = np.arange(2)[None, None, :, None]
+    run = np.arange(s.block_size * s.num_kv_heads)
+    return (layout.block_scale_base(layers, kv, blocks.astype(np.int64)[:, None, None, None], s) + run).reshape(-1)
 
 
 def _block_offsets(p: KVPool, blocks: np.ndarray) -> np.ndarray:

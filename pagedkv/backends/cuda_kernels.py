@@ -8,7 +8,7 @@ with the pool's :class:`~pagedkv.layout.Strides` passed as one argument ``s``.
 
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, int64
 
 from .. import layout
 from ..layout import K, V
@@ -22,6 +22,22 @@ MAX_HEAD_DIM = 512  # sizes attention's shared accumulator
 token_base = cuda.jit(device=True)(layout.token_base)
 block_base = cuda.jit(device=True)(layout.block_base)
 table_slot = cuda.jit(device=True)(layout.table_slot)
+scale_index = cuda.jit(device=True)(layout.scale_index)
+
+#: how load_value turns a stored element into float32: as it is, by table, or times its int8 scale
+AS_IS, TABLE, INT8 = 0, 1, 2
+
+
+@cuda.jit(device=True)
+def load_value(data, at, decode, table, scales, si):
+    """The float32 value of the stored element ``data[at]``: as it is (float32), looked up in
+    ``table`` (a minifloat: every pattern's value, fp8's scale folded in), or times the int8
+    scale ``scales[si]`` (see :mod:`pagedkv.backends.cuda_format_kernels`)."""
+    if decode == TABLE:
+        return table[int64(data[at])]
+    if decode == INT8:
+        return float32(data[at]) * scales[si]
+    return float32(data[at])
 
 
 @cuda.jit(device=True)
@@ -39,7 +55,7 @@ def _sequence_of(cu, i):
 
 
 @cuda.jit(device=True)
-def _split(i, s):
+def split_element(i, s):
     """(row, head, dim) of element i of a flat ``[rows, H, D]`` array."""
     row_len = s.num_kv_heads * s.head_dim
     r = i // row_len
@@ -55,7 +71,7 @@ def write_kernel(data, layer, key, value, slots, s):
     i = cuda.grid(1)
     if i >= key.shape[0]:
         return
-    t, h, d = _split(i, s)
+    t, h, d = split_element(i, s)
     slot = slots[t]
     if slot < 0:  # padding (checked explicitly: a negative index would wrap)
         return
@@ -64,35 +80,41 @@ def write_kernel(data, layer, key, value, slots, s):
     data[token_base(layer, V, slot, s) + within] = value[i]
 
 
+@cuda.jit(device=True)
+def _load_pair(data, layer, slot, h, d, out_k, out_v, i, s, decode, k_table, v_table, scales):
+    """Element i of the outputs: (head h, dim d) of the token at ``slot``, K and V, as float32."""
+    within = h * s.head_stride + d
+    out_k[i] = load_value(data, token_base(layer, K, slot, s) + within, decode, k_table, scales,
+                          scale_index(layer, K, slot, h, s))
+    out_v[i] = load_value(data, token_base(layer, V, slot, s) + within, decode, v_table, scales,
+                          scale_index(layer, V, slot, h, s))
+
+
 @cuda.jit
-def read_kernel(data, layer, slots, out_k, out_v, s):
+def read_kernel(data, layer, slots, out_k, out_v, s, decode, k_table, v_table, scales):
     """Element i of the flat outputs is (token t, head h, dim d) of slot ``slots[t]``; 0 for padding."""
     i = cuda.grid(1)
     if i >= out_k.shape[0]:
         return
-    t, h, d = _split(i, s)
+    t, h, d = split_element(i, s)
     slot = slots[t]
     if slot < 0:
         out_k[i] = 0.0
         out_v[i] = 0.0
         return
-    within = h * s.head_stride + d
-    out_k[i] = data[token_base(layer, K, slot, s) + within]
-    out_v[i] = data[token_base(layer, V, slot, s) + within]
+    _load_pair(data, layer, slot, h, d, out_k, out_v, i, s, decode, k_table, v_table, scales)
 
 
 @cuda.jit
-def gather_kernel(data, layer, tables, cu, out_k, out_v, s):
+def gather_kernel(data, layer, tables, cu, out_k, out_v, s, decode, k_table, v_table, scales):
     """Packed row r (token ``r - cu[b]`` of sequence b), head h, dim d, for element i of the outputs."""
     i = cuda.grid(1)
     if i >= out_k.shape[0]:
         return
-    r, h, d = _split(i, s)
+    r, h, d = split_element(i, s)
     b = _sequence_of(cu, r)
-    slot = table_slot(tables, b, r - cu[b], s.block_size)
-    within = h * s.head_stride + d
-    out_k[i] = data[token_base(layer, K, slot, s) + within]
-    out_v[i] = data[token_base(layer, V, slot, s) + within]
+    _load_pair(data, layer, table_slot(tables, b, r - cu[b], s.block_size), h, d, out_k, out_v, i, s, decode,
+               k_table, v_table, scales)
 
 
 @cuda.jit(device=True)
@@ -131,8 +153,10 @@ def unpack_blocks_kernel(packed, data, blocks, s):
 
 
 @cuda.jit
-def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, s):
+def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, s, decode, k_table, v_table,
+                     scales):
     """One CUDA block per (query row, query head): online softmax over tiles of positions.
+    A narrow pool's elements are decoded on the fly (:func:`load_value`).
 
     Per tile of ``blockDim.x`` positions: each thread scores one position
     (a dot product over D); thread 0 folds the tile into the running max and
@@ -165,11 +189,12 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
             n = min(threads, pos + 1 - tile)
             x = -math.inf
             if t < n:
-                p = tile + t
-                at = token_base(layer, K, table_slot(tables, b, p, s.block_size), s) + h * s.head_stride
+                slot = table_slot(tables, b, tile + t, s.block_size)
+                at = token_base(layer, K, slot, s) + h * s.head_stride
+                si = scale_index(layer, K, slot, h, s)
                 dot = float32(0.0)
                 for d in range(head_dim):
-                    dot += q[r, hq, d] * data[at + d]
+                    dot += q[r, hq, d] * load_value(data, at + d, decode, k_table, scales, si)
                 x = dot * scale
                 if cap > 0:
                     x = cap * math.tanh(x / cap)
@@ -192,9 +217,9 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
             for d in range(t, head_dim, threads):
                 a = acc[d] * state[2]
                 for i in range(n):
-                    p = tile + i
-                    at = token_base(layer, V, table_slot(tables, b, p, s.block_size), s) + h * s.head_stride
-                    a += weights[i] * data[at + d]
+                    slot = table_slot(tables, b, tile + i, s.block_size)
+                    at = token_base(layer, V, slot, s) + h * s.head_stride + d
+                    a += weights[i] * load_value(data, at, decode, v_table, scales, scale_index(layer, V, slot, h, s))
                 acc[d] = a
             cuda.syncthreads()
     for d in range(t, head_dim, threads):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .. import layout, validate
+from .. import formats, layout, validate
 from ..layout import K, V
 from ..plan import Plan, check_attention, check_write, make_plan
 from ..pool import KVPool
@@ -40,7 +40,7 @@ block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 
 # Token buffers reach the kernels flattened to 1-D (``key.reshape(-1)``, a view):
 # numba copies flat slices several times faster than rows of a 3-D array. Their
-# uint32 views (``*_bits``) let the codecs work on float32 bit patterns.
+# uint32 views (``*_bits``) let the encoders work on float32 bit patterns.
 
 
 @njit(inline="always")
@@ -75,21 +75,21 @@ def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec,
 
 
 @njit(inline="always")
-def _load_token(data, layer, slot, out_k, out_v, out_k_bits, out_v_bits, i, s, codec, kind, k_scale, v_scale,
+def _load_token(data, layer, slot, out_k, out_v, i, s, codec, kind, k_scale, v_scale,
                 scales, k_lut, v_lut):
     """Decode the token stored at ``slot`` into row i of the flat outputs."""
     num_kv_heads, head_dim = s.num_kv_heads, s.head_dim
     k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
     for h in range(num_kv_heads):
         dst = (i * num_kv_heads + h) * head_dim
-        decode_row(data, k_base + h * s.head_stride, head_dim, out_k, out_k_bits, dst, codec, kind,
+        decode_row(data, k_base + h * s.head_stride, head_dim, out_k, dst, codec, kind,
                    _row_scale(layer, K, slot, h, s, kind, k_scale, scales), k_lut)
-        decode_row(data, v_base + h * s.head_stride, head_dim, out_v, out_v_bits, dst, codec, kind,
+        decode_row(data, v_base + h * s.head_stride, head_dim, out_v, dst, codec, kind,
                    _row_scale(layer, V, slot, h, s, kind, v_scale, scales), v_lut)
 
 
 @njit(parallel=True, cache=True)
-def read_kernel(data, layer, slots, out_k, out_v, out_k_bits, out_v_bits, s, codec, kind, k_scale, v_scale, scales,
+def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_scale, scales,
                 k_lut, v_lut):
     """Load the token at ``slots[t]`` into row t of the flat outputs; zeros for padding."""
     row_len = s.num_kv_heads * s.head_dim
@@ -99,18 +99,18 @@ def read_kernel(data, layer, slots, out_k, out_v, out_k_bits, out_v_bits, s, cod
             out_k[t * row_len:(t + 1) * row_len] = 0.0
             out_v[t * row_len:(t + 1) * row_len] = 0.0
             continue
-        _load_token(data, layer, slot, out_k, out_v, out_k_bits, out_v_bits, t, s, codec, kind, k_scale, v_scale,
+        _load_token(data, layer, slot, out_k, out_v, t, s, codec, kind, k_scale, v_scale,
                     scales, k_lut, v_lut)
 
 
 @njit(parallel=True, cache=True)
-def gather_kernel(data, layer, tables, cu, out_k, out_v, out_k_bits, out_v_bits, s, codec, kind, k_scale, v_scale,
+def gather_kernel(data, layer, tables, cu, out_k, out_v, s, codec, kind, k_scale, v_scale,
                   scales, k_lut, v_lut):
     """Row i of the packed output is token ``i - cu[b]`` of the sequence b with ``cu[b] <= i < cu[b+1]``."""
     for i in prange(cu[cu.shape[0] - 1]):
         b = np.searchsorted(cu, i, side="right") - 1  # skips empty sequences
         slot = table_slot(tables, b, i - cu[b], s.block_size)
-        _load_token(data, layer, slot, out_k, out_v, out_k_bits, out_v_bits, i, s, codec, kind, k_scale, v_scale,
+        _load_token(data, layer, slot, out_k, out_v, i, s, codec, kind, k_scale, v_scale,
                     scales, k_lut, v_lut)
 
 
@@ -144,7 +144,7 @@ _NO_SCRATCH = np.empty((1, 1), np.float32)
 
 def _format_args(pool: KVPool, layer: int) -> tuple:
     """``(codec, kind, k_scale, v_scale, scales, k_lut, v_lut)``: the pool's format, as the
-    kernels take it (the decoding tables of float16 and fp8, see ``decode_table``)."""
+    kernels take it (fp8's decoding tables, see ``decode_table``)."""
     fmt = pool.config.format
     kind = SCALE_KINDS[fmt.scale]
     k_scale = v_scale = np.float32(1.0)
@@ -152,14 +152,9 @@ def _format_args(pool: KVPool, layer: int) -> tuple:
         k_scale, v_scale = (np.float32(x) for x in pool.kv_scales[layer])  # type: ignore[index]
     scales = pool.host_scales if kind == TOKEN else _NO_SCALES
     k_lut = v_lut = NO_LUT
-    if fmt.name in ("float16", "fp8_e4m3", "fp8_e5m2"):
+    if kind == TENSOR:
         k_lut, v_lut = decode_table(fmt.name, float(k_scale)), decode_table(fmt.name, float(v_scale))
     return fmt.codec or NO_CODEC, kind, k_scale, v_scale, scales, k_lut, v_lut
-
-
-def _flat_outputs(out_k: np.ndarray, out_v: np.ndarray) -> tuple[np.ndarray, ...]:
-    fk, fv = out_k.reshape(-1), out_v.reshape(-1)
-    return fk, fv, fk.view(np.uint32), fv.view(np.uint32)
 
 
 # ---- the step API: plan once, run per layer --------------------------------------------------------
@@ -172,6 +167,7 @@ def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=Non
 
 def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
     """Same contract as :func:`pagedkv.backends.reference.write_step`."""
+    key, value = formats.widen_input(key), formats.widen_input(value)
     layer, w = check_write(plan, pool, layer)
     validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
     codec, kind, k_scale, v_scale, scales, _, _ = _format_args(pool, layer)
@@ -211,8 +207,8 @@ def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None, raw: b
     if raw:  # the stored elements as they are: index arithmetic on the host, no kernel
         return read_raw(pool, layer, slot_mapping)
     out_k, out_v = new_outputs(pool, slot_mapping.shape[0], out)
-    fk, fv, fk_bits, fv_bits = _flat_outputs(out_k, out_v)
-    read_kernel(pool.data, layer, slot_mapping, fk, fv, fk_bits, fv_bits, pool.strides, *_format_args(pool, layer))
+    fk, fv = out_k.reshape(-1), out_v.reshape(-1)
+    read_kernel(pool.data, layer, slot_mapping, fk, fv, pool.strides, *_format_args(pool, layer))
     return out_k, out_v
 
 
@@ -227,8 +223,8 @@ def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.
             layout.cu_seqlens(context_lens)
     cu = layout.cu_seqlens(context_lens)
     out_k, out_v = new_outputs(pool, int(cu[-1]), out)
-    fk, fv, fk_bits, fv_bits = _flat_outputs(out_k, out_v)
-    gather_kernel(pool.data, layer, block_tables, cu, fk, fv, fk_bits, fv_bits, pool.strides,
+    fk, fv = out_k.reshape(-1), out_v.reshape(-1)
+    gather_kernel(pool.data, layer, block_tables, cu, fk, fv, pool.strides,
                   *_format_args(pool, layer))
     return out_k, out_v, cu
 
@@ -289,7 +285,6 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
         acc = np.zeros((width, head_dim), dtype=np.float32)
         scores = np.empty((width, block_size), dtype=np.float32)
         row = np.empty(head_dim, dtype=np.float32)  # one decoded K or V row (narrow formats)
-        row_bits = row.view(np.uint32)
         for j in range(start // block_size, pos // block_size + 1):
             first = j * block_size
             p0 = max(start, first)
@@ -302,7 +297,7 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
             for i in range(n):  # scores: each K row once, for every query head that reads it
                 for hh in range(heads_per_task):
                     at = k_base + i * pos_stride + (h0 + hh) * head_stride
-                    k = load_row(data, at, head_dim, row, row_bits, codec, kind,
+                    k = load_row(data, at, head_dim, row, codec, kind,
                                  _row_scale(layer, K, slot0 + i, h0 + hh, s, kind, k_scale, scales), k_lut)
                     for g in range(group):
                         w = hh * group + g
@@ -328,7 +323,7 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scal
             for i in range(n):  # weighted values: each V row once
                 for hh in range(heads_per_task):
                     at = v_base + i * pos_stride + (h0 + hh) * head_stride
-                    v = load_row(data, at, head_dim, row, row_bits, codec, kind,
+                    v = load_row(data, at, head_dim, row, codec, kind,
                                  _row_scale(layer, V, slot0 + i, h0 + hh, s, kind, v_scale, scales), v_lut)
                     for g in range(group):
                         w = hh * group + g

@@ -59,6 +59,7 @@ def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=Non
 
 def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
     """:func:`write` with the slot mapping of a :class:`~pagedkv.plan.Plan`."""
+    key, value = formats.widen_input(key), formats.widen_input(value)
     layer, w = check_write(plan, pool, layer)
     slots = w.slot_mapping
     validate.step_tokens(pool, key, value, slots.shape[0])
@@ -113,7 +114,10 @@ def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_map
     Args:
         pool: a CPU :class:`KVPool`.
         layer: ``0 <= layer < num_layers``.
-        key, value: float32 ``[T, H, D]``, C-contiguous.
+        key, value: float32 ``[T, H, D]``, C-contiguous, stored in the pool's format. float16
+            and bfloat16 are taken too (widened exactly first, see
+            :func:`pagedkv.formats.widen_input`): numpy float16, ml_dtypes bfloat16, or
+            uint16 arrays of bfloat16 bit patterns (torch: ``t.view(torch.uint16)``).
         slot_mapping: int64 ``[T]``; a negative slot marks padding and its token is skipped.
 
     Raises:

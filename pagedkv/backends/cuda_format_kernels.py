@@ -1,0 +1,136 @@
+"""numba.cuda kernels for GPU pools of the narrow formats (float16, bfloat16, fp8, int8).
+
+Exact first, as everywhere in pagedkv: the bytes these kernels store and the
+float32 numbers they read back equal the reference's, bit for bit, on any GPU
+and under the CUDA simulator, because they run the reference's own rules.
+
+* A minifloat is **encoded** by :func:`pagedkv.formats.encode_bits` compiled as
+  a device function: integer arithmetic on the float32 inputs' bit patterns (the
+  kernels take ``uint32`` views of them). fp8 divides by its per-layer scale
+  first, in :func:`divide_kernel` (float32 division, correctly rounded, as
+  numpy's), and encodes the quotients' bits.
+* A minifloat is **decoded** by one lookup in a table of every pattern's float32
+  value, computed on the host by :func:`pagedkv.formats.to_float32` (fp8's scale
+  folded in: decode(stored) * scale, as the reference multiplies), so the decoded
+  values are the reference's bits, NaN payloads included.
+* int8 takes one thread per (token, head) row: absmax, scale = absmax / 127 (1 for
+  a zero row), round half to even, as :func:`pagedkv.formats.quantize_int8`; it
+  reads back as ``float32(q) * scale``.
+
+These kernels aim at exactness and coverage; bandwidth-shaped GPU kernels are the
+business of the kernels issue (#16). The attention kernel of
+:mod:`pagedkv.backends.cuda_kernels`, and its read and gather kernels, decode through its
+``load_value``.
+"""
+
+import math
+
+from numba import cuda, float32, int64, uint32
+
+from .. import formats
+from ..layout import K, V
+from .cuda_kernels import scale_index, split_element, token_base
+
+encode_bits = cuda.jit(device=True)(formats.encode_bits)
+
+
+@cuda.jit
+def divide_kernel(x, scale, out):
+    """``out[i] = x[i] / scale`` in float32: fp8's stored = encode(x / scale), its first half."""
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = x[i] / scale
+
+
+@cuda.jit
+def write_minifloat_kernel(data, layer, key_bits, value_bits, slots, s, codec):
+    """Element i of the flat key/value float32 bits (token t, head h, dim d), encoded, to slot ``slots[t]``."""
+    i = cuda.grid(1)
+    if i >= key_bits.shape[0]:
+        return
+    t, h, d = split_element(i, s)
+    slot = slots[t]
+    if slot < 0:  # padding
+        return
+    within = h * s.head_stride + d
+    data[token_base(layer, K, slot, s) + within] = encode_bits(int64(key_bits[i]), codec)
+    data[token_base(layer, V, slot, s) + within] = encode_bits(int64(value_bits[i]), codec)
+
+
+@cuda.jit(device=True)
+def _quantize_row(data, at, x, src, n, scales, si):
+    """int8: the row ``x[src:src + n]`` to ``data[at:at + n]``, its scale to ``scales[si]``."""
+    absmax = float32(0.0)
+    for d in range(n):
+        a = abs(x[src + d])
+        if absmax == absmax and (a != a or a > absmax):  # keeps a NaN, as numpy's max does
+            absmax = a
+    sc = float32(1.0)
+    if absmax > 0 or absmax != absmax:
+        sc = absmax / float32(127.0)
+    scales[si] = sc
+    finite = sc < math.inf  # a row with NaN or inf has a NaN or inf scale: every q is 0 (or NaN, stored 0)
+    for d in range(n):
+        if finite:
+            data[at + d] = min(max(round(x[src + d] / sc), -127), 127)  # round(): half to even, as numpy's rint
+        else:
+            data[at + d] = 0
+
+
+@cuda.jit
+def write_int8_kernel(data, scales, layer, key, value, slots, s):
+    """Row j = (token t, head h) of the flat key/value, quantized, to slot ``slots[t]``."""
+    j = cuda.grid(1)
+    if j >= slots.shape[0] * s.num_kv_heads:
+        return
+    t = j // s.num_kv_heads
+    h = j - t * s.num_kv_heads
+    slot = slots[t]
+    if slot < 0:
+        return
+    src = j * s.head_dim
+    within = h * s.head_stride
+    _quantize_row(data, token_base(layer, K, slot, s) + within, key, src, s.head_dim, scales,
+                  scale_index(layer, K, slot, h, s))
+    _quantize_row(data, token_base(layer, V, slot, s) + within, value, src, s.head_dim, scales,
+                  scale_index(layer, V, slot, h, s))
+
+
+@cuda.jit
+def move_indexed_kernel(src, src_at, dst, dst_at):
+    """``dst[dst_at[i]] = src[src_at[i]]``: int8 scales moving with their blocks."""
+    i = cuda.grid(1)
+    if i < src_at.shape[0]:
+        dst[dst_at[i]] = src[src_at[i]]
+
+
+@cuda.jit
+def take_kernel(src, at, out):
+    """``out[i] = src[at[i]]``, 0 where ``at[i] < 0`` (raw reads; packing scales for a transfer)."""
+    i = cuda.grid(1)
+    if i < at.shape[0]:
+        out[i] = src[at[i]] if at[i] >= 0 else 0
+
+
+@cuda.jit
+def put_kernel(values, at, dst):
+    """``dst[at[i]] = values[i]`` (unpacking scales after a transfer)."""
+    i = cuda.grid(1)
+    if i < at.shape[0]:
+        dst[at[i]] = values[i]
+
+
+@cuda.jit
+def widen_bfloat16_kernel(bits, out_bits):
+    """bfloat16 bit patterns (uint16) to float32 bits: the top half of a float32, exactly."""
+    i = cuda.grid(1)
+    if i < bits.shape[0]:
+        out_bits[i] = uint32(bits[i]) << 16
+
+
+@cuda.jit
+def widen_float16_kernel(x, out):
+    """float16 to float32: exact."""
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = float32(x[i])
