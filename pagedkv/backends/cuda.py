@@ -107,8 +107,8 @@ def _decode_table(name: str, scale: float):
 
 @functools.lru_cache(maxsize=1)
 def _unused():
-    """A one-element device array for the kernel arguments a format does not use."""
-    return _upload(np.zeros(1, np.float32))
+    """A one-element device array for the kernel arguments a format does not use (never read)."""
+    return cuda.device_array(1, dtype=np.float32)
 
 
 def _decoding(pool: KVPool, layer: int) -> tuple:

@@ -1,0 +1,287 @@
+"""pagedkv as the KV cache of a Hugging Face transformers model: :class:`PagedCache`.
+
+::
+
+    from pagedkv.integrations.transformers import PagedCache
+
+    cache = PagedCache(model.config)                     # one line: K/V now live in a paged pool
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    print(cache.memory())                                # pool bytes beside a dense cache's
+
+Needs ``pip install "pagedkv[hf]"`` (transformers 5.x and torch; tested with
+transformers 5.23 and torch 2.13, on the CPU). ``import pagedkv`` does not import
+this module, nor transformers.
+
+How it works. transformers calls ``update(key_states, value_states, layer_idx)``
+once per layer and forward pass with the new tokens' K/V ``[B, H, T, D]``, and
+attends over what ``update`` returns. Each batch row is one pagedkv sequence of a
+:class:`~pagedkv.PagedKVCache`: the first layer of a forward pass begins a step
+(blocks for the T new tokens of every row, copy-on-write applied), every layer
+writes its K/V into the pool and returns that layer's keys and values gathered
+from the blocks. The model's own attention (eager, sdpa...) then runs unchanged,
+so the tokens generated are those of transformers' ``DynamicCache``, bit for bit,
+when the pool stores the model's dtype (the default: float32, bfloat16 or float16
+models). A narrower pool (``dtype="fp8_e4m3"``, ``"int8"``...) trades exactness
+for memory. Only the gathered keys and values of the layer being computed exist
+outside the pool, for the time of that layer.
+
+Beam search and ``num_return_sequences > 1`` fork sequences: beams share their
+blocks until one diverges inside a block (copy-on-write), instead of the copies
+``DynamicCache`` makes at every reordering. ``crop`` (assisted decoding) rolls
+sequences back. Sliding-window layers attend correctly (the model masks the
+window) but keep every block for now: freeing what leaves a window is the block
+manager's layer-groups work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..cache import PagedKVCache, Step
+from ..config import CacheConfig
+from ..errors import ArgumentError, ConfigError
+from ..layout import cdiv
+
+#: the pool format that stores a model's K/V exactly, by torch dtype
+EXACT_FORMATS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    """``[B, H, T, D]`` K or V as the ``[B * T, H, D]`` token rows a write takes: float32 and
+    float16 as they are, bfloat16 as its bit patterns (uint16), exactly; other dtypes as float32."""
+    if x.device.type != "cpu":
+        raise ArgumentError(f"the transformers integration runs on the CPU; got K/V on {x.device}")
+    b, h, t, d = x.shape
+    rows = x.detach().transpose(1, 2).contiguous().reshape(b * t, h, d)
+    if rows.dtype == torch.bfloat16:
+        return rows.view(torch.int16).numpy().view(np.uint16)
+    if rows.dtype not in (torch.float32, torch.float16):
+        rows = rows.float()
+    return rows.numpy()
+
+
+def _rows(prompt_ids: Any) -> list[list[int]]:
+    """Token ids ``[B, L]`` (a tensor, an array or lists) as lists of ints."""
+    rows = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids
+    if not rows or not all(isinstance(r, (list, tuple)) for r in rows):
+        raise ArgumentError("prompt_ids must be [B, L] token ids (input_ids)")
+    return [[int(t) for t in r] for r in rows]
+
+
+class PagedLayer(CacheLayerMixin):
+    """One model layer's view of a :class:`PagedCache` (transformers asks each layer for its length)."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, cache: PagedCache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.num_tokens = 0  # tokens of each row this layer has stored
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.cache.store(self, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.num_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.num_tokens = 0
+
+
+class PagedCache(Cache):
+    """A transformers ``Cache`` whose K/V live in a pagedkv pool (see the module docstring).
+
+    Args:
+        config: the model's config (``model.config``): its number of layers.
+        max_tokens: tokens the pool holds, over every sequence (beams and forks share
+            blocks until they diverge); 8192 by default. Running out raises
+            :class:`~pagedkv.OutOfBlocksError`, changing nothing.
+        block_size: tokens per block.
+        dtype: the pool's storage format; by default the model's own dtype, so that
+            nothing rounds (see :data:`EXACT_FORMATS`).
+        backend: a pagedkv CPU backend (``"auto"``: numba if it is there).
+        prompt_ids: the prompts' token ids (``input_ids``, ``[B, L]``), to enter the prompts'
+            full blocks into the prefix cache, for :meth:`new_cache` to reuse.
+        share: another PagedCache whose pool and prefix cache this one uses (its geometry,
+            format and backend too; the other arguments but ``prompt_ids`` are then ignored).
+
+    Prefix caching across calls: ``cache.new_cache(prompt_ids)`` makes a cache on the same
+    pool whose rows start with the longest prefix of their prompts (whole blocks, the same
+    for every row) already in the pool; ``generate`` then computes only the rest, and
+    :attr:`cached_tokens` says how many tokens per row it did not compute.
+    """
+
+    def __init__(self, config: Any, *, max_tokens: int = 8192, block_size: int = 16, dtype: str | None = None,
+                 backend: str = "auto", prompt_ids: Any = None, share: PagedCache | None = None) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ConfigError("PagedCache needs a model config with num_hidden_layers")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        self.num_blocks, self.block_size = cdiv(max_tokens, block_size), block_size
+        self.storage_dtype, self.backend_name = dtype, backend
+        self.config = config
+        self.kv: PagedKVCache | None = None  # made at the first update, when H, D and the dtype are known
+        self.prompt_ids = None if prompt_ids is None else _rows(prompt_ids)
+        self.cached_tokens = 0  #: prompt tokens per row taken from the prefix cache, not computed
+        self.seq_ids: list = []  # the pagedkv sequence of each batch row
+        self.step: Step | None = None
+        self.written: set[int] = set()  # layers that stored this step's tokens
+        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+        if share is not None:
+            if share.kv is None:
+                raise ArgumentError("the cache to share has not stored anything yet: run generate with it first")
+            if len(share.layers) != num_layers:
+                raise ConfigError(f"the cache to share has {len(share.layers)} layers, this model {num_layers}")
+            self.kv = share.kv
+            if self.prompt_ids is not None:
+                self._add_sequences(len(self.prompt_ids))
+
+    # -- what transformers calls ---------------------------------------------------------------
+
+    def store(self, layer: PagedLayer, key_states: torch.Tensor,
+              value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new K/V ``[B, H, T, D]`` and return its keys and values so far."""
+        b, h, t, d = key_states.shape
+        kv = self._pool_for(key_states)
+        if self.step is None or layer.layer_idx in self.written:  # the first layer of a forward pass
+            if not self.seq_ids:
+                self._add_sequences(b)
+            if self.step is None and len(self.seq_ids) != b and b % len(self.seq_ids) == 0:
+                self.batch_repeat_interleave(b // len(self.seq_ids))  # generate expanded the prompts (beams)
+            if len(self.seq_ids) != b:
+                raise ArgumentError(f"this cache holds {len(self.seq_ids)} sequences; the model passed {b}")
+            self.step, self.written = kv.begin_step(self.seq_ids, [t] * b), set()
+        if self.step.num_new_tokens[0] != t:
+            raise ArgumentError(f"layer {layer.layer_idx} stores {t} tokens; this step has "
+                                f"{int(self.step.num_new_tokens[0])}")
+        kv.write(layer.layer_idx, _to_numpy(key_states), _to_numpy(value_states), self.step)
+        self.written.add(layer.layer_idx)
+        layer.num_tokens += t
+        keys, values, _ = kv.backend.gather(kv.pool, layer.layer_idx, self.step.block_tables, self.step.context_lens)
+        n = layer.num_tokens
+
+        def dense(x: np.ndarray) -> torch.Tensor:  # [B * n, H, D] -> [B, H, n, D], as DynamicCache keeps it
+            return torch.from_numpy(x).view(b, n, h, d).transpose(1, 2).to(key_states.dtype).contiguous()
+        return dense(keys), dense(values)
+
+    def _pool_for(self, key_states: torch.Tensor) -> PagedKVCache:
+        if self.kv is None:
+            _, h, _, d = key_states.shape
+            dtype = self.storage_dtype or EXACT_FORMATS.get(key_states.dtype, "float32")
+            config = CacheConfig(num_layers=len(self.layers), num_kv_heads=h, head_dim=d, num_blocks=self.num_blocks,
+                                 block_size=self.block_size, dtype=dtype)
+            self.kv = PagedKVCache(config, self.backend_name, enable_prefix_caching=self.prompt_ids is not None)
+        return self.kv
+
+    def _add_sequences(self, rows: int) -> None:
+        """One sequence per batch row; with prompts, each starts with its prompt's cached prefix
+        (cut to the shortest of the rows', since transformers keeps one length for all)."""
+        assert self.kv is not None
+        if self.prompt_ids is None:
+            self.seq_ids = [self.kv.add_sequence().seq_id for _ in range(rows)]
+            return
+        if rows % len(self.prompt_ids):
+            raise ArgumentError(f"the model passed {rows} rows for {len(self.prompt_ids)} prompts")
+        repeat = rows // len(self.prompt_ids)  # num_return_sequences / beams expand the prompts first
+        added = [self.kv.add_sequence(prompt_token_ids=p) for p in self.prompt_ids for _ in range(repeat)]
+        hit = min(a.num_cached_tokens for a in added)
+        for a in added:
+            if a.num_cached_tokens > hit:
+                self.kv.truncate(a.seq_id, hit)
+        self.seq_ids, self.cached_tokens = [a.seq_id for a in added], hit
+        for layer in self.layers:
+            layer.num_tokens = hit
+
+    def new_cache(self, prompt_ids: Any) -> PagedCache:
+        """A cache for the next ``generate`` on the same pool and prefix cache: its rows start
+        with the cached prefixes of ``prompt_ids`` (see :attr:`cached_tokens`). Call
+        :meth:`reset` on a cache you are done with: its blocks go back to the pool (its
+        prompts' full blocks stay cached)."""
+        return PagedCache(self.config, prompt_ids=prompt_ids, share=self)
+
+    def _new_pass(self) -> None:
+        """Sequences changed: the next update begins a new step."""
+        self.step, self.written = None, set()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i continues old row ``beam_idx[i]`` (forks share blocks, no copy)."""
+        self._reselect([int(i) for i in beam_idx])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._reselect([int(i) for i in indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._reselect([i for i in range(len(self.seq_ids)) for _ in range(repeats)])
+
+    def _reselect(self, rows: Sequence[int]) -> None:
+        if list(rows) == list(range(len(self.seq_ids))) or self.kv is None or not self.seq_ids:
+            return
+        old, kept, new = self.seq_ids, set(), []
+        for j in rows:
+            if j in kept:  # another row continues it too: a fork, sharing every block
+                new.append(self.kv.fork(old[j]))
+            else:
+                kept.add(j)
+                new.append(old[j])
+        for j, seq in enumerate(old):
+            if j not in kept:
+                self.kv.free(seq)
+        self.seq_ids = new
+        self._new_pass()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens of every row (a positive value: keep that many)."""
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
+        if keep == length or self.kv is None:
+            return
+        for seq in self.seq_ids:
+            self.kv.truncate(seq, max(keep, 0))
+        for layer in self.layers:
+            layer.num_tokens = max(keep, 0)
+        self._new_pass()
+
+    def reset(self) -> None:
+        """Forget every sequence (their blocks go back to the pool)."""
+        if self.kv is not None:
+            for seq in self.seq_ids:
+                self.kv.free(seq)
+        self.seq_ids = []
+        for layer in self.layers:
+            layer.reset()
+        self._new_pass()
+
+    # -- what a user reads ---------------------------------------------------------------------
+
+    def memory(self) -> dict[str, int]:
+        """``pool_bytes`` (the whole pool), ``used_bytes`` (blocks in use now) and ``dense_bytes``
+        (what a dense cache of the same rows and length, in the same format, would hold)."""
+        if self.kv is None:
+            return {"pool_bytes": 0, "used_bytes": 0, "dense_bytes": 0}
+        c = self.kv.config
+        per_block = c.memory_bytes // c.num_blocks
+        used = self.kv.stats()["blocks_used"]
+        dense = len(self.seq_ids) * self.get_seq_length() * per_block // c.block_size
+        return {"pool_bytes": c.memory_bytes, "used_bytes": int(used) * per_block, "dense_bytes": int(dense)}

@@ -1,0 +1,147 @@
+"""pagedkv as the KV cache of transformers models: the tokens generated are transformers' own.
+
+Tiny models with random weights, built from a config (nothing is downloaded); every
+test compares ``generate`` with a :class:`PagedCache` against ``generate`` with
+transformers' default cache, token for token.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import pagedkv  # noqa: E402
+from pagedkv.integrations.transformers import PagedCache  # noqa: E402
+
+
+def llama(kv_heads=2, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(config).eval().to(dtype)
+
+
+def prompts(rows=3, length=11, seed=1):
+    ids = torch.randint(0, 128, (rows, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    return ids, mask
+
+
+def both(model, cache, ids, mask, **kw):
+    """(transformers' tokens, the tokens with ``cache``), sampling from the same seed."""
+    kw = dict(max_new_tokens=12, pad_token_id=0, **kw)
+    torch.manual_seed(7)
+    want = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    torch.manual_seed(7)
+    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+    return want.tolist(), got.tolist()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query
+def test_greedy_batched_prompts_are_token_identical(kv_heads):
+    model = llama(kv_heads)
+    cache = PagedCache(model.config, block_size=4)
+    want, got = both(model, cache, *prompts(), do_sample=False)
+    assert got == want
+    memory = cache.memory()
+    assert memory["used_bytes"] >= memory["dense_bytes"] > 0  # whole blocks: at most a block more per row
+    cache.kv.manager.check()
+
+
+def test_sampling_and_several_return_sequences_are_token_identical():
+    model = llama()
+    assert both(model, PagedCache(model.config), *prompts(), do_sample=True, top_k=20) == \
+        both(model, None, *prompts(), do_sample=True, top_k=20)
+    want, got = both(model, PagedCache(model.config, block_size=4), *prompts(), do_sample=True,
+                     num_return_sequences=3)
+    assert got == want
+
+
+def test_beam_search_forks_instead_of_copying():
+    model = llama()
+    cache = PagedCache(model.config, block_size=4)
+    want, got = both(model, cache, *prompts(), num_beams=4, num_return_sequences=2, do_sample=False)
+    assert got == want
+    stats = cache.kv.stats()
+    rows, length = stats["sequences"], cache.get_seq_length()
+    assert rows == 12
+    assert stats["blocks_used"] < rows * -(-length // 4)  # beams share their prompt's blocks
+    cache.kv.manager.check()
+
+
+def test_a_bfloat16_model_is_stored_exactly():
+    model = llama(dtype=torch.bfloat16)
+    cache = PagedCache(model.config)
+    want, got = both(model, cache, *prompts(), do_sample=False)
+    assert got == want
+    assert cache.kv.config.dtype == "bfloat16"
+
+
+def test_sliding_window_and_soft_capping_follow_the_model():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                       max_position_embeddings=256)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    want, got = both(model, PagedCache(model.config, block_size=4), *prompts(), do_sample=False)
+    assert got == want
+
+
+def test_a_second_generate_reuses_the_cached_prefix_and_says_so():
+    model = llama()
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 128, (1, 40), generator=g)
+    first = torch.cat([prefix, torch.randint(0, 128, (1, 7), generator=g)], 1).repeat(2, 1)
+    second = torch.cat([prefix, torch.randint(0, 128, (1, 5), generator=g)], 1).repeat(2, 1)
+    second[1, -1] = 3
+    for kw in ({"do_sample": False}, {"num_beams": 3, "num_return_sequences": 2, "do_sample": False}):
+        cache = PagedCache(model.config, block_size=8, prompt_ids=first)
+        want, got = both(model, cache, first, torch.ones_like(first), **kw)
+        assert got == want
+        cache.reset()
+        again = cache.new_cache(second)
+        assert again.cached_tokens == 40 and again.get_seq_length() == 40  # five whole blocks of the prefix
+        want, got = both(model, again, second, torch.ones_like(second), **kw)
+        assert got == want
+        assert again.kv.stats()["prefix_hits"] > 0
+        again.reset()
+
+
+def test_crop_rolls_every_row_back():
+    model = llama()
+    cache = PagedCache(model.config, block_size=4)
+    both(model, cache, *prompts(), do_sample=False)
+    length = cache.get_seq_length()
+    cache.crop(-5)
+    assert cache.get_seq_length() == length - 5
+    assert all(cache.kv.manager.context_len(s) == length - 5 for s in cache.seq_ids)
+    cache.kv.manager.check()
+
+
+def test_bad_input_is_refused_clearly():
+    model = llama()
+    with pytest.raises(pagedkv.ConfigError, match="num_hidden_layers"):
+        PagedCache(object())
+    with pytest.raises(pagedkv.ConfigError, match="max_tokens"):
+        PagedCache(model.config, max_tokens=0)
+    cache = PagedCache(model.config)
+    with pytest.raises(pagedkv.ArgumentError, match="generate with it first"):
+        cache.new_cache([[1, 2, 3]])
+    ids, mask = prompts()
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(pagedkv.ArgumentError, match="holds 3 sequences"):
+        model(input_ids=ids[:2, :1], past_key_values=cache)
+    small = PagedCache(model.config, max_tokens=8, block_size=4)
+    with pytest.raises(pagedkv.OutOfBlocksError):
+        model(input_ids=ids, attention_mask=mask, past_key_values=small)
+    assert small.kv.stats()["blocks_used"] == 0  # nothing half-done
+
+
+def test_import_pagedkv_imports_neither_torch_nor_transformers():
+    code = "import sys, pagedkv; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
