@@ -145,3 +145,58 @@ def test_import_pagedkv_imports_neither_torch_nor_transformers():
     code = "import sys, pagedkv; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama and a word-level tokenizer saved as a checkpoint directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(61)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                     eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    path = tmp_path_factory.mktemp("checkpoint")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _continuation(checkpoint, prompt, **kw):
+    from pagedkv.integrations.generate import load
+
+    tokenizer, model = load(checkpoint)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, **kw)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_the_generate_command_streams_the_models_own_tokens(checkpoint, capsys):
+    from pagedkv.cli import main
+
+    assert main(["generate", "--model", checkpoint, "--prompt", "w3 w4 w5", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert _continuation(checkpoint, "w3 w4 w5", max_new_tokens=6).strip() in out
+    assert "tokens/s" in out and "a dense cache" in out
+    assert main(["generate", "--model", checkpoint, "--prompt", "w3 w4 w5", "--max-new-tokens", "5",
+                 "--num-beams", "2"]) == 0
+    assert _continuation(checkpoint, "w3 w4 w5", max_new_tokens=5, num_beams=2).strip() in capsys.readouterr().out
+
+
+def test_a_batch_of_prompts_computes_a_shared_prefix_once(checkpoint, tmp_path, capsys):
+    from pagedkv.cli import main
+
+    prefix = " ".join(f"w{i}" for i in range(40))
+    batch = tmp_path / "prompts.txt"
+    batch.write_text(f"{prefix} w1 w2\n\n{prefix} w5\n")
+    assert main(["generate", "--model", checkpoint, "--batch", str(batch), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "32 prompt tokens not computed" in out  # two whole blocks of 16 of the 40 shared tokens
+    assert _continuation(checkpoint, f"{prefix} w5", max_new_tokens=4).strip() in out
+    assert main(["generate", "--model", checkpoint, "--batch", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read" in capsys.readouterr().err

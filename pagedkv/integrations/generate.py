@@ -1,0 +1,66 @@
+"""``pagedkv generate``: text from a local transformers checkpoint, with pagedkv as its KV cache.
+
+Needs the ``hf`` extra. The checkpoint is a directory holding a causal language
+model and its tokenizer (``save_pretrained`` writes one; a hub id works where the
+machine has network). Prompts run one after another on one pool, so a prefix
+they share (a system prompt, say) is computed once and then found in the
+prefix cache.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import transformers
+
+from ..pool import human_bytes
+from .transformers import PagedCache
+
+
+def load(model_path: str) -> tuple[Any, Any]:
+    """The tokenizer and the model (in eval mode) of a checkpoint directory or hub id."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    return tokenizer, model
+
+
+def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, dtype: str | None = None,
+             num_beams: int = 1, block_size: int = 16) -> dict[str, float]:
+    """Generate a continuation of each prompt (greedy, or beam search), printing it (streamed
+    as it comes, without beams); returns the run's totals, also printed."""
+    tokenizer, model = load(model_path)
+    cache: PagedCache | None = None
+    new_tokens = cached = peak_used = peak_dense = 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        if cache is None:
+            cache = PagedCache(model.config, block_size=block_size, dtype=dtype, prompt_ids=ids,
+                               max_tokens=max(8192, 4 * num_beams * (ids.shape[1] + max_new_tokens)))
+        else:
+            cache.reset()  # the last prompt's blocks go back; its prompt's full blocks stay cached
+            cache = cache.new_cache(ids)
+        print(f"> {prompt}")
+        streamer = None if num_beams > 1 else transformers.TextStreamer(tokenizer, skip_prompt=True,
+                                                                        skip_special_tokens=True)
+        with torch.no_grad():
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                    streamer=streamer, pad_token_id=tokenizer.pad_token_id or 0)
+        if streamer is None:
+            print(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+        new_tokens += int(output.shape[1] - ids.shape[1])
+        cached += cache.cached_tokens
+        memory = cache.memory()
+        peak_used, peak_dense = max(peak_used, memory["used_bytes"]), max(peak_dense, memory["dense_bytes"])
+    seconds = time.perf_counter() - start
+    assert cache is not None and cache.kv is not None
+    stats = cache.kv.stats()
+    print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s, model load excluded); "
+          f"KV cache ({cache.kv.config.dtype}): {human_bytes(peak_used)} in use at most, a dense cache "
+          f"{human_bytes(peak_dense)}; prefix cache: {cached} prompt tokens not computed "
+          f"({int(stats['prefix_hits'])} block hits)")
+    return {"new_tokens": new_tokens, "seconds": seconds, "used_bytes": peak_used, "dense_bytes": peak_dense,
+            "cached_tokens": cached}
