@@ -51,9 +51,10 @@ from .errors import (
     UnknownSequenceError,
 )
 from .layout import Strides
-from .manager import Appended, BlockManager
+from .manager import BlockManager
 from .plan import Plan
 from .pool import KVPool
+from .sequence import Appended
 
 __all__ = [
     "BACKENDS", "Added", "AllocatorError", "Appended", "ArgumentError", "Backend", "BackendUnavailableError",

@@ -8,6 +8,12 @@
     for layer in range(config.num_layers):
         cache.write(layer, k, v, step)                                   # this step's K/V
         out = cache.attention(layer, q, step)                            # attention over the cache
+    cache.end_step(step)                                                 # its writes have landed
+
+A step is open from ``begin_step`` to ``end_step`` (or the next ``begin_step``).
+Meanwhile ``free`` and ``truncate`` hold the blocks they let go of until it ends,
+so an asynchronous writer of the step never lands in a block given to another
+sequence, and the step stays valid for every other sequence.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ class PagedKVCache:
         self.manager = BlockManager(config.block_size, num_blocks=config.num_blocks,
                                     enable_prefix_caching=enable_prefix_caching)
         self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale
+        self._open: Step | None = None  # the step between begin_step and end_step
 
     def __repr__(self) -> str:
         return f"PagedKVCache(backend={self.backend.NAME!r}, {self.pool!r})"
@@ -107,19 +114,28 @@ class PagedKVCache:
         return result
 
     def truncate(self, seq_id: Hashable, new_len: int) -> int:
-        """Keep the first ``new_len`` tokens (reject speculative ones); returns blocks freed."""
+        """Keep the first ``new_len`` tokens (reject speculative ones); returns blocks freed
+        (0 while a step is open: they go back at :meth:`end_step`)."""
         result = self.manager.truncate(seq_id, new_len)
-        self._epoch += 1  # blocks may have changed hands: older steps are stale
+        self._moved_unless_open()
         return result
 
     def free(self, seq_id: Hashable) -> int:
-        """End a sequence; returns blocks given back to the pool."""
+        """End a sequence; returns blocks given back to the pool (0 while a step is open: they
+        go back at :meth:`end_step`, and the open step stays valid for the other sequences)."""
         result = self.manager.free(seq_id)
-        self._epoch += 1  # blocks may have changed hands: older steps are stale
+        self._moved_unless_open()
         return result
+
+    def _moved_unless_open(self) -> None:
+        # With a step open, released blocks are held until it ends: no one can get them, so
+        # the step stays valid; without one, they may change hands, and older steps are stale.
+        if self._open is None:
+            self._epoch += 1
 
     def reset(self) -> None:
         """Free every sequence and forget the prefix cache (the pool's contents stay)."""
+        self.end_step()
         self.manager.reset()
         self._epoch += 1
 
@@ -147,8 +163,10 @@ class PagedKVCache:
                    token_ids: Sequence[Sequence[int] | None] | None = None) -> Step:
         """Make room for this step's new tokens and apply copy-on-write; once a step, before any layer.
 
-        Raises OutOfBlocksError (changing nothing) when the pool cannot hold them.
+        Ends the step still open, if any (see :meth:`end_step`). Raises OutOfBlocksError
+        (changing nothing) when the pool cannot hold them.
         """
+        self.end_step()
         seq_ids = tuple(seq_ids)
         appended = self.manager.append_batch(seq_ids, num_new_tokens, token_ids)  # checks every argument
         self._epoch += 1
@@ -159,8 +177,22 @@ class PagedKVCache:
         tables, lens = self.manager.block_tables(seq_ids), self.manager.context_lens(seq_ids)
         plan = self.backend.plan(self.pool, slot_mapping=appended.slots, block_tables=tables,
                                  context_lens=lens, query_lens=counts)
-        return Step(seq_ids, counts, appended.slots, tables, lens, bool((counts == 1).all()),
+        step = Step(seq_ids, counts, appended.slots, tables, lens, bool((counts == 1).all()),
                     (appended.copy_src, appended.copy_dst), plan, self, self._epoch)
+        self.manager.step_started()
+        self._open = step
+        return step
+
+    def end_step(self, step: Step | None = None) -> int:
+        """The open step's writes have landed (after a GPU synchronize, say): give back the
+        blocks that ``free`` and ``truncate`` held during it; returns how many went back.
+        ``step``, if given, must be the open one (StepError otherwise); no step open: 0."""
+        if step is not None and step is not self._open:
+            raise StepError("this step is not the open one (it ended, or another cache made it)")
+        if self._open is None:
+            return 0
+        self._open = None
+        return self.manager.step_finished()
 
     def write(self, layer: int, key: Any, value: Any, step: Step) -> None:
         """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``.

@@ -14,6 +14,8 @@ Rules it keeps:
   as a ``(src, dst)`` pair to apply with ``copy_blocks`` before writing.
   The source stays held until the copy has surely run (see
   :meth:`BlockManager.release_copy_sources`), so no one can take it first.
+- Frees wait for the step in flight (:meth:`BlockManager.step_started` until
+  :meth:`BlockManager.step_finished`): no write of it lands in a block given away.
 - An append is planned (every argument checked, every block counted) before
   anything moves, then applied: a call that fails changes nothing.
 """
@@ -24,7 +26,6 @@ import itertools
 import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 
@@ -41,17 +42,7 @@ from .errors import (
 )
 from .layout import INT32_MAX, cdiv
 from .prefix_cache import PrefixCache
-from .sequence import SequenceState, count
-
-
-class Appended(NamedTuple):
-    """What an append hands back: ``slots`` int64 ``[T]``, where each new token's K/V goes
-    (a slot mapping), and ``copy_src``, ``copy_dst`` int64 ``[N]``, block copies to apply
-    with ``copy_blocks`` *before* writing the new tokens (copy-on-write)."""
-
-    slots: np.ndarray
-    copy_src: np.ndarray
-    copy_dst: np.ndarray
+from .sequence import Appended, SequenceState, count
 
 
 class BlockManager:
@@ -79,6 +70,8 @@ class BlockManager:
         self.prefix_cache = PrefixCache(self.block_pool, self._owner, block_size, enable_prefix_caching)
         self.table = BlockTable()
         self._copy_sources: list[int] = []  # copy-on-write sources held until their copies ran
+        self._in_flight = False  # a step is running: released blocks wait in _deferred until it ends
+        self._deferred: list[int] = []
         self._seqs: dict[Hashable, SequenceState] = {}
         self._next_id = itertools.count()
 
@@ -180,6 +173,7 @@ class BlockManager:
         :meth:`reset`). ``with BlockManager(...) as m:`` closes on the way out. A manager
         dropped without closing is reclaimed by the pool, with a ResourceWarning."""
         self.reset()
+        self.step_finished()
 
     def __enter__(self) -> BlockManager:
         return self
@@ -202,8 +196,27 @@ class BlockManager:
             return self._release(sources)
 
     def _release(self, blocks: list[int]) -> int:
-        """Drop this manager's hold on each block, last first; returns how many went back."""
+        """Drop this manager's hold on each block, last first; returns how many went back (none
+        while a step is in flight: they wait for :meth:`step_finished`)."""
+        if self._in_flight:
+            self._deferred.extend(blocks)
+            return 0
         return sum(self.block_pool.decref(b, self._owner) == 0 for b in reversed(blocks))
+
+    def step_started(self) -> None:
+        """A step's writes are in flight (an asynchronous writer, a GPU stream): until
+        :meth:`step_finished`, blocks let go of stay held, so no append hands them to another
+        sequence under a write still landing there (vLLM #45357); frees count 0 meanwhile."""
+        with self.block_pool.lock:
+            self._in_flight = True
+
+    def step_finished(self) -> int:
+        """The step's writes have landed: give back the blocks held since :meth:`step_started`
+        (returns how many went back to the pool). O(blocks held back)."""
+        with self.block_pool.lock:
+            self._in_flight = False
+            deferred, self._deferred = self._deferred, []
+            return self._release(deferred)
 
     # -- appending: check, plan, allocate, apply -----------------------------------------------
 
@@ -322,10 +335,8 @@ class BlockManager:
         return self._get(seq_id).num_cached_tokens
 
     def block_tables(self, seq_ids: Iterable[Hashable], max_blocks: int | None = None) -> np.ndarray:
-        """int32 ``[B, max_blocks]`` block tables, padded with -1 (never read by a kernel).
-
-        ``max_blocks`` defaults to the longest table among ``seq_ids``. Cost: O(B * max_blocks).
-        """
+        """int32 ``[B, max_blocks]`` block tables, padded with -1 (never read by a kernel);
+        ``max_blocks`` defaults to the longest table among ``seq_ids``. Cost: O(B * max_blocks)."""
         rows = [self._get(s).row for s in seq_ids]
         longest = max((self.table.num_blocks(r) for r in rows), default=0)
         width = longest if max_blocks is None else max_blocks
@@ -341,12 +352,9 @@ class BlockManager:
         return np.array(lens, dtype=np.int32)
 
     def to_flashinfer(self, seq_ids: Iterable[Hashable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The sequences in FlashInfer's paged format: ``(kv_indptr, kv_indices, kv_last_page_len)``.
-
-        int32 each: sequence b's pages are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``
-        and its last page holds ``kv_last_page_len[b]`` tokens (0 for an empty sequence).
-        Cost: O(B * longest table).
-        """
+        """FlashInfer's paged format, int32 ``(kv_indptr, kv_indices, kv_last_page_len)``: sequence
+        b's pages are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``, its last holding
+        ``kv_last_page_len[b]`` tokens (0: empty). Cost: O(B * longest table)."""
         seqs = [self._get(s) for s in seq_ids]
         return self.table.to_flashinfer([s.row for s in seqs], [s.num_tokens for s in seqs], self.block_size)
 
@@ -371,8 +379,8 @@ class BlockManager:
         Checked: the pool's own (see :meth:`BlockPool.check`); each sequence
         holds exactly the blocks its tokens need, in its table row; it chains
         no more cached blocks than it has full; and the references this
-        manager holds in the pool are exactly its table entries and the
-        sources of copies not yet released. Cost: O(pool blocks + table entries).
+        manager holds in the pool are exactly its table entries, the
+        sources of copies not yet released and the frees a step in flight defers. Cost: O(pool blocks + table entries).
         """
         with self.block_pool.lock:
             self.block_pool.check()
@@ -385,7 +393,7 @@ class BlockManager:
                 if len(seq.keys) > seq.num_tokens // self.block_size:
                     raise InvariantError(f"sequence {seq_id!r} chains more cached blocks than it has full")
                 held.update(self.table.blocks(seq.row))
-            held.update(self._copy_sources)
+            held.update(self._copy_sources + self._deferred)
             if held != self.block_pool.holds(self._owner):
-                raise InvariantError("this manager's references in the pool differ from its block-table entries "
-                                     "and pending copy sources")
+                raise InvariantError("this manager's references in the pool differ from its block-table entries, "
+                                     "pending copy sources and frees deferred by a step in flight")

@@ -1,10 +1,12 @@
-"""One sequence's token bookkeeping: :class:`SequenceState`, and the checks of the counts
-and token ids an append brings (made before anything moves)."""
+"""One sequence's token bookkeeping: :class:`SequenceState`, the checks of the counts
+and token ids an append brings (made before anything moves), and what an append hands
+back (:class:`Appended`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,3 +63,13 @@ class SequenceState:
         del self.token_ids[new_len:]
         del self.keys[new_len // block_size:]
         self.num_cached_tokens = min(self.num_cached_tokens, new_len)
+
+
+class Appended(NamedTuple):
+    """What an append hands back: ``slots`` int64 ``[T]``, where each new token's K/V goes
+    (a slot mapping), and ``copy_src``, ``copy_dst`` int64 ``[N]``, block copies to apply
+    with ``copy_blocks`` *before* writing the new tokens (copy-on-write)."""
+
+    slots: np.ndarray
+    copy_src: np.ndarray
+    copy_dst: np.ndarray

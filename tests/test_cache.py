@@ -41,10 +41,33 @@ def test_batched_steps_fork_and_truncate():
     step = cache.begin_step([a, c], [1, 1], token_ids=[[9], [10]])
     assert step.is_decode and step.copies[0].size == 1  # the shared, half-filled block is copied once
     assert step.positions.tolist() == [6, 6]
+    cache.end_step(step)
     cache.truncate(c, 3)
     assert cache.manager.context_len(c) == 3
     assert cache.free(c) == 0  # its one block is a's first block too
     assert cache.free(a) == 2  # the first is cached (it waits idle), the second plainly free
+    cache.manager.check()
+
+
+def test_frees_during_an_open_step_wait_for_its_end(backend):
+    """vLLM #45357: a sequence freed (or truncated) while its step's writes may still be in
+    flight keeps its blocks until end_step, so no new sequence gets them under that write;
+    the step stays valid for the other sequences."""
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=4, block_size=2)
+    cache = PagedKVCache(config, backend=backend.NAME)
+    a, b = cache.add_sequence().seq_id, cache.add_sequence().seq_id
+    step = cache.begin_step([a, b], [2, 4])  # 3 of the 4 blocks
+    assert cache.free(b) == 0 and cache.truncate(a, 0) == 0  # held back, not returned
+    d = cache.add_sequence().seq_id
+    assert cache.stats()["blocks_used"] == 3 and not cache.can_step([d], [4])  # one block free, not three
+    kv = np.arange(6, dtype=np.float32).reshape(6, 1, 1)
+    cache.write(0, kv, kv, step)  # still valid: its blocks are still its own
+    cache.manager.check()
+    assert cache.end_step(step) == 3  # b's two blocks and a's one
+    assert cache.stats()["blocks_used"] == 0 and cache.can_step([d], [8])
+    with pytest.raises(pagedkv.StepError, match="not the open one"):
+        cache.end_step(step)
+    cache.free(d)
     cache.manager.check()
 
 

@@ -39,6 +39,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m = BlockManager(block_size, num_blocks=num_blocks, enable_prefix_caching=caching)
         self.shadow = {}  # seq -> {"ids": held tokens, "pending": rest of the prompt, "salt"}
         self.unknown = itertools.count(1000)  # ids the manager is never told
+        self.in_flight = set()  # blocks an open step's writes may still land in
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -140,6 +141,17 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m.free(seq)
         del self.shadow[seq]
 
+    @rule()
+    def open_step(self):
+        """A step's writes are in flight from here: every block of every sequence may be written."""
+        self.m.step_started()
+        self.in_flight = {b for s in self.m.seq_ids for b in self.m.block_table(s)}
+
+    @rule()
+    def close_step(self):
+        self.m.step_finished()
+        self.in_flight = set()
+
     @rule(prompt=st.lists(TOKEN, min_size=1, max_size=10),
           bad=st.sampled_from(["salt a list", "salt a dict", "a float id", "a string id"]))
     def add_rejected(self, prompt, bad):
@@ -181,6 +193,8 @@ class ManagerMachine(RuleBasedStateMachine):
         if not hasattr(self, "m"):
             return
         self.m.check()
+        # an open step's blocks stay held, whatever was freed or truncated since: no one can get them
+        assert all(self.m.block_pool.ref_count(b) > 0 for b in self.in_flight)
         for seq, sh in self.shadow.items():
             assert self.m.context_len(seq) == len(sh["ids"])
             tables, lens = self.m.block_tables([seq]), self.m.context_lens([seq])
