@@ -50,6 +50,7 @@ from .errors import (
     StepError,
     UnknownSequenceError,
 )
+from .events import AllBlocksCleared, BlockRemoved, BlockStored, EventLog
 from .layout import Strides
 from .manager import BlockManager
 from .plan import Plan
@@ -57,6 +58,7 @@ from .pool import KVPool
 from .sequence import Appended
 
 __all__ = [
+    "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventLog", "events",
     "BACKENDS", "Added", "AllocatorError", "Appended", "ArgumentError", "Backend", "BackendUnavailableError",
     "BlockCopyError", "BlockIndexError", "BlockManager", "BlockPool", "CacheConfig", "ConfigError",
     "ContextLengthError", "ContiguityError", "DTypeError", "DuplicateSlotError", "InvariantError", "KVPool",

@@ -16,6 +16,9 @@ models' K/V of one prompt differ). The pool knows nothing of managers: no
 callbacks, no registry. Every method holds ``lock``, a re-entrant lock that
 managers also hold around compound operations, so that nothing can evict a
 block between a prefix lookup and its use.
+
+Subscribers (:meth:`BlockPool.subscribe`) get a :mod:`pagedkv.events` event
+each time a block enters or leaves the prefix cache.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import itertools
 import threading
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from .errors import AllocatorError, BlockIndexError, InvariantError, OutOfBlocksError
+from .events import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
 DIRECT = 0  #: the owner of holds taken directly, not through a manager
 
@@ -55,9 +59,31 @@ class BlockPool:
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unheld blocks, oldest first
         self._owners = itertools.count(DIRECT + 1)
         self._abandoned: list[int] = []  # owners gone without closing (appended by finalizers)
+        self._subscribers: list[Callable[[Event], object]] = []
 
     def __repr__(self) -> str:
         return f"BlockPool({self.num_blocks} blocks, {self.num_free} free, {len(self._entry)} cached)"
+
+    def subscribe(self, callback: Callable[[Event], object]) -> None:
+        """Call ``callback(event)`` for every :mod:`pagedkv.events` event from now on, in order,
+        under the pool's lock (so keep it short, and do not call the pool from it;
+        :class:`pagedkv.events.EventLog` collects them)."""
+        with self.lock:
+            self._subscribers.append(callback)
+
+    def unsubscribe(self, callback: Callable[[Event], object]) -> None:
+        """Stop calling ``callback``."""
+        with self.lock:
+            self._subscribers.remove(callback)
+
+    def _emit(self, make: Callable[[], Event]) -> None:
+        if self._subscribers:
+            event = make()
+            for callback in self._subscribers:
+                callback(event)
+
+    def _removed(self, block: int, entry: tuple[int, Hashable]) -> None:
+        self._emit(lambda: BlockRemoved(_digest(entry[1]), block, entry[0]))
 
     def new_owner(self) -> int:
         """A fresh owner id: holds taken under it are counted apart, and it names a cache namespace."""
@@ -169,7 +195,9 @@ class BlockPool:
                     block = self._free.pop()
                 else:
                     block, _ = self._idle.popitem(last=False)
-                    del self._index[self._entry.pop(block)]
+                    entry = self._entry.pop(block)
+                    del self._index[entry]
+                    self._removed(block, entry)
                 self._refs[block] = 1
                 self._holds[owner][block] += 1
                 self._ever_allocated[block] = True
@@ -220,11 +248,12 @@ class BlockPool:
 
     free = decref
 
-    def cache(self, namespace: int, key: Hashable, block: int) -> bool:
+    def cache(self, namespace: int, key: Hashable, block: int, parent: Hashable | None = None) -> bool:
         """Enter held ``block`` under ``key``; True if ``key`` now names ``block``.
 
         False, changing nothing, if another block holds ``key`` already or
-        ``block`` is cached under another key.
+        ``block`` is cached under another key. ``parent`` (the previous block's
+        key) is for the ``BlockStored`` event only.
         """
         with self.lock:
             if self._refs[self._check(block)] == 0:
@@ -234,21 +263,34 @@ class BlockPool:
                 return self._index.get(entry) == block
             self._index[entry] = block
             self._entry[block] = entry
+            self._emit(lambda: BlockStored(_digest(key), None if parent is None else _digest(parent),
+                                           tuple(getattr(key, "token_ids", ())), len(getattr(key, "token_ids", ())),
+                                           block, namespace))
             return True
 
-    def uncache(self, block: int) -> None:
-        """Forget ``block``'s cache entry; an idle block becomes plainly free."""
+    def uncache(self, block: int, *, quiet: bool = False) -> None:
+        """Forget ``block``'s cache entry; an idle block becomes plainly free. (``quiet``: no
+        ``BlockRemoved`` event, for :meth:`forget_namespace`, which sends one event for all.)"""
         with self.lock:
-            del self._index[self._entry.pop(self._check(block))]
+            entry = self._entry.pop(self._check(block))
+            del self._index[entry]
             if block in self._idle:
                 del self._idle[block]
                 self._free.append(block)
+            if not quiet:
+                self._removed(block, entry)
 
     def forget_namespace(self, namespace: int) -> None:
-        """Forget every cache entry of ``namespace`` (a manager's reset)."""
+        """Forget every cache entry of ``namespace`` (a manager's reset): one ``AllBlocksCleared``."""
         with self.lock:
             for block in [b for b, (ns, _) in self._entry.items() if ns == namespace]:
-                self.uncache(block)
+                self.uncache(block, quiet=True)
+            self._emit(lambda: AllBlocksCleared(namespace))
+
+    def cached_keys(self, namespace: int) -> dict[Hashable, int]:
+        """The keys cached in ``namespace`` and their blocks (a copy; O(cached blocks))."""
+        with self.lock:
+            return {key: block for (ns, key), block in self._index.items() if ns == namespace}
 
     def _check(self, block: int) -> int:
         if not 0 <= block < self.num_blocks:
@@ -285,3 +327,9 @@ class BlockPool:
             if len(self._index) != len(self._entry) or any(
                     self._index.get(entry) != block for block, entry in self._entry.items()):
                 raise InvariantError("the prefix-cache index and its inverse disagree")
+
+
+def _digest(key: Hashable) -> bytes:
+    """A key's portable name in events: a prefix_key.BlockKey's digest, else its repr's bytes."""
+    digest = getattr(key, "digest", None)
+    return digest if isinstance(digest, bytes) else repr(key).encode()

@@ -70,7 +70,8 @@ class PrefixCache:
         while len(keys) < full:
             key = self.key(keys, token_ids, extras)
             # Another block may hold these tokens already: the chain goes on through the key.
-            if not self.block_pool.cache(self.namespace, key, new_blocks[len(keys) - first]) and \
+            parent = keys[-1] if keys else None
+            if not self.block_pool.cache(self.namespace, key, new_blocks[len(keys) - first], parent) and \
                     self.block_pool.lookup(self.namespace, key) is None:
                 return  # this block is cached under another key: it cannot chain further
             keys.append(key)

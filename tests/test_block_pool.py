@@ -5,7 +5,18 @@ import threading
 
 import pytest
 
-from pagedkv import AllocatorError, BlockIndexError, BlockManager, BlockPool, InvariantError, OutOfBlocksError
+from pagedkv import (
+    AllBlocksCleared,
+    AllocatorError,
+    BlockIndexError,
+    BlockManager,
+    BlockPool,
+    BlockRemoved,
+    BlockStored,
+    EventLog,
+    InvariantError,
+    OutOfBlocksError,
+)
 
 
 def test_llama_rs_page_allocator_scenario():
@@ -242,3 +253,28 @@ def test_managers_closed_or_dropped_under_threads_leave_the_books_right():
     assert not errors, errors
     survivor.check()
     assert pool.num_used == 2 and pool.num_cached == 0
+
+
+def test_kv_events_name_each_block_its_parent_and_its_tokens():
+    m = BlockManager(2, num_blocks=4)
+    log = EventLog()
+    m.block_pool.subscribe(log)
+    s = m.add_sequence(prompt_token_ids=[1, 2, 3, 4, 5])
+    m.append(s, 5)
+    first, second = log.take()
+    assert isinstance(first, BlockStored) and isinstance(second, BlockStored)
+    assert first.parent_block_hash is None and second.parent_block_hash == first.block_hash
+    assert (first.token_ids, second.token_ids, first.block_size) == ((1, 2), (3, 4), 2)
+    assert [first.block_id, second.block_id] == m.block_table(s)[:2]
+    assert first.namespace == second.namespace == m.prefix_cache.namespace
+    m.free(s)
+    assert log.take() == []  # idle cached blocks are still cached
+    m.block_pool.allocate(4)  # every block: the two idle ones are evicted, oldest first
+    removed = log.take()
+    assert [type(e) for e in removed] == [BlockRemoved, BlockRemoved]
+    assert {e.block_hash for e in removed} == {first.block_hash, second.block_hash}
+    m.reset()
+    assert log.take() == [AllBlocksCleared(m.prefix_cache.namespace)]
+    m.block_pool.unsubscribe(log)
+    m.reset()
+    assert log.take() == []

@@ -40,6 +40,9 @@ class ManagerMachine(RuleBasedStateMachine):
         self.shadow = {}  # seq -> {"ids": held tokens, "pending": rest of the prompt, "salt"}
         self.unknown = itertools.count(1000)  # ids the manager is never told
         self.in_flight = set()  # blocks an open step's writes may still land in
+        self.events = pagedkv.EventLog()  # the KV-event stream, replayed after every rule
+        self.m.block_pool.subscribe(self.events)
+        self.replayed = {}
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -152,6 +155,14 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m.step_finished()
         self.in_flight = set()
 
+    @rule()
+    def reset(self):
+        """Everything goes: sequences, held copies, the prefix cache (one AllBlocksCleared)."""
+        self.m.reset()
+        self.m.step_finished()
+        self.shadow.clear()
+        self.in_flight = set()
+
     @rule(prompt=st.lists(TOKEN, min_size=1, max_size=10),
           bad=st.sampled_from(["salt a list", "salt a dict", "a float id", "a string id"]))
     def add_rejected(self, prompt, bad):
@@ -195,6 +206,11 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m.check()
         # an open step's blocks stay held, whatever was freed or truncated since: no one can get them
         assert all(self.m.block_pool.ref_count(b) > 0 for b in self.in_flight)
+        # replaying the KV events rebuilds exactly the cached blocks
+        pagedkv.events.replay(self.events.take(), self.replayed)
+        namespace = self.m.prefix_cache.namespace
+        cached = self.m.block_pool.cached_keys(namespace)
+        assert self.replayed == {(namespace, key.digest): block for key, block in cached.items()}
         for seq, sh in self.shadow.items():
             assert self.m.context_len(seq) == len(sh["ids"])
             tables, lens = self.m.block_tables([seq]), self.m.context_lens([seq])

@@ -1,5 +1,6 @@
 """The README's Python examples run as written, and the quickstart example runs."""
 
+import importlib.util
 import pathlib
 import re
 import runpy
@@ -10,7 +11,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks
+    has_hf = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("torch") is not None
     for block in blocks:
+        if "import transformers" in block and not has_hf:
+            continue  # the hf extra's example, where transformers and torch are installed (CI has them)
         exec(compile(block, "README.md", "exec"), {})
 
 
