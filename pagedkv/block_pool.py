@@ -6,9 +6,10 @@ One object owns everything about a block's life (vLLM v1's ``BlockPool``):
 - reference counts, kept per *owner* (a :class:`~pagedkv.BlockManager`, or 0
   for direct use), so that each owner can check its own holds exactly;
 - the prefix-cache index: ``(namespace, key) -> block`` and back. A cached
-  block whose last holder lets go is not freed but waits, *idle*, in an LRU
-  list; it still counts as free and is evicted (oldest first, its index entry
-  dropped) only when an allocation finds the free stack empty.
+  block whose last holder lets go is not freed but waits, *idle*; it still
+  counts as free and is evicted (lowest retention priority first, then least
+  recently used: :mod:`pagedkv.retention`; its index entry dropped) only when
+  an allocation finds the free stack empty.
 
 Several managers (several models) may share one pool; each gets an owner id
 from :meth:`BlockPool.new_owner`, which also namespaces its cache keys (two
@@ -25,18 +26,22 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Hashable
 
 from .errors import AllocatorError, BlockIndexError, InvariantError, OutOfBlocksError
 from .events import AllBlocksCleared, BlockRemoved, BlockStored, Event
+from .retention import IdleBlocks
 
 DIRECT = 0  #: the owner of holds taken directly, not through a manager
 
 
 class BlockPool:
     """Free stack, per-owner reference counts and the prefix-cache index of ``num_blocks`` blocks.
+
+    ``clock`` (seconds) times retention priorities given with a time to live.
 
     Raises:
         OutOfBlocksError: fewer blocks available than asked for (nothing is taken).
@@ -45,7 +50,7 @@ class BlockPool:
         BlockIndexError: a block id outside ``0..num_blocks - 1``.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
             raise AllocatorError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         self.num_blocks = num_blocks
@@ -56,7 +61,7 @@ class BlockPool:
         self._ever_allocated = [False] * num_blocks
         self._index: dict[tuple[int, Hashable], int] = {}  # (namespace, key) -> block
         self._entry: dict[int, tuple[int, Hashable]] = {}  # block -> (namespace, key)
-        self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unheld blocks, oldest first
+        self._idle = IdleBlocks(clock)  # cached, unheld blocks, in eviction order (see pagedkv.retention)
         self._owners = itertools.count(DIRECT + 1)
         self._abandoned: list[int] = []  # owners gone without closing (appended by finalizers)
         self._subscribers: list[Callable[[Event], object]] = []
@@ -182,7 +187,8 @@ class BlockPool:
     def allocate(self, n: int = 1, owner: int = DIRECT) -> list[int]:
         """Take ``n`` blocks for ``owner``, each with reference count 1: all of them or none.
 
-        Free blocks go first; then idle cached blocks are evicted, oldest first.
+        Free blocks go first; then idle cached blocks are evicted (lowest retention priority,
+        then oldest, first: see :mod:`pagedkv.retention`).
         """
         if n < 0:
             raise AllocatorError(f"cannot allocate {n} blocks")
@@ -194,9 +200,10 @@ class BlockPool:
                 if self._free:
                     block = self._free.pop()
                 else:
-                    block, _ = self._idle.popitem(last=False)
+                    block = self._idle.pop_victim()
                     entry = self._entry.pop(block)
                     del self._index[entry]
+                    self._idle.forget(block)
                     self._removed(block, entry)
                 self._refs[block] = 1
                 self._holds[owner][block] += 1
@@ -218,7 +225,8 @@ class BlockPool:
         with self.lock:
             if self._check(block) not in self._entry:
                 raise AllocatorError(f"block {block} is not cached")
-            self._idle.pop(block, None)
+            if block in self._idle:
+                self._idle.remove(block)
             self._refs[block] += 1
             self._holds[owner][block] += 1
 
@@ -241,7 +249,7 @@ class BlockPool:
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if block in self._entry:
-                    self._idle[block] = None
+                    self._idle.add(block)
                 else:
                     self._free.append(block)
             return self._refs[block]
@@ -274,8 +282,9 @@ class BlockPool:
         with self.lock:
             entry = self._entry.pop(self._check(block))
             del self._index[entry]
+            self._idle.forget(block)
             if block in self._idle:
-                del self._idle[block]
+                self._idle.remove(block)
                 self._free.append(block)
             if not quiet:
                 self._removed(block, entry)
@@ -286,6 +295,14 @@ class BlockPool:
             for block in [b for b, (ns, _) in self._entry.items() if ns == namespace]:
                 self.uncache(block, quiet=True)
             self._emit(lambda: AllBlocksCleared(namespace))
+
+    def retain(self, block: int, priority: int, ttl: float | None = None) -> None:
+        """Keep cached ``block`` at retention ``priority`` (for ``ttl`` seconds, or for good):
+        idle blocks of lower priority are evicted first (:mod:`pagedkv.retention` states the rule)."""
+        with self.lock:
+            if self._check(block) not in self._entry:
+                raise AllocatorError(f"block {block} is not cached; only a cached block has a retention priority")
+            self._idle.retain(block, priority, ttl)
 
     def cached_keys(self, namespace: int) -> dict[Hashable, int]:
         """The keys cached in ``namespace`` and their blocks (a copy; O(cached blocks))."""

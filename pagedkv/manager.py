@@ -25,27 +25,27 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from . import prefix_key
+from . import prefix_key, sequence
 from .block_pool import BlockPool
 from .block_table import BlockTable
 from .errors import (
     ArgumentError,
     ConfigError,
-    ContextLengthError,
     InvariantError,
     SequenceExistsError,
     UnknownSequenceError,
 )
-from .layout import INT32_MAX, cdiv
+from .layout import cdiv
+from .manager_views import SequenceViews
 from .prefix_cache import PrefixCache
 from .sequence import Appended, SequenceState, count
 
 
-class BlockManager:
+class BlockManager(SequenceViews):
     """Block tables, token counts, copy-on-write and prefix caching for one model.
 
     Args:
@@ -81,7 +81,7 @@ class BlockManager:
     # -- sequences ---------------------------------------------------------------------------
 
     def add_sequence(self, seq_id: Hashable = None, *, prompt_token_ids: Sequence[int] | None = None,
-                     cache_salt: object = None) -> Hashable:
+                     cache_salt: object = None, retention: int = 0, ttl: float | None = None) -> Hashable:
         """Start a sequence and return its id (a new int unless ``seq_id`` is given).
 
         With ``prompt_token_ids``, the longest run of the prompt's full blocks
@@ -90,9 +90,12 @@ class BlockManager:
         the prompt is appended as usual. The last prompt token is never taken
         from the cache, so that the model computes it (its logits are needed).
         ``cache_salt`` (str, bytes, int, float or bool) keeps the cached
-        prefixes of different tenants apart. Cost: O(prompt length).
+        prefixes of different tenants apart. Its cached blocks are evicted after those of a
+        lower ``retention`` priority (kept ``ttl`` seconds, or for good): :mod:`pagedkv.retention`.
+        Cost: O(prompt length).
         """
         ids = None if prompt_token_ids is None else prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
+        kept = sequence.retention(retention, ttl)
         extras = prefix_key.salt_extras(cache_salt)
         try:
             hash(seq_id)
@@ -105,8 +108,8 @@ class BlockManager:
                     seq_id = next(self._next_id)
             elif seq_id in self._seqs:
                 raise SequenceExistsError(f"sequence {seq_id!r} exists already")
-            seq = SequenceState(self.table.add_row(), extras=extras, token_ids=ids or [])
-            blocks, seq.keys = self.prefix_cache.take_prefix(seq.token_ids, extras)
+            seq = SequenceState(self.table.add_row(), extras=extras, token_ids=ids or [], retention=kept)
+            blocks, seq.keys = self.prefix_cache.take_prefix(seq.token_ids, extras, kept)
             self.table.append_row(seq.row, blocks)
             seq.num_tokens = seq.num_cached_tokens = len(blocks) * self.block_size
             self._seqs[seq_id] = seq
@@ -126,7 +129,7 @@ class BlockManager:
             for block in blocks:
                 self.block_pool.incref(block, self._owner)
             self.table.append_row(child.row, blocks)
-            child.num_tokens, child.extras = parent.num_tokens, parent.extras
+            child.num_tokens, child.extras, child.retention = parent.num_tokens, parent.extras, parent.retention
             child.token_ids, child.keys = list(parent.token_ids), list(parent.keys)
             return child_id
 
@@ -311,7 +314,7 @@ class BlockManager:
         for seq in seqs:
             if self.prefix_cache.has_new_full_blocks(seq.keys, seq.token_ids, seq.num_tokens):
                 self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row, len(seq.keys)),
-                                                    seq.num_tokens, seq.extras)
+                                                    seq.num_tokens, seq.extras, seq.retention)
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
 
     # -- views for kernels -------------------------------------------------------------------
@@ -321,42 +324,6 @@ class BlockManager:
             return self._seqs[seq_id]
         except (KeyError, TypeError):
             raise UnknownSequenceError(f"no sequence {seq_id!r} in this manager") from None
-
-    def block_table(self, seq_id: Hashable) -> list[int]:
-        """The block ids of one sequence, in token order (a copy); O(its blocks)."""
-        return self.table.blocks(self._get(seq_id).row)
-
-    def context_len(self, seq_id: Hashable) -> int:
-        """Tokens the sequence holds; O(1)."""
-        return self._get(seq_id).num_tokens
-
-    def num_cached_tokens(self, seq_id: Hashable) -> int:
-        """Prompt tokens that came from the prefix cache when the sequence was added; O(1)."""
-        return self._get(seq_id).num_cached_tokens
-
-    def block_tables(self, seq_ids: Iterable[Hashable], max_blocks: int | None = None) -> np.ndarray:
-        """int32 ``[B, max_blocks]`` block tables, padded with -1 (never read by a kernel);
-        ``max_blocks`` defaults to the longest table among ``seq_ids``. Cost: O(B * max_blocks)."""
-        rows = [self._get(s).row for s in seq_ids]
-        longest = max((self.table.num_blocks(r) for r in rows), default=0)
-        width = longest if max_blocks is None else max_blocks
-        if longest > width:
-            raise ArgumentError(f"a sequence holds {longest} blocks, more than max_blocks={width}")
-        return self.table.rows(rows, width)
-
-    def context_lens(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
-        """int32 ``[B]`` token counts (a ContextLengthError for one past int32); O(B)."""
-        lens = [self._get(s).num_tokens for s in seq_ids]
-        if lens and max(lens) > INT32_MAX:
-            raise ContextLengthError(f"a sequence of {max(lens)} tokens has a length past int32")
-        return np.array(lens, dtype=np.int32)
-
-    def to_flashinfer(self, seq_ids: Iterable[Hashable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """FlashInfer's paged format, int32 ``(kv_indptr, kv_indices, kv_last_page_len)``: sequence
-        b's pages are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``, its last holding
-        ``kv_last_page_len[b]`` tokens (0: empty). Cost: O(B * longest table)."""
-        seqs = [self._get(s) for s in seq_ids]
-        return self.table.to_flashinfer([s.row for s in seqs], [s.num_tokens for s in seqs], self.block_size)
 
     # -- numbers -----------------------------------------------------------------------------
 

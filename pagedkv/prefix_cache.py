@@ -29,10 +29,12 @@ class PrefixCache:
         j, bs = len(keys), self.block_size
         return prefix_key.block_key(keys[-1] if j else None, token_ids[j * bs:(j + 1) * bs], () if j else extras)
 
-    def take_prefix(self, token_ids: Sequence[int], extras: tuple[bytes, ...]) -> tuple[list[int], list[BlockKey]]:
+    def take_prefix(self, token_ids: Sequence[int], extras: tuple[bytes, ...],
+                    retention: tuple[int, float | None] = (0, None)) -> tuple[list[int], list[BlockKey]]:
         """Take (one reference each, for this namespace) the longest run of cached full blocks a
         prompt starts with, leaving out the block of its last token (the model must compute
-        that token); returns the blocks and their keys.
+        that token); returns the blocks and their keys. ``retention`` (priority, time to
+        live) raises the blocks' retention (see :mod:`pagedkv.retention`).
 
         Lookup and taking happen under the pool's lock, in one go: no
         allocation can evict a block between finding it and taking it.
@@ -51,6 +53,8 @@ class PrefixCache:
                     break
                 self.hits += 1
                 self.block_pool.take_cached(block, self.namespace)
+                if retention[0]:
+                    self.block_pool.retain(block, *retention)
                 blocks.append(block)
                 keys.append(key)
         return blocks, keys
@@ -61,19 +65,22 @@ class PrefixCache:
         return self.enabled and min(num_tokens, len(token_ids)) // self.block_size > len(keys)
 
     def enter_full_blocks(self, keys: list[BlockKey], token_ids: Sequence[int], new_blocks: Sequence[int],
-                          num_tokens: int, extras: tuple[bytes, ...]) -> None:
+                          num_tokens: int, extras: tuple[bytes, ...],
+                          retention: tuple[int, float | None] = (0, None)) -> None:
         """Enter a sequence's newly filled blocks whose token ids are known, extending ``keys``;
-        ``new_blocks`` are its blocks from number ``len(keys)`` on."""
+        ``new_blocks`` are its blocks from number ``len(keys)`` on; ``retention`` as for :meth:`take_prefix`."""
         if not self.has_new_full_blocks(keys, token_ids, num_tokens):
             return
         full, first = min(num_tokens, len(token_ids)) // self.block_size, len(keys)
         while len(keys) < full:
             key = self.key(keys, token_ids, extras)
             # Another block may hold these tokens already: the chain goes on through the key.
-            parent = keys[-1] if keys else None
-            if not self.block_pool.cache(self.namespace, key, new_blocks[len(keys) - first], parent) and \
-                    self.block_pool.lookup(self.namespace, key) is None:
+            self.block_pool.cache(self.namespace, key, new_blocks[len(keys) - first], keys[-1] if keys else None)
+            named = self.block_pool.lookup(self.namespace, key)  # this block, or another holding these tokens
+            if named is None:
                 return  # this block is cached under another key: it cannot chain further
+            if retention[0]:
+                self.block_pool.retain(named, *retention)
             keys.append(key)
 
     def reset(self) -> None:

@@ -15,6 +15,18 @@ from .errors import ArgumentError
 from .prefix_key import BlockKey
 
 
+def retention(priority: object, ttl: object) -> tuple[int, float | None]:
+    """A sequence's retention priority (an int >= 0) and time to live (None, or seconds > 0),
+    checked (see :mod:`pagedkv.retention`)."""
+    priority = count(priority, "retention")
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float, np.integer, np.floating)) or not ttl > 0 \
+                or ttl == float("inf"):
+            raise ArgumentError(f"ttl must be None or a positive, finite number of seconds, got {ttl!r}")
+        ttl = float(ttl)
+    return priority, ttl
+
+
 def count(n: object, what: str) -> int:
     """``n`` as a non-negative Python int (numpy integers too), or an ArgumentError: a float
     such as 1.9 is refused, never truncated."""
@@ -39,6 +51,7 @@ class SequenceState:
     extras: tuple[bytes, ...] = ()  # the first block's extra keys (its cache salt)
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     keys: list[BlockKey] = field(default_factory=list)  # keys of its first len(keys) full blocks
+    retention: tuple[int, float | None] = (0, None)  # priority (and time to live) of its cached blocks
 
     def checked_ids(self, given: Sequence[object], n: int, name: str) -> list[int]:
         """The ids of ``n`` new tokens as ints, checked against the prompt ids known for them."""

@@ -278,3 +278,40 @@ def test_kv_events_name_each_block_its_parent_and_its_tokens():
     m.block_pool.unsubscribe(log)
     m.reset()
     assert log.take() == []
+
+
+def test_a_retained_system_prompt_outlives_one_off_prompts():
+    """The eviction rule of pagedkv.retention: lowest priority first, then least recently used;
+    a priority with a time to live lasts that long."""
+    now = [0.0]
+    m = BlockManager(2, BlockPool(6, clock=lambda: now[0]))
+    system = [1, 2, 3, 4]
+    s = m.add_sequence(prompt_token_ids=system + [9], retention=5)
+    m.append(s, 5)
+    t = m.add_sequence(prompt_token_ids=[7, 7, 7, 7, 9], retention=5, ttl=10)
+    m.append(t, 5)
+    m.free(s)
+    m.free(t)  # 4 idle cached blocks (2 for good, 2 for 10 s), 2 free
+    for i in range(3):  # one-off prompts at priority 0 take the free blocks, then evict each other
+        o = m.add_sequence(prompt_token_ids=[50 + i, 50 + i, 9])
+        m.append(o, 3)
+        m.free(o)
+    assert m.add_sequence(prompt_token_ids=system + [8]) is not None
+    assert m.stats()["prefix_hits"] == 2  # both system-prompt blocks were still there
+    # idle now: the ttl'd prompt's two blocks, then the last one-off's block (priority 0); one block free
+    now[0] = 11  # the ttl has run out: the ttl'd blocks are priority 0, and idle for longer, so they go first
+    m.block_pool.allocate(3)
+    assert m.num_cached_tokens(m.add_sequence(prompt_token_ids=[7, 7, 7, 7, 9])) == 0
+    assert m.num_cached_tokens(m.add_sequence(prompt_token_ids=[52, 52, 9])) == 2  # the one-off's block is left
+    m.check()
+
+
+@pytest.mark.parametrize("bad", [{"retention": -1}, {"retention": 1.5}, {"retention": True}, {"ttl": 0},
+                                 {"ttl": -2.0}, {"ttl": float("inf")}, {"ttl": "1"}])
+def test_bad_retention_is_refused(bad):
+    from pagedkv import ArgumentError
+
+    m = BlockManager(2, num_blocks=4)
+    with pytest.raises(ArgumentError):
+        m.add_sequence(prompt_token_ids=[1, 2, 3], **bad)
+    assert m.seq_ids == [] and m.block_pool.num_free == 4

@@ -93,9 +93,10 @@ class ManagerMachine(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------------------
 
-    @rule(prompt=st.lists(TOKEN, min_size=1, max_size=10), salt=st.sampled_from([None, "t"]))
-    def add(self, prompt, salt):
-        seq = self.m.add_sequence(prompt_token_ids=prompt, cache_salt=salt)
+    @rule(prompt=st.lists(TOKEN, min_size=1, max_size=10), salt=st.sampled_from([None, "t"]),
+          keep=st.integers(0, 2))
+    def add(self, prompt, salt, keep):
+        seq = self.m.add_sequence(prompt_token_ids=prompt, cache_salt=salt, retention=keep)
         cached = self.m.num_cached_tokens(seq)
         bs = self.m.block_size
         assert cached % bs == 0 and cached <= len(prompt) - 1
