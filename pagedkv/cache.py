@@ -30,6 +30,8 @@ from .errors import ConfigError, StepError
 from .manager import BlockManager
 from .plan import Plan
 from .pool import KVPool
+from .stores import BlockStore
+from .tiers import Tiers
 
 
 class Added(NamedTuple):
@@ -83,9 +85,14 @@ class PagedKVCache:
         backend: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"`` (the fastest CPU
             backend, see :func:`pagedkv.resolve_backend`).
         enable_prefix_caching: reuse the K/V of prompt prefixes seen before.
+        stores: slower tiers behind the prefix cache (:mod:`pagedkv.stores`: host memory,
+            a directory, Redis), in lookup order: full prompt blocks are written through
+            to them when their step ends, and a new prompt's next blocks are loaded from
+            them after the pool's own hits (:mod:`pagedkv.tiers`; a CPU pool).
     """
 
-    def __init__(self, config: CacheConfig, backend: str = "auto", *, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, config: CacheConfig, backend: str = "auto", *, enable_prefix_caching: bool = True,
+                 stores: Sequence[BlockStore] = ()) -> None:
         if not isinstance(config, CacheConfig):
             raise ConfigError(f"PagedKVCache needs a CacheConfig, got {type(config).__name__}")
         self.config = config
@@ -95,6 +102,13 @@ class PagedKVCache:
                                     enable_prefix_caching=enable_prefix_caching)
         self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale
         self._open: Step | None = None  # the step between begin_step and end_step
+        self.tiers: Tiers | None = None
+        if stores:
+            if self.pool.device != "cpu":
+                raise ConfigError("stores work with a CPU pool for now")
+            if not enable_prefix_caching:
+                raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
+            self.tiers = Tiers(self.pool, self.manager, stores)
 
     def __repr__(self) -> str:
         return f"PagedKVCache(backend={self.backend.NAME!r}, {self.pool!r})"
@@ -103,9 +117,12 @@ class PagedKVCache:
 
     def add_sequence(self, seq_id: Hashable = None, *, prompt_token_ids: Sequence[int] | None = None,
                      cache_salt: Hashable = None) -> Added:
-        """Start a sequence; with a prompt, say how many of its tokens the prefix cache holds."""
+        """Start a sequence; with a prompt, say how many of its tokens the prefix cache (and the
+        stores behind it) hold: the model computes the rest."""
         seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt)
-        return Added(seq_id, self.manager.num_cached_tokens(seq_id))
+        if self.tiers is not None and prompt_token_ids is not None:
+            self.tiers.load(seq_id, prompt_token_ids, cache_salt)
+        return Added(seq_id, self.manager.context_len(seq_id))
 
     def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
         """A new sequence sharing ``seq_id``'s tokens (copy-on-write); returns its id."""
@@ -153,9 +170,13 @@ class PagedKVCache:
         """Whether :meth:`begin_step` would find enough blocks now."""
         return self.manager.can_append(seq_ids, num_new_tokens)
 
-    def stats(self) -> dict[str, float | int]:
-        """The block manager's counts (blocks used, cached, prefix hits...)."""
-        return self.manager.stats()
+    def stats(self) -> dict[str, Any]:
+        """The block manager's counts (blocks used, cached, prefix hits...), and with stores,
+        ``tiers``: prompt tokens served by each tier and each store's counts."""
+        stats: dict[str, Any] = dict(self.manager.stats())
+        if self.tiers is not None:
+            stats["tiers"] = self.tiers.stats()
+        return stats
 
     # -- a step ------------------------------------------------------------------------------
 
@@ -192,6 +213,8 @@ class PagedKVCache:
         if self._open is None:
             return 0
         self._open = None
+        if self.tiers is not None:  # the step's K/V are written: its newly cached blocks go to the stores
+            self.tiers.flush()
         return self.manager.step_finished()
 
     def write(self, layer: int, key: Any, value: Any, step: Step) -> None:

@@ -1,0 +1,90 @@
+"""A pool's prefix cache backed by slower stores: :class:`Tiers` (used by :class:`~pagedkv.PagedKVCache`).
+
+Write-through: every full block entering the pool's prefix cache is written to
+each store once its step has ended (its K/V are written by then). Lookup: a new
+prompt takes what the pool caches, then the longest run of its next full blocks
+found in the stores, in their order (host, disk, Redis...), loaded into blocks
+allocated for the sequence in the same call (nothing can evict them in
+between). A value that is not whole, not the key's, or from a pool of another
+geometry or format is a miss (see :mod:`pagedkv.stores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+from . import prefix_key
+from .errors import OutOfBlocksError
+from .events import BlockStored, EventLog
+from .manager import BlockManager
+from .pool import KVPool
+from .prefix_key import BlockKey
+from .stores import BlockStore, StoredBlock, decode_block, encode_block, fingerprint, read_block, write_block
+
+
+class Tiers:
+    """The stores behind one manager's prefix cache, over a CPU pool."""
+
+    def __init__(self, pool: KVPool, manager: BlockManager, stores: Sequence[BlockStore]) -> None:
+        self.pool, self.manager, self.stores = pool, manager, list(stores)
+        self.log = EventLog()
+        manager.block_pool.subscribe(self.log)
+        self.loaded: set[bytes] = set()  # digests that came from a store: not written back
+        self.tokens = {"pool": 0, **{s.name: 0 for s in self.stores}}  # prompt tokens served per tier
+
+    def flush(self) -> int:
+        """Write the blocks cached since the last flush to every store; returns how many."""
+        namespace = self.manager.prefix_cache.namespace
+        items = []
+        for e in self.log.take():
+            if not isinstance(e, BlockStored) or e.namespace != namespace or e.block_hash in self.loaded:
+                continue
+            key = BlockKey(e.block_hash, e.token_ids)
+            if self.manager.block_pool.lookup(namespace, key) != e.block_id:
+                continue  # evicted or re-cached since: its contents may be another block's now
+            items.append((key, encode_block(fingerprint(self.pool), read_block(self.pool, e.block_id, key))))
+        for store in self.stores:
+            store.put(items)
+        return len(items)
+
+    def load(self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: object) -> int:
+        """After ``seq_id`` took its pool prefix: load the next full blocks of its prompt found in
+        the stores; returns the tokens loaded."""
+        bs = self.manager.block_size
+        have = self.manager.context_len(seq_id)
+        self.tokens["pool"] += have
+        wanted = (len(token_ids) - 1) // bs  # never the block of the last token: the model computes it
+        keys: list[BlockKey] = []
+        extras = prefix_key.salt_extras(cache_salt)
+        for j in range(wanted):
+            keys.append(prefix_key.block_key(keys[-1] if keys else None, token_ids[j * bs:(j + 1) * bs],
+                                             () if j else extras))
+        loaded = 0
+        for store in self.stores:
+            start = have // bs
+            n = store.longest_prefix(keys[start:])
+            valid: list[StoredBlock] = []
+            for k, v in zip(keys[start:start + n], store.get(keys[start:start + n]), strict=True):
+                stored = decode_block(self.pool, k, v)
+                if stored is None:  # not whole, not this key's, another pool's: a miss from here on
+                    break
+                valid.append(stored)
+            good = len(valid)
+            if not good:
+                continue
+            try:
+                self.manager.append(seq_id, good * bs)  # the prompt's ids are known: they enter the prefix cache
+            except OutOfBlocksError:
+                break  # no room: the model computes them
+            table = self.manager.block_table(seq_id)
+            for j, stored in enumerate(valid):
+                write_block(self.pool, table[start + j], stored)
+                self.loaded.add(stored.key.digest)
+            self.tokens[store.name] += good * bs
+            have += good * bs
+            loaded += good * bs
+        return loaded
+
+    def stats(self) -> dict[str, object]:
+        """Prompt tokens served by each tier, and each store's own counts."""
+        return {"tokens": dict(self.tokens), **{s.name: s.stats() for s in self.stores}}

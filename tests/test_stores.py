@@ -1,0 +1,215 @@
+"""Prefix blocks beyond the pool: the stored-block format, the host, directory and Redis stores
+(a real Redis server, started here), and PagedKVCache writing through to them and loading
+from them, in this process and in another one."""
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import pagedkv
+from pagedkv import PagedKVCache, prefix_key
+from pagedkv.model import ModelConfig, TinyLlama, generate_dense, generate_paged
+from pagedkv.stores import DirectoryStore, HostStore, RedisStore, decode_block, encode_block, fingerprint, read_block
+from pagedkv.testing.strategies import filled_pool
+
+TINY = ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, hidden_dim=32)
+PREFIX = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]  # four blocks of 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real Redis (or Valkey) server on a free localhost port, stopped afterwards. Without one
+    installed: a skip, except where PAGEDKV_REQUIRE_REDIS=1 (CI), which fails instead."""
+    pytest.importorskip("redis")
+    server = shutil.which("redis-server") or shutil.which("valkey-server")
+    if server is None:
+        if os.environ.get("PAGEDKV_REQUIRE_REDIS") == "1":
+            pytest.fail("no redis-server or valkey-server on PATH (PAGEDKV_REQUIRE_REDIS=1)")
+        pytest.skip("no redis-server or valkey-server installed (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _stores(kind, tmp_path, redis_url=None):
+    if kind == "host":
+        return HostStore(max_bytes=1 << 20)
+    if kind == "disk":
+        return DirectoryStore(tmp_path / "blocks", max_bytes=1 << 20)
+    return RedisStore(redis_url, namespace=f"test-{tmp_path.name}")
+
+
+@pytest.fixture(params=["host", "disk", "redis"])
+def store(request, tmp_path):
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return _stores(request.param, tmp_path, url)
+
+
+def _keys(n, salt=None):
+    keys = []
+    for j in range(n):
+        keys.append(prefix_key.block_key(keys[-1] if keys else None, [j, j + 1], prefix_key.salt_extras(salt) if not j
+                                         else ()))
+    return keys
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "fp8_e4m3"])
+def test_a_stored_block_round_trips_and_a_damaged_one_is_a_miss(dtype):
+    config = pagedkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, dtype=dtype)
+    pool = filled_pool(config, seed=1)
+    key = _keys(1)[0]
+    raw = encode_block(fingerprint(pool), read_block(pool, 3, key))
+    back = decode_block(pool, key, raw)
+    assert back is not None
+    np.testing.assert_array_equal(back.data, read_block(pool, 3, key).data)
+    if dtype == "int8":
+        np.testing.assert_array_equal(back.scales, read_block(pool, 3, key).scales)
+    flipped = bytearray(raw)
+    flipped[-1] ^= 1
+    other = pagedkv.KVPool(pagedkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2,
+                                               dtype="float16" if dtype != "float16" else "float32"))
+    assert decode_block(pool, key, raw[:-3]) is None  # truncated
+    assert decode_block(pool, key, bytes(flipped)) is None  # corrupted: the checksum says so
+    assert decode_block(pool, _keys(2)[1], raw) is None  # another key's
+    assert decode_block(other, key, raw) is None  # another format's
+    assert decode_block(pool, key, b"junk") is None
+
+
+def test_every_store_keeps_blocks_by_key(store):
+    keys = _keys(3)
+    assert store.longest_prefix(keys) == 0 and store.get(keys) == [None] * 3
+    store.put([(keys[0], b"zero"), (keys[1], b"one")])
+    assert store.longest_prefix(keys) == 2
+    assert store.get(keys) == [b"zero", b"one", None]
+    store.delete([keys[0]])
+    assert store.longest_prefix(keys) == 0 and store.get(keys[1:2]) == [b"one"]
+    stats = store.stats()
+    assert stats["puts"] == 2 and stats["hits"] == 3 and stats["errors"] == 0
+
+
+def test_bounded_stores_evict_the_least_recently_used(tmp_path):
+    keys = _keys(4)
+    for store in (HostStore(max_bytes=30), DirectoryStore(tmp_path, max_bytes=30)):
+        store.put([(keys[0], b"a" * 10), (keys[1], b"b" * 10)])
+        time.sleep(0.01)
+        store.get([keys[0]])  # read: the most recently used now
+        time.sleep(0.01)
+        store.put([(keys[2], b"c" * 10), (keys[3], b"d" * 10)])  # 40 bytes: one must go, keys[1]
+        assert [v is not None for v in store.get(keys)] == [True, False, True, True], store.name
+
+
+def _serve(stores, prompts, new_tokens=3):
+    """Greedy generation of each prompt through a fresh cache backed by ``stores``; returns the
+    tokens and the prompt tokens each add_sequence found cached."""
+    model = TinyLlama(TINY)
+    cache = PagedKVCache(model.cache_config(32, block_size=4), backend="numpy", stores=stores)
+    out, cached = [], []
+    for p in prompts:
+        before = cache.stats()["tiers"]["tokens"]
+        toks, _ = generate_paged(model, cache, p, new_tokens)
+        after = cache.stats()["tiers"]["tokens"]
+        out.append(toks)
+        cached.append({tier: after[tier] - before[tier] for tier in after})
+    cache.close()  # ends the last step: its blocks are written through
+    return out, cached, cache
+
+
+def test_a_new_pool_loads_shared_prefixes_from_each_tier(tmp_path, redis_url):
+    first = [PREFIX + [1, 2, 3]]
+    second = [PREFIX + [7, 7], PREFIX[:8] + [0, 0, 0, 0, 1]]
+    want = [generate_dense(TinyLlama(TINY), p, 3)[0] for p in second]
+    for kind in ("host", "disk", "redis"):
+        store = _stores(kind, tmp_path / kind, redis_url)
+        _serve([store], first)
+        got, cached, _ = _serve([store], second)
+        assert got == want, kind
+        assert cached[0][kind] == 16 and cached[0]["pool"] == 0  # every full shared block, from the store
+        assert cached[1]["pool"] == 8  # the second prompt's shared blocks: in the pool by now
+
+
+def test_another_process_shares_prefixes_through_redis(redis_url):
+    """Process A (this one) serves long prompts; process B, started afterwards, finds their
+    prefixes in Redis and generates exactly the tokens A's model would."""
+    namespace = f"two-processes-{os.getpid()}"
+    _serve([RedisStore(redis_url, namespace)], [PREFIX + [1, 2, 3]])
+    script = f"""
+import json
+from pagedkv import PagedKVCache
+from pagedkv.model import ModelConfig, TinyLlama, generate_paged
+from pagedkv.stores import RedisStore
+model = TinyLlama(ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+                              hidden_dim=32))
+cache = PagedKVCache(model.cache_config(32, block_size=4), backend="numpy",
+                     stores=[RedisStore({redis_url!r}, {namespace!r})])
+tokens, _ = generate_paged(model, cache, {PREFIX + [7, 7]!r}, 3)
+print(json.dumps({{"tokens": tokens, "tiers": cache.stats()["tiers"]["tokens"]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    import json
+
+    result = json.loads(out)
+    assert result["tokens"] == generate_dense(TinyLlama(TINY), PREFIX + [7, 7], 3)[0]
+    assert result["tiers"]["redis"] == 16 and result["tiers"]["pool"] == 0
+
+
+def test_an_unreachable_server_warns_and_misses(tmp_path):
+    pytest.importorskip("redis")
+    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", "gone")
+    want = [generate_dense(TinyLlama(TINY), PREFIX + [7, 7], 3)[0]]
+    with pytest.warns(RuntimeWarning, match="redis store failed"):
+        got, cached, _ = _serve([store], [PREFIX + [7, 7]])
+    assert got == want and cached[0]["redis"] == 0 and store.stats()["errors"] > 0
+
+
+def test_damaged_files_and_other_geometries_are_never_served(tmp_path):
+    store = DirectoryStore(tmp_path, max_bytes=1 << 20)
+    _serve([store], [PREFIX + [1, 2, 3]])
+    for f in sorted(tmp_path.glob("*.pkvb"))[:2]:  # damage two of the four blocks
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    got, cached, _ = _serve([store], [PREFIX + [7, 7]])
+    assert got == [generate_dense(TinyLlama(TINY), PREFIX + [7, 7], 3)[0]]
+    assert cached[0]["disk"] < 16  # stops at the first damaged block: the model computes the rest
+    model = TinyLlama(TINY)  # a pool of another format over the same directory: nothing fits it
+    other = PagedKVCache(model.cache_config(32, block_size=4, dtype="bfloat16"), backend="numpy", stores=[store])
+    assert other.add_sequence(prompt_token_ids=PREFIX + [7, 7]).num_cached_tokens == 0
+
+
+def test_a_full_disk_is_reported_and_changes_nothing_else(tmp_path, monkeypatch):
+    store = DirectoryStore(tmp_path, max_bytes=1 << 20)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pagedkv.stores.tempfile.mkstemp", full)
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        got, _, cache = _serve([store], [PREFIX + [1, 2, 3]])
+    assert got == [generate_dense(TinyLlama(TINY), PREFIX + [1, 2, 3], 3)[0]]
+    assert store.stats()["errors"] > 0 and list(tmp_path.iterdir()) == []
+    cache.manager.check()
