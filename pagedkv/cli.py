@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=list(FORMATS), default="float32",
                    help="how the pool stores K/V (default float32); another format is compared with a float32 run")
     d.add_argument("--plot", metavar="FILE.png", help="also draw memory in use over time (needs matplotlib)")
+    d.add_argument("--store", metavar="DIR|redis://HOST:PORT",
+                   help="back the prefix cache with a directory or a Redis/Valkey server, shared with other runs "
+                        "and processes (a second run finds the shared prompt there)")
     d.add_argument("--no-check", action="store_true",
                    help="skip re-running every request over a dense cache to compare the tokens")
 
@@ -110,7 +113,7 @@ def _demo(args) -> int:
     print(f"pagedkv demo: {args.requests} requests, {args.blocks} blocks of 16 tokens, backend {backend}, "
           f"K/V stored as {args.dtype}")
     res = run_demo(args.requests, seed=args.seed, backend=backend, num_blocks=args.blocks,
-                   check=not args.no_check, dtype=args.dtype)
+                   check=not args.no_check, dtype=args.dtype, store=args.store)
     print(format_summary(res, backend))
     if args.plot:
         plot(res, args.plot)

@@ -22,6 +22,7 @@ from .errors import PagedKVError
 from .layout import cdiv
 from .model import DenseCache, ModelConfig, TinyLlama, generate_dense, paged_step
 from .pool import human_bytes
+from .stores import open_store
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DemoResult:
     pool_bytes: int = 0
     float32_bytes: int = 0
     vs_float32: tuple[int, float] | None = None  # requests with float32's tokens; largest logit difference
+    tiers: dict | None = None  # with a store: prompt tokens served per tier, and the store's counts
 
 
 def make_requests(n: int, seed: int, vocab: int) -> list[Request]:
@@ -67,17 +69,22 @@ def make_requests(n: int, seed: int, vocab: int) -> list[Request]:
 
 
 def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_blocks: int = 96,
-             check: bool = True, progress=sys.stderr, dtype: str = "float32") -> DemoResult:
+             check: bool = True, progress=sys.stderr, dtype: str = "float32", store: str | None = None) -> DemoResult:
     """Serve ``num_requests`` requests with continuous batching; see the module docstring.
 
     With a ``dtype`` other than float32, ``check`` compares with the same workload
     over a float32 pool instead of a dense cache (a narrower format rounds K/V, so
     tokens may rightly differ): how many requests generate the same tokens, and the
     largest logit difference up to each request's first differing token.
+
+    ``store`` (a directory, or ``redis://HOST:PORT``) backs the prefix cache with a
+    :mod:`pagedkv.stores` tier shared with other runs and processes: a second run finds
+    the system prompt's blocks there (see the summary's tokens per tier).
     """
     model = TinyLlama(ModelConfig(seed=seed))
     config = model.cache_config(num_blocks, dtype=dtype)
-    cache = PagedKVCache(config, backend=backend)
+    stores = [] if store is None else [open_store(store, f"pagedkv-demo-seed{seed}-{dtype}")]
+    cache = PagedKVCache(config, backend=backend, stores=stores)
     bs = cache.config.block_size
     requests = make_requests(num_requests, seed, model.config.vocab_size)
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
@@ -127,6 +134,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
                 r.seq_id = None
         step += 1
         _progress(progress, len(done), num_requests)
+    cache.end_step()  # the last step's K/V are written: its cached blocks reach the store
     seconds = time.perf_counter() - start
     if progress is not None and progress.isatty():
         progress.write("\n")
@@ -144,7 +152,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
     return DemoResult(requests, step, seconds, sum(len(r.output) for r in requests),
                       sum(len(r.prompt) for r in requests), sum(r.cached for r in requests),
                       used, contiguous, peak_map, agree, diff, cache.stats(), config.dtype,
-                      config.memory_bytes, float32_bytes, vs_float32)
+                      config.memory_bytes, float32_bytes, vs_float32, cache.stats().get("tiers"))
 
 
 def _compare(narrow: list[Request], wide: list[Request]) -> tuple[int, float]:
@@ -207,6 +215,8 @@ def format_summary(res: DemoResult, backend: str) -> str:
         ("peak blocks, contiguous max-length", f"{peak_contig}"),
         ("memory saved at the peak", f"{1 - peak_used / peak_contig:.0%}"),
     ]
+    if res.tiers is not None:
+        rows.append(("prompt tokens by tier", ", ".join(f"{k} {v}" for k, v in res.tiers["tokens"].items())))
     if res.agree is not None:
         rows.append(("paged == dense generation",
                      f"{'yes' if res.agree else 'NO'} (largest logit difference {res.max_logit_diff:.1e})"))

@@ -362,3 +362,11 @@ class RedisStore(_Counts):
                 self.client.delete(*[self._key(k) for k in keys])
             except Exception as e:
                 self._failed("delete blocks", e)
+
+
+def open_store(spec: str, namespace: str, max_bytes: int = 1 << 32) -> BlockStore:
+    """A store named by ``spec``: ``redis://HOST:PORT[/DB]`` (or ``rediss://``) a :class:`RedisStore`
+    under ``namespace``; anything else a directory, a :class:`DirectoryStore` of ``max_bytes``."""
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(spec, namespace)
+    return DirectoryStore(spec, max_bytes)

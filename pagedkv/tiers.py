@@ -51,6 +51,7 @@ class Tiers:
         """After ``seq_id`` took its pool prefix: load the next full blocks of its prompt found in
         the stores; returns the tokens loaded."""
         bs = self.manager.block_size
+        token_ids = prefix_key.token_ids(token_ids, "prompt_token_ids")  # as the manager took them: ints
         have = self.manager.context_len(seq_id)
         self.tokens["pool"] += have
         wanted = (len(token_ids) - 1) // bs  # never the block of the last token: the model computes it

@@ -213,3 +213,20 @@ def test_a_full_disk_is_reported_and_changes_nothing_else(tmp_path, monkeypatch)
     assert got == [generate_dense(TinyLlama(TINY), PREFIX + [1, 2, 3], 3)[0]]
     assert store.stats()["errors"] > 0 and list(tmp_path.iterdir()) == []
     cache.manager.check()
+
+
+def test_the_demo_shares_its_system_prompt_with_a_later_process(tmp_path, redis_url):
+    """pagedkv demo --store, twice, as two processes: the second finds the shared system prompt's
+    blocks in the store (directory, then Redis) and still generates the dense cache's tokens."""
+    for store in (str(tmp_path / "blocks"), redis_url):
+        runs = []
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-m", "pagedkv", "demo", "--requests", "4", "--backend", "numpy",
+                                   "--store", store], capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+            runs.append(proc.stdout)
+        tier = "redis" if store.startswith("redis") else "disk"
+        first, second = (next(line for line in out.splitlines() if "prompt tokens by tier" in line) for out in runs)
+        served = int(second.split(f"{tier} ")[1].split(",")[0])
+        assert f"{tier} 0" in first and served >= 48  # the system prompt (three blocks of 16), and more
+        assert all("paged == dense generation" in out and " yes " in out for out in runs)
