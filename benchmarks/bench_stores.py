@@ -1,0 +1,97 @@
+"""asv: the store tiers against their raw medium, measured in the same run (issue 14).
+
+Each tier stores and then loads 64 blocks of a Llama-3-8B-shaped layer slice (32 layers,
+8 KV heads, D=128, blocks of 16, bfloat16: 2 MiB each, 128 MiB in all): encode (header and
+checksum) + put, then get + decode. The yardstick moves the same bytes with nothing around
+them: a copy into fresh host memory for ``host``; writing and reading one file per block for
+``disk``; a Redis SET and GET of each value for ``redis`` (only where ``PAGEDKV_REDIS_URL``
+names a server; asv skips it otherwise). ``track_vs_raw`` is raw seconds / tier seconds
+(the target is >= 0.7).
+"""
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from pagedkv import CacheConfig, KVPool, prefix_key
+from pagedkv.bench import median_seconds
+from pagedkv.stores import DirectoryStore, HostStore, RedisStore, decode_block, encode_block, fingerprint, read_block
+
+BLOCKS = 64
+
+
+def _pool_and_keys():
+    config = CacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, num_blocks=BLOCKS, block_size=16,
+                         dtype="bfloat16")
+    pool = KVPool(config)
+    pool.host[:] = np.random.default_rng(0).integers(0, 1 << 16, pool.host.size, dtype=np.uint16)
+    keys = []
+    for j in range(BLOCKS):
+        keys.append(prefix_key.block_key(keys[-1] if keys else None, range(j * 16, (j + 1) * 16)))
+    return pool, keys
+
+
+class StoreAndLoad:
+    params = ["host", "disk", "redis"]
+    param_names = ["tier"]
+    number = 1
+    repeat = 1
+    timeout = 600
+
+    def setup(self, tier):
+        pool, keys = _pool_and_keys()
+        fp = fingerprint(pool)
+        values = [encode_block(fp, read_block(pool, j, k)) for j, k in enumerate(keys)]
+        self.dir = tempfile.mkdtemp()
+        if tier == "host":
+            store = HostStore(max_bytes=1 << 40)
+
+            def raw():
+                for v in values:
+                    np.frombuffer(v, np.uint8).copy()
+        elif tier == "disk":
+            store = DirectoryStore(os.path.join(self.dir, "store"), max_bytes=1 << 40)
+            os.makedirs(os.path.join(self.dir, "raw"))
+
+            def raw():
+                for j, v in enumerate(values):
+                    with open(os.path.join(self.dir, "raw", str(j)), "wb") as f:
+                        f.write(v)
+                for j in range(len(values)):
+                    with open(os.path.join(self.dir, "raw", str(j)), "rb") as f:
+                        f.read()
+        else:
+            url = os.environ.get("PAGEDKV_REDIS_URL")
+            if not url:
+                raise NotImplementedError("set PAGEDKV_REDIS_URL to a Redis server to benchmark the redis tier")
+            store = RedisStore(url, "pagedkv-bench")
+            client = store.client
+
+            def raw():
+                for j, v in enumerate(values):
+                    client.set(f"pagedkv-bench-raw:{j}", v)
+                for j in range(len(values)):
+                    client.get(f"pagedkv-bench-raw:{j}")
+
+        def tier_round_trip():
+            store.put([(k, encode_block(fp, read_block(pool, j, k))) for j, k in enumerate(keys)])
+            got = [decode_block(pool, k, v) for k, v in zip(keys, store.get(keys), strict=True)]
+            assert all(b is not None for b in got)
+
+        self.raw_seconds = median_seconds(raw, repeat=3)
+        self.tier_seconds = median_seconds(tier_round_trip, repeat=3)
+
+    def teardown(self, tier):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def track_vs_raw(self, tier):
+        return self.raw_seconds / self.tier_seconds
+
+    track_vs_raw.unit = "raw medium seconds / tier seconds (above 0.7: the target)"
+
+    def track_gbps(self, tier):
+        return 2 * BLOCKS * (2 << 20) / self.tier_seconds / 1e9
+
+    track_gbps.unit = "GB/s stored and loaded"
