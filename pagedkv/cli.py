@@ -71,14 +71,45 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(FORMATS), default=None,
                    help="how the pool stores K/V (default: the model's dtype, exact)")
     g.add_argument("--num-beams", type=_positive, default=1, help="beam search width (default 1: greedy)")
+    v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
+                       description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
+                                   "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
+                                   "of calls, or FAIL with the smallest failing case and the first wrong element. "
+                                   "Exits 1 on a failure. Needs pip install \"pagedkv[test]\"; the signatures "
+                                   "each convention expects are in pagedkv.testing.checkers.")
+    v.add_argument("function", metavar="MODULE:FUNCTION", help="your kernel, e.g. mykernels:reshape_and_cache")
+    v.add_argument("--routine", required=True,
+                   choices=["write", "read", "gather", "copy_blocks", "swap_blocks", "paged_attention"])
+    v.add_argument("--convention", default="pagedkv", choices=["pagedkv", "vllm", "hnd", "flashinfer"],
+                   help="the shapes your function takes (default pagedkv)")
+    v.add_argument("--dtype", choices=list(FORMATS), default="float32", help="storage format (default float32)")
+    v.add_argument("--examples", type=_positive, default=100, help="cases to draw (default 100)")
+    arrays = v.add_mutually_exclusive_group()
+    arrays.add_argument("--torch", action="store_const", const="torch", dest="arrays",
+                        help="hand your function torch tensors (on the GPU if there is one)")
+    arrays.add_argument("--cupy", action="store_const", const="cupy", dest="arrays", help="hand it CuPy arrays")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate}[args.command](args)
+        commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify}
+        return commands[args.command](args)
     except PagedKVError as e:
+        print(f"pagedkv: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _verify(args) -> int:
+    try:
+        from .testing.verify import verify
+    except ImportError as e:
+        print(f"pagedkv: error: verify needs hypothesis: pip install \"pagedkv[test]\" ({e})", file=sys.stderr)
+        return 2
+    try:
+        return verify(args.function, args.routine, args.convention, args.dtype, args.examples, args.arrays)
+    except (ImportError, AttributeError, ValueError) as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
 

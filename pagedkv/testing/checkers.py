@@ -14,7 +14,8 @@ Conventions (``convention=``), the shapes your function receives:
 ``"pagedkv"``
     pagedkv's own signatures on a :class:`~pagedkv.KVPool` (both layouts):
     ``write(pool, layer, key, value, slot_mapping)``, ``read(pool, layer,
-    slot_mapping)``, ``gather(pool, layer, block_tables, context_lens)``,
+    slot_mapping)``, ``gather(pool, layer, block_tables, context_lens)`` (returning
+    key and value, and, as pagedkv's does, ``cu_seqlens``, which is checked too),
     ``copy_blocks(pool, src, dst)``, ``swap_blocks(src_pool, dst_pool, src,
     dst)``, ``paged_attention(q, pool, layer, block_tables, context_lens,
     scale=..., query_lens=...)``.
@@ -279,7 +280,13 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequ
         else:
             ks, vs = _caches(pool, to_user)
             got = fn(ks[layer], vs[layer], to_user(tables), to_user(lens))
-        want_k, want_v, _ = ref.gather(pool, layer, tables, lens)
+        want_k, want_v, want_cu = ref.gather(pool, layer, tables, lens)
+        got = list(got)
+        if convention == "pagedkv" and len(got) == 3:  # pagedkv's own gather returns cu_seqlens too
+            if not np.array_equal(np.asarray(from_user(got[2])), want_cu):
+                raise KernelMismatch(f"gather: cu_seqlens {np.asarray(from_user(got[2])).tolist()}, expected "
+                                     f"{want_cu.tolist()}", case, {})
+            got = got[:2]
         for name, want, g in zip(("K", "V"), (want_k, want_v), got, strict=True):
             _compare_rows(f"gather ({name})", want, from_user(g), case, _row_in_sequence(lens))
     _run(test, max_examples)
