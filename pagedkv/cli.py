@@ -21,6 +21,11 @@ def _positive(text: str) -> int:
     return value
 
 
+#: pagedkv.testing.checkers.CONVENTIONS (named here: the checkers import hypothesis, a test extra)
+VERIFY_CONVENTIONS = ["pagedkv", "flashinfer", "vllm", "hnd", "vllm_paged", "vllm_cpu", "flashinfer_nhd",
+                      "flashinfer_hnd"]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pagedkv", description="A paged KV cache for LLM inference: demo, benchmarks and environment.")
@@ -80,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("function", metavar="MODULE:FUNCTION", help="your kernel, e.g. mykernels:reshape_and_cache")
     v.add_argument("--routine", required=True,
                    choices=["write", "read", "gather", "copy_blocks", "swap_blocks", "paged_attention"])
-    v.add_argument("--convention", default="pagedkv", choices=["pagedkv", "vllm", "hnd", "flashinfer"],
+    v.add_argument("--convention", default="pagedkv", choices=VERIFY_CONVENTIONS,
                    help="the shapes your function takes (default pagedkv)")
     v.add_argument("--dtype", choices=list(FORMATS), default="float32", help="storage format (default float32)")
     v.add_argument("--examples", type=_positive, default=100, help="cases to draw (default 100)")

@@ -298,6 +298,62 @@ def test_a_scale_dropped_by_copy_blocks_is_caught():
     assert "int8 scale" in str(e) and e.where["slot"] // e.case["block_size"] in e.case["dst"]
 
 
-def test_narrow_formats_need_the_pagedkv_convention():
-    with pytest.raises(ValueError, match="'pagedkv' convention"):
-        check_write(vllm_write, convention="vllm", dtype="bfloat16")
+def test_scaled_formats_need_the_pagedkv_convention():
+    with pytest.raises(ValueError, match="only the 'pagedkv' convention"):
+        check_write(vllm_write, convention="vllm", dtype="fp8_e4m3")
+
+
+# Correct user kernels in the other engines' layouts, written against their documented shapes.
+
+def vllm_paged_write(key, value, key_cache, value_cache, slot_mapping):
+    """vLLM's original layout: key [N, H, D/x, bs, x], value [N, H, D, bs]."""
+    bs, x = key_cache.shape[3], key_cache.shape[4]
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            b, p = divmod(int(slot), bs)
+            key_cache[b, :, :, p, :] = key[t].reshape(key.shape[1], -1, x)
+            value_cache[b, :, :, p] = value[t]
+
+
+def flashinfer_nhd_read(kv_cache, slot_mapping):
+    """FlashInfer's single tensor [N, 2, bs, H, D]; padding reads as zeros."""
+    bs = kv_cache.shape[2]
+    out = np.zeros((2, len(slot_mapping)) + kv_cache.shape[3:], kv_cache.dtype)
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            out[:, t] = kv_cache[slot // bs, :, slot % bs]
+    return out[0], out[1]
+
+
+def vllm_cpu_copy_blocks(kv_caches, block_mapping):
+    """vLLM's CPU tensor per layer [2, N, H, bs, D]."""
+    for cache in kv_caches:
+        for src, dst in block_mapping:
+            cache[:, dst] = cache[:, src]
+
+
+def vllm_write_bfloat16(key, value, key_cache, value_cache, slot_mapping):
+    """A bfloat16 cache (uint16 bit patterns): encode with ml_dtypes, round to nearest even."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bs = key_cache.shape[1]
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            key_cache[slot // bs, slot % bs] = key[t].astype(ml_dtypes.bfloat16).view(np.uint16)
+            value_cache[slot // bs, slot % bs] = value[t].astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def test_the_other_engines_layouts_pass_and_a_planted_bug_fails():
+    check_write(vllm_paged_write, convention="vllm_paged", max_examples=N)
+    check_read(flashinfer_nhd_read, convention="flashinfer_nhd", max_examples=N)
+    check_copy_blocks(vllm_cpu_copy_blocks, convention="vllm_cpu", max_examples=N)
+    check_write(vllm_write_bfloat16, convention="vllm", dtype="bfloat16", max_examples=N)
+
+    def truncating(key, value, key_cache, value_cache, slot_mapping):  # bits cut, not rounded
+        bs = key_cache.shape[1]
+        for t, slot in enumerate(slot_mapping):
+            if slot >= 0:
+                key_cache[slot // bs, slot % bs] = (key[t].view(np.uint32) >> 16).astype(np.uint16)
+                value_cache[slot // bs, slot % bs] = (value[t].view(np.uint32) >> 16).astype(np.uint16)
+
+    with pytest.raises(KernelMismatch, match="write: first difference"):
+        check_write(truncating, convention="vllm", dtype="bfloat16", max_examples=N)

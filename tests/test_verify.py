@@ -72,3 +72,10 @@ def test_torch_tensors_with_torch(kernels, capsys):
 def test_bad_names_are_clear_errors(spec, message, capsys):
     assert main(["verify", spec, "--routine", "write"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_command_offers_every_convention_of_the_checkers():
+    from pagedkv.cli import VERIFY_CONVENTIONS
+    from pagedkv.testing.checkers import CONVENTIONS
+
+    assert sorted(VERIFY_CONVENTIONS) == sorted(CONVENTIONS)

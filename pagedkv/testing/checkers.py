@@ -19,32 +19,27 @@ Conventions (``convention=``), the shapes your function receives:
     ``copy_blocks(pool, src, dst)``, ``swap_blocks(src_pool, dst_pool, src,
     dst)``, ``paged_attention(q, pool, layer, block_tables, context_lens,
     scale=..., query_lens=...)``.
-``"vllm"`` / ``"hnd"``
-    separate K and V caches per layer, ``[num_blocks, block_size, H, D]``
-    (vLLM's flash layout) or ``[num_blocks, H, block_size, D]``:
-    ``write(key, value, key_cache, value_cache, slot_mapping)`` (in place),
-    ``read(key_cache, value_cache, slot_mapping) -> (key, value)``,
-    ``gather(key_cache, value_cache, block_tables, context_lens) -> (key, value)``,
-    ``copy_blocks(key_caches, value_caches, block_mapping)`` (lists over
-    layers; ``block_mapping`` int64 ``[N, 2]`` of (src, dst)),
-    ``swap_blocks(src_cache, dst_cache, block_mapping)`` (called for each
-    layer's K and V cache), ``paged_attention(q, key_cache, value_cache,
-    block_tables, context_lens, scale, query_lens) -> out``.
+``"vllm"``, ``"hnd"``, ``"vllm_paged"``, ``"vllm_cpu"``, ``"flashinfer_nhd"``, ``"flashinfer_hnd"``
+    each layer's caches in that layout of :mod:`pagedkv.conventions` (``caches``: K and
+    V caches, or one K/V tensor): ``write(key, value, *caches, slot_mapping)`` (in place),
+    ``read(*caches, slot_mapping) -> (key, value)``, ``gather(*caches, block_tables,
+    context_lens) -> (key, value)``, ``copy_blocks(*per-kind lists over layers,
+    block_mapping)`` (``block_mapping`` int64 ``[N, 2]`` of (src, dst)),
+    ``swap_blocks(src_cache, dst_cache, block_mapping)`` (called for each cache of each
+    layer), ``paged_attention(q, *caches, block_tables, context_lens, scale, query_lens)``.
 ``"flashinfer"``
-    vLLM-shaped caches with FlashInfer's page lists: ``gather(key_cache,
-    value_cache, kv_indptr, kv_indices, kv_last_page_len) -> (key, value)``
-    and ``paged_attention(q, key_cache, value_cache, kv_indptr, kv_indices,
-    kv_last_page_len, scale) -> out`` (decode).
+    vLLM-shaped caches with FlashInfer's page lists: ``gather(key_cache, value_cache,
+    kv_indptr, kv_indices, kv_last_page_len)`` and ``paged_attention(q, key_cache,
+    value_cache, kv_indptr, kv_indices, kv_last_page_len, scale)`` (decode).
 
 Arrays are numpy unless you pass ``to_user`` (numpy -> your array type: a
 torch or CuPy converter) and ``from_user`` (back to numpy).
 
-Storage formats (``dtype=``, a name or a list of names of
-:data:`pagedkv.formats.FORMATS`): in the ``"pagedkv"`` convention the pool
-carries the format, its raw elements and its scales (fp8's per-layer
-``kv_scales``, int8's per-(token, head) ``scales``); every stored byte and
-scale is compared, so truncation instead of round-to-nearest-even, a scale
-applied twice or a scale left behind by ``copy_blocks`` is found and named.
+Storage formats (``dtype=``, names of :data:`pagedkv.formats.FORMATS`): every stored
+byte is compared, so truncation instead of round-to-nearest-even is found and named.
+float16 and bfloat16 caches work in every convention; fp8 and int8 carry scales, which
+only the ``"pagedkv"`` pool holds (a scale applied twice or left behind by
+``copy_blocks`` is found there too).
 """
 
 from __future__ import annotations
@@ -57,10 +52,14 @@ from hypothesis import strategies as st
 
 from ..backends import reference as ref
 from ..config import CacheConfig
+from ..conventions import CONVENTIONS as LAYOUT_CONVENTIONS
+from ..conventions import from_convention, to_convention
+from ..errors import PagedKVError
 from ..formats import get_format
-from ..layout import decode_offset, page_lists
+from ..layout import page_lists
 from ..pool import KVPool
 from . import strategies as pst
+from .compare import KernelMismatch, compare_pool, compare_rows, row_in_sequence
 from .tolerance import RTOL, attention_atol, score_bound
 
 __all__ = [
@@ -68,22 +67,9 @@ __all__ = [
     "check_swap_blocks", "check_paged_attention",
 ]
 
-CONVENTIONS = ("pagedkv", "vllm", "hnd", "flashinfer")
-
-
-class KernelMismatch(AssertionError):
-    """A kernel disagreed with the reference.
-
-    Attributes:
-        case: the (smallest) failing case, as a dict of plain values.
-        where: coordinates of the first wrong element (``layer``, ``kv``, ``block``,
-            ``pos``, ``head``, ``dim``, ``slot`` for the pool; ``row``, ``head``,
-            ``dim`` and, where known, ``sequence`` and ``pos`` for an output).
-    """
-
-    def __init__(self, message: str, case: dict, where: dict) -> None:
-        super().__init__(f"{message}\ncase: {case}")
-        self.case, self.where = case, where
+#: pagedkv's own, "flashinfer" (page lists over vLLM-shaped caches), and the layouts of pagedkv.conventions
+#: but transformers' rows per slot, which do not carry the block size that block tables need
+CONVENTIONS = ("pagedkv", "flashinfer", *(c for c in LAYOUT_CONVENTIONS if c != "transformers"))
 
 
 def _identity(x):
@@ -91,19 +77,23 @@ def _identity(x):
 
 
 def _layouts(convention: str):
-    return {"pagedkv": ("NHD", "HND"), "vllm": ("NHD",), "hnd": ("HND",), "flashinfer": ("NHD",)}[convention]
+    # The pool's layout shows only in the pagedkv convention; the others convert from either.
+    return {"vllm": ("NHD",), "hnd": ("HND",), "flashinfer": ("NHD",)}.get(convention, ("NHD", "HND"))
 
 
 def _configs(convention: str, dtype: str | Sequence[str] = "float32", **sizes):
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    dtypes = tuple(get_format(d).name for d in ((dtype,) if isinstance(dtype, str) else dtype))
-    if convention != "pagedkv" and dtypes != ("float32",):
-        raise ValueError(f"dtype={dtype!r}: storage formats other than float32 are checked in the 'pagedkv' "
-                         "convention (the pool carries the scales); other conventions take float32 caches")
+    formats = [get_format(d) for d in ((dtype,) if isinstance(dtype, str) else dtype)]
+    if convention != "pagedkv" and any(f.scale != "none" for f in formats):
+        raise ValueError(f"dtype={dtype!r}: fp8 and int8 carry scales, which only the 'pagedkv' convention's pool "
+                         "holds; other conventions take float32, float16 or bfloat16 caches")
     limits = dict(max_layers=2, max_kv_heads=3, max_head_dim=8, max_blocks=6, max_block_size=4)
     limits.update(sizes)
-    return pst.configs(layouts=_layouts(convention), dtypes=dtypes, **limits)
+    configs = pst.configs(layouts=_layouts(convention), dtypes=tuple(f.name for f in formats), **limits)
+    if convention == "vllm_paged":  # 16 bytes of dims packed together: head_dim a multiple of that
+        configs = configs.filter(lambda c: c.head_dim % (16 // c.storage_dtype.itemsize) == 0)
+    return configs
 
 
 def _run(test, max_examples: int) -> None:
@@ -120,97 +110,34 @@ def _case(config: CacheConfig, **extra) -> dict:
 
 # ---- the user's view of a pool -----------------------------------------------------------------
 
-def _caches(pool: KVPool, to_user) -> tuple[list, list]:
-    """Per-layer K and V caches (copies, in the pool's layout) as the user's arrays."""
-    return ([to_user(np.array(pool.k(i))) for i in range(pool.config.num_layers)],
-            [to_user(np.array(pool.v(i))) for i in range(pool.config.num_layers)])
+def _layout_of(convention: str) -> str:
+    return "vllm" if convention == "flashinfer" else convention
 
 
-def _flat(config: CacheConfig, k_caches, v_caches, from_user) -> np.ndarray:
-    """Per-layer caches back into the flat pool order: layer by layer, K then V."""
-    parts = []
-    for k, v in zip(k_caches, v_caches, strict=True):
-        parts += [np.asarray(from_user(k), dtype=np.float32).reshape(-1),
-                  np.asarray(from_user(v), dtype=np.float32).reshape(-1)]
-    return np.concatenate(parts)
+def _caches(pool: KVPool, to_user, convention: str) -> list[tuple]:
+    """Each layer's caches in ``convention``'s shapes (see :mod:`pagedkv.conventions`): copies,
+    as the user's arrays, a tuple per layer (K and V caches, or one K/V tensor)."""
+    return [tuple(to_user(c) for c in to_convention(pool, _layout_of(convention), i))
+            for i in range(pool.config.num_layers)]
 
 
-def _same(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    """Elementwise equality, a NaN equal to a NaN (float arrays)."""
-    if expected.dtype.kind != "f":
-        return actual == expected
-    return (actual == expected) | (np.isnan(actual) & np.isnan(expected))
-
-
-def _compare_pool(what: str, expected: KVPool, actual: np.ndarray, case: dict, scales=None) -> None:
-    """The pool's elements (in its storage dtype) and, for int8, ``scales``, against the reference."""
-    if actual.shape != expected.host.shape:
-        raise KernelMismatch(f"{what}: the pool has {actual.size} elements, expected {expected.host.size}", case, {})
-    if actual.dtype != expected.host.dtype:
-        raise KernelMismatch(f"{what}: the pool holds {actual.dtype}, expected {expected.host.dtype}", case, {})
-    bad = np.flatnonzero(~_same(actual, expected.host))
-    if not bad.size and expected.scales is not None:
-        _compare_scales(what, expected, np.asarray(scales), case)
-    if bad.size:
-        i = int(bad[0])
-        w = decode_offset(expected.strides, i)
-        raise KernelMismatch(
-            f"{what}: first difference at layer {w['layer']}, {w['kv']}, block {w['block']}, position {w['pos']} "
-            f"(slot {w['slot']}), head {w['head']}, dim {w['dim']}: expected {float(expected.host[i]):.9g}, "
-            f"got {float(actual[i]):.9g} ({bad.size} elements differ)", case, w)
-
-
-def _compare_scales(what: str, expected: KVPool, actual: np.ndarray, case: dict) -> None:
-    bad = np.flatnonzero(~_same(actual, expected.host_scales))
-    if bad.size:
-        i, s = int(bad[0]), expected.strides
-        per_kv = s.num_blocks * s.block_size * s.num_kv_heads
-        layer_kv, rest = divmod(i, per_kv)
-        slot, head = divmod(rest, s.num_kv_heads)
-        w = {"layer": layer_kv // 2, "kv": "KV"[layer_kv % 2], "slot": slot, "head": head}
-        raise KernelMismatch(
-            f"{what}: first difference at layer {w['layer']}, {w['kv']}, slot {slot}, head {head} (its int8 scale): "
-            f"expected {float(expected.host_scales[i]):.9g}, got {float(actual[i]):.9g} "
-            f"({bad.size} scales differ)", case, w)
+def _flat(config: CacheConfig, caches: list[tuple], from_user, convention: str, case: dict) -> np.ndarray:
+    """The user's per-layer caches back into a pool's flat elements (a KernelMismatch if the
+    function left them in other shapes or dtypes)."""
+    pool = KVPool(config)
+    for layer, per_layer in enumerate(caches):
+        try:
+            from_convention(pool, _layout_of(convention), layer, tuple(np.asarray(from_user(c)) for c in per_layer))
+        except PagedKVError as e:
+            raise KernelMismatch(f"the caches of layer {layer} came back changed in shape or dtype: {e}", case, {}) \
+                from None
+    return pool.host
 
 
 def _user_pool(pool: KVPool, from_user) -> tuple[np.ndarray, np.ndarray | None]:
     """A pagedkv-convention pool's elements and int8 scales, through ``from_user``."""
     return (np.asarray(from_user(pool.data)),
             None if pool.scales is None else np.asarray(from_user(pool.scales)))
-
-
-def _compare_rows(what: str, expected: np.ndarray, actual, case: dict, rows: Callable[[int], dict] | None,
-                  rtol: float = 0.0, atol=0.0) -> None:
-    actual = np.asarray(actual)
-    if actual.shape != expected.shape:
-        raise KernelMismatch(f"{what}: result has shape {list(actual.shape)}, expected {list(expected.shape)}",
-                             case, {})
-    close = np.isclose(actual, expected, rtol=rtol, atol=atol) if (rtol or np.any(atol)) else actual == expected
-    bad = np.argwhere(~close)
-    if bad.size:
-        r, h, d = (int(x) for x in bad[0])
-        where = {"row": r, "head": h, "dim": d, **(rows(r) if rows else {})}
-        place = ", ".join(f"{k} {v}" for k, v in where.items())
-        raise KernelMismatch(
-            f"{what}: first difference at {place}: expected {float(expected[r, h, d]):.9g}, "
-            f"got {float(actual[r, h, d]):.9g} "
-            f"({len(bad)} elements differ{'' if not rtol else f', rtol={rtol:.1e}'})", case, where)
-
-
-def _row_in_sequence(lens: np.ndarray, query_lens: np.ndarray | None = None, *, decode: bool = False):
-    """Map an output row to its (sequence, position): packed by ``lens`` (gather), by
-    ``query_lens`` (variable-length attention), or one row a sequence (``decode``)."""
-    if decode:
-        return lambda r: {"sequence": r, "pos": int(lens[r]) - 1}
-    counts = lens if query_lens is None else query_lens
-    cu = np.concatenate([[0], np.cumsum(counts)])
-
-    def where(r):
-        b = int(np.searchsorted(cu, r, side="right") - 1)
-        pos = r - int(cu[b]) if query_lens is None else int(lens[b] - query_lens[b] + r - cu[b])
-        return {"sequence": b, "pos": pos}
-    return where
 
 
 # ---- checkers ----------------------------------------------------------------------------------
@@ -232,11 +159,11 @@ def check_write(fn: Callable, *, convention: str = "pagedkv", dtype: str | Seque
             fn(actual, layer, to_user(key), to_user(value), to_user(slots))
             got, scales = _user_pool(actual, from_user)
         else:
-            ks, vs = _caches(expected, to_user)
-            fn(to_user(key), to_user(value), ks[layer], vs[layer], to_user(slots))
-            got, scales = _flat(config, ks, vs, from_user), None
+            caches = _caches(expected, to_user, convention)
+            fn(to_user(key), to_user(value), *caches[layer], to_user(slots))
+            got, scales = _flat(config, caches, from_user, convention, case), None
         ref.write(expected, layer, key, value, slots)
-        _compare_pool("write", expected, got, case, scales)
+        compare_pool("write", expected, got, case, scales)
     _run(test, max_examples)
 
 
@@ -253,10 +180,9 @@ def check_read(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequen
         if convention == "pagedkv":
             got = fn(pool, layer, to_user(slots))
         else:
-            ks, vs = _caches(pool, to_user)
-            got = fn(ks[layer], vs[layer], to_user(slots))
+            got = fn(*_caches(pool, to_user, convention)[layer], to_user(slots))
         for name, want, g in zip(("K", "V"), ref.read(pool, layer, slots), got, strict=True):
-            _compare_rows(f"read ({name})", want, from_user(g), case,
+            compare_rows(f"read ({name})", want, from_user(g), case,
                           lambda r: {"slot": int(slots[r])})
     _run(test, max_examples)
 
@@ -274,12 +200,10 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequ
         if convention == "pagedkv":
             got = fn(pool, layer, to_user(tables), to_user(lens))
         elif convention == "flashinfer":
-            ks, vs = _caches(pool, to_user)
             indptr, indices, last = page_lists(tables, lens, config.block_size)
-            got = fn(ks[0], vs[0], to_user(indptr), to_user(indices), to_user(last))
+            got = fn(*_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices), to_user(last))
         else:
-            ks, vs = _caches(pool, to_user)
-            got = fn(ks[layer], vs[layer], to_user(tables), to_user(lens))
+            got = fn(*_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens))
         want_k, want_v, want_cu = ref.gather(pool, layer, tables, lens)
         got = list(got)
         if convention == "pagedkv" and len(got) == 3:  # pagedkv's own gather returns cu_seqlens too
@@ -288,7 +212,7 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequ
                                      f"{want_cu.tolist()}", case, {})
             got = got[:2]
         for name, want, g in zip(("K", "V"), (want_k, want_v), got, strict=True):
-            _compare_rows(f"gather ({name})", want, from_user(g), case, _row_in_sequence(lens))
+            compare_rows(f"gather ({name})", want, from_user(g), case, row_in_sequence(lens))
     _run(test, max_examples)
 
 
@@ -306,11 +230,11 @@ def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
             fn(actual, to_user(src), to_user(dst))
             got, scales = _user_pool(actual, from_user)
         else:
-            ks, vs = _caches(expected, to_user)
-            fn(ks, vs, to_user(np.stack([src, dst], axis=1)))
-            got, scales = _flat(config, ks, vs, from_user), None
+            caches = _caches(expected, to_user, convention)
+            fn(*[list(per_kind) for per_kind in zip(*caches, strict=True)], to_user(np.stack([src, dst], axis=1)))
+            got, scales = _flat(config, caches, from_user, convention, case), None
         ref.copy_blocks(expected, src, dst)
-        _compare_pool("copy_blocks", expected, got, case, scales)
+        compare_pool("copy_blocks", expected, got, case, scales)
     _run(test, max_examples)
 
 
@@ -333,14 +257,14 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
             fn(source, actual, to_user(src), to_user(dst))
             got, scales = _user_pool(actual, from_user)
         else:
-            sk, sv = _caches(source, to_user)
-            dk, dv = _caches(expected, to_user)
+            sources, dests = _caches(source, to_user, convention), _caches(expected, to_user, convention)
             mapping = to_user(np.stack([src, dst], axis=1))
-            for s, d in zip(sk + sv, dk + dv, strict=True):
-                fn(s, d, mapping)
-            got = _flat(config, dk, dv, from_user)
+            for s_layer, d_layer in zip(sources, dests, strict=True):
+                for s, d in zip(s_layer, d_layer, strict=True):
+                    fn(s, d, mapping)
+            got = _flat(config, dests, from_user, convention, case)
         ref.swap_blocks(source, expected, src, dst)
-        _compare_pool("swap_blocks", expected, got, case, scales)
+        compare_pool("swap_blocks", expected, got, case, scales)
     _run(test, max_examples)
 
 
@@ -377,12 +301,11 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: s
             got = fn(to_user(q), pool, layer, to_user(tables), to_user(lens), scale=scale,
                      query_lens=None if query_lens is None else to_user(query_lens))
         elif convention == "flashinfer":
-            ks, vs = _caches(pool, to_user)
             indptr, indices, last = page_lists(tables, lens, config.block_size)
-            got = fn(to_user(q), ks[0], vs[0], to_user(indptr), to_user(indices), to_user(last), scale)
+            got = fn(to_user(q), *_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices),
+                     to_user(last), scale)
         else:
-            ks, vs = _caches(pool, to_user)
-            got = fn(to_user(q), ks[layer], vs[layer], to_user(tables), to_user(lens), scale,
+            got = fn(to_user(q), *_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens), scale,
                      None if query_lens is None else to_user(query_lens))
         want = ref.paged_attention(q, pool, layer, tables, lens, scale=scale, query_lens=query_lens)
         kv_max = max(float(np.abs(pool.k_decoded(i)).max()) for i in range(config.num_layers))
@@ -390,7 +313,7 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: s
         q_max = float(np.abs(q).max(initial=0.0))
         bound = atol if atol is not None else attention_atol(
             int(lens.max(initial=0)), config.head_dim, kv_max, score_bound(config.head_dim, scale, q_max, kv_max))
-        _compare_rows("paged_attention", want, from_user(got), case,
-                      _row_in_sequence(lens, query_lens, decode=query_lens is None),
+        compare_rows("paged_attention", want, from_user(got), case,
+                      row_in_sequence(lens, query_lens, decode=query_lens is None),
                       rtol=RTOL if rtol is None else rtol, atol=max(bound, 1e-30))
     _run(test, max_examples)
