@@ -8,6 +8,9 @@
   them at your kernel to learn whether it agrees with pagedkv's exact reference,
   and if not, which element of which case is wrong.
 - :mod:`pagedkv.testing.tolerance`: the stated float32 attention tolerance.
+- :mod:`pagedkv.testing.manager_check`: a model checker for anyone's block manager
+  (``check_block_manager``) and the peers' bug classes as named scenarios.
+- ``pagedkv verify`` (:mod:`pagedkv.testing.verify`): the checkers from the command line.
 """
 
 from . import strategies, tolerance
