@@ -357,3 +357,30 @@ def test_the_other_engines_layouts_pass_and_a_planted_bug_fails():
 
     with pytest.raises(KernelMismatch, match="write: first difference"):
         check_write(truncating, convention="vllm", dtype="bfloat16", max_examples=N)
+
+
+def test_planted_bugs_in_the_other_layouts_are_caught_and_located():
+    def x_split_off_by_one(key, value, key_cache, value_cache, slot_mapping):  # dims shifted inside the x-split
+        bs, x = key_cache.shape[3], key_cache.shape[4]
+        for t, slot in enumerate(slot_mapping):
+            if slot >= 0:
+                b, p = divmod(int(slot), bs)
+                key_cache[b, :, :, p, :] = np.roll(key[t], 1, axis=-1).reshape(key.shape[1], -1, x)
+                value_cache[b, :, :, p] = value[t]
+
+    def swapped_halves(kv_cache, slot_mapping):  # K and V halves of the FlashInfer tensor swapped
+        k, v = flashinfer_nhd_read(kv_cache, slot_mapping)
+        return v, k
+
+    def wrong_page_stride(kv_caches, block_mapping):  # copies position 0 of each block only
+        for cache in kv_caches:
+            for src, dst in block_mapping:
+                cache[:, dst, :, 0] = cache[:, src, :, 0]
+
+    with pytest.raises(KernelMismatch, match=r"write: first difference at layer \d+, K"):
+        check_write(x_split_off_by_one, convention="vllm_paged", max_examples=N)
+    with pytest.raises(KernelMismatch, match=r"read \(K\): first difference"):
+        check_read(swapped_halves, convention="flashinfer_nhd", max_examples=N)
+    later_position = r"copy_blocks: first difference at layer \d+, [KV], block \d+, position [1-9]"
+    with pytest.raises(KernelMismatch, match=later_position):
+        check_copy_blocks(wrong_page_stride, convention="vllm_cpu", max_examples=N)
