@@ -90,7 +90,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.next_id += 1
         return self.next_id
 
-    def _write(self, seq: int, tokens: list[int]) -> bool:
+    def write_tokens(self, seq: int, tokens: list[int]) -> bool:
         """Append ``tokens`` to ``seq`` and write their values; False if the pool was full."""
         before = (self.m.num_free(), {s: self.m.block_table(s) for s in self.shadow})
         try:
@@ -128,14 +128,14 @@ class ManagerMachine(RuleBasedStateMachine):
                                        "cache; at least the last must be left to compute (nano-vllm #144)")
         self.shadow[seq] = list(prompt[:cached])
         self._check_sequence(seq)  # a cached prefix must hold this prompt's own K/V
-        if not self._write(seq, prompt[cached:]):
+        if not self.write_tokens(seq, prompt[cached:]):
             self.m.free(seq)
             del self.shadow[seq]
 
     @precondition(lambda self: self.shadow)
     @rule(data=st.data(), tokens=st.lists(st.integers(0, 5), min_size=1, max_size=6))
     def append(self, data, tokens: list[int]) -> None:
-        self._write(self._pick(data), tokens)
+        self.write_tokens(self._pick(data), tokens)
 
     @precondition(lambda self: self.shadow)
     @rule(data=st.data())
@@ -228,7 +228,7 @@ def _run(factory: Callable[[], ManagerAdapter], steps: list[tuple[str, Any]]) ->
             machine.add(arg)
         elif name == "append":
             seq, tokens = arg
-            machine._write(seq, tokens)
+            machine.write_tokens(seq, tokens)
         elif name == "fork":
             parent, child = arg
             machine.m.fork(parent, child)
