@@ -103,3 +103,41 @@ class FormatRoutines:
         return self.m["vs_copy"]
 
     track_ratio_to_copy.unit = "x copy of the stored bytes"
+
+
+class AttentionScaling:
+    """Decode attention (numba, B=2, Hq=32, H=8, D=128) against the number of threads and the
+    context length, as tokens/s of context read and as a ratio to the copy bandwidth measured in
+    the same run (the kernels issue's target: >= 0.8x at every context >= 1k)."""
+
+    params = ([1, 2], [512, 2048, 8192, 32768])
+    param_names = ["threads", "context"]
+    number = 1
+    repeat = 1
+    timeout = 900
+
+    def setup(self, threads, context):
+        import numba
+
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            raise NotImplementedError(f"this machine runs numba with {numba.config.NUMBA_NUM_THREADS} threads")
+        w = B.make_attention_workload(batch=2, context=context)
+        call = B.attention_call(pagedkv.get_backend("numba"), w)
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            self.seconds = B.median_seconds(call, repeat=5)
+        finally:
+            numba.set_num_threads(before)
+        self.tokens = 2 * context
+        self.copy_seconds = B.copy_limit_seconds(w.kv_bytes * 2)  # a copy reading as many bytes (and writing them)
+
+    def track_context_tokens_per_second(self, threads, context):
+        return self.tokens / self.seconds
+
+    track_context_tokens_per_second.unit = "context tokens read per second"
+
+    def track_ratio_to_copy(self, threads, context):
+        return self.copy_seconds / self.seconds
+
+    track_ratio_to_copy.unit = "x copy (target >= 0.8 for context >= 1k)"
