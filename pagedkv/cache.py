@@ -89,10 +89,12 @@ class PagedKVCache:
             a directory, Redis), in lookup order: full prompt blocks are written through
             to them when their step ends, and a new prompt's next blocks are loaded from
             them after the pool's own hits (:mod:`pagedkv.tiers`; a CPU pool).
+        write_back: write a block to the stores only when it leaves the pool (evicted, or at
+            ``reset`` / ``close``) instead of as soon as it is cached.
     """
 
     def __init__(self, config: CacheConfig, backend: str = "auto", *, enable_prefix_caching: bool = True,
-                 stores: Sequence[BlockStore] = ()) -> None:
+                 stores: Sequence[BlockStore] = (), write_back: bool = False) -> None:
         if not isinstance(config, CacheConfig):
             raise ConfigError(f"PagedKVCache needs a CacheConfig, got {type(config).__name__}")
         self.config = config
@@ -108,7 +110,7 @@ class PagedKVCache:
                 raise ConfigError("stores work with a CPU pool for now")
             if not enable_prefix_caching:
                 raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
-            self.tiers = Tiers(self.pool, self.manager, stores)
+            self.tiers = Tiers(self.pool, self.manager, stores, write_back=write_back)
 
     def __repr__(self) -> str:
         return f"PagedKVCache(backend={self.backend.NAME!r}, {self.pool!r})"
@@ -151,8 +153,11 @@ class PagedKVCache:
             self._epoch += 1
 
     def reset(self) -> None:
-        """Free every sequence and forget the prefix cache (the pool's contents stay)."""
+        """Free every sequence and forget the prefix cache (the pool's contents stay; with
+        write-back stores, its cached blocks are written to them first)."""
         self.end_step()
+        if self.tiers is not None and self.tiers.write_back:
+            self.tiers.write_back_all()
         self.manager.reset()
         self._epoch += 1
 

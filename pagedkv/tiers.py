@@ -1,7 +1,10 @@
 """A pool's prefix cache backed by slower stores: :class:`Tiers` (used by :class:`~pagedkv.PagedKVCache`).
 
-Write-through: every full block entering the pool's prefix cache is written to
-each store once its step has ended (its K/V are written by then). Lookup: a new
+Write-through (the default): every full block entering the pool's prefix cache is
+written to each store once its step has ended (its K/V are written by then).
+Write-back: a cached block is written only when it leaves the pool's prefix
+cache, evicted for another allocation (its K/V are read at that moment, before
+the new holder writes) or at the cache's reset or close. Lookup: a new
 prompt takes what the pool caches, then the longest run of its next full blocks
 found in the stores, in their order (host, disk, Redis...), loaded into blocks
 allocated for the sequence in the same call (nothing can evict them in
@@ -15,7 +18,7 @@ from collections.abc import Hashable, Sequence
 
 from . import prefix_key
 from .errors import OutOfBlocksError
-from .events import BlockStored, EventLog
+from .events import BlockRemoved, BlockStored, EventLog
 from .manager import BlockManager
 from .pool import KVPool
 from .prefix_key import BlockKey
@@ -25,17 +28,41 @@ from .stores import BlockStore, StoredBlock, decode_block, encode_block, fingerp
 class Tiers:
     """The stores behind one manager's prefix cache, over a CPU pool."""
 
-    def __init__(self, pool: KVPool, manager: BlockManager, stores: Sequence[BlockStore]) -> None:
-        self.pool, self.manager, self.stores = pool, manager, list(stores)
+    def __init__(self, pool: KVPool, manager: BlockManager, stores: Sequence[BlockStore], *,
+                 write_back: bool = False) -> None:
+        self.pool, self.manager, self.stores, self.write_back = pool, manager, list(stores), write_back
         self.log = EventLog()
-        manager.block_pool.subscribe(self.log)
+        manager.block_pool.subscribe(self.log if not write_back else self._on_event)
         self.loaded: set[bytes] = set()  # digests that came from a store: not written back
+        self.known: dict[bytes, BlockKey] = {}  # write-back: the keys of blocks cached in the pool
+        self.evicted: list[tuple[BlockKey, bytes]] = []  # write-back: values read as they left the pool
         self.tokens = {"pool": 0, **{s.name: 0 for s in self.stores}}  # prompt tokens served per tier
 
-    def flush(self) -> int:
-        """Write the blocks cached since the last flush to every store; returns how many."""
+    def _on_event(self, e: object) -> None:
+        """Write-back: remember cached keys; read a block's value as it leaves the pool (called
+        under the pool's lock, before anyone can write the block again)."""
+        if getattr(e, "namespace", None) != self.manager.prefix_cache.namespace:
+            return
+        if isinstance(e, BlockStored) and e.block_hash not in self.loaded:
+            self.known[e.block_hash] = BlockKey(e.block_hash, e.token_ids)
+        elif isinstance(e, BlockRemoved) and e.block_hash in self.known:
+            key = self.known.pop(e.block_hash)
+            self.evicted.append((key, encode_block(fingerprint(self.pool), read_block(self.pool, e.block_id, key))))
+
+    def write_back_all(self) -> int:
+        """Write-back: store every block the pool still caches (before a reset forgets them)."""
         namespace = self.manager.prefix_cache.namespace
-        items = []
+        for key, block in self.manager.block_pool.cached_keys(namespace).items():
+            if isinstance(key, BlockKey) and key.digest in self.known:
+                del self.known[key.digest]
+                self.evicted.append((key, encode_block(fingerprint(self.pool), read_block(self.pool, block, key))))
+        return self.flush()
+
+    def flush(self) -> int:
+        """Write the blocks cached (write-through) or evicted (write-back) since the last flush
+        to every store; returns how many."""
+        namespace = self.manager.prefix_cache.namespace
+        items, self.evicted = self.evicted, []
         for e in self.log.take():
             if not isinstance(e, BlockStored) or e.namespace != namespace or e.block_hash in self.loaded:
                 continue

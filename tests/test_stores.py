@@ -230,3 +230,20 @@ def test_the_demo_shares_its_system_prompt_with_a_later_process(tmp_path, redis_
         served = int(second.split(f"{tier} ")[1].split(",")[0])
         assert f"{tier} 0" in first and served >= 48  # the system prompt (three blocks of 16), and more
         assert all("paged == dense generation" in out and " yes " in out for out in runs)
+
+
+def test_write_back_stores_blocks_as_they_leave_the_pool():
+    store = HostStore(max_bytes=1 << 20)
+    model = TinyLlama(TINY)
+    cache = PagedKVCache(model.cache_config(12, block_size=4), backend="numpy", stores=[store], write_back=True)
+    generate_paged(model, cache, PREFIX + [1, 2, 3], 3)  # its four full prompt blocks stay cached in the pool
+    cache.end_step()
+    assert store.stats()["puts"] == 0  # nothing left the pool yet
+    generate_paged(model, cache, [9] * 40, 3)  # eleven blocks: the idle cached prefix is evicted for them
+    cache.end_step()
+    assert store.stats()["puts"] >= 4
+    cache.close()  # what the pool still caches is written back too
+    assert store.stats()["puts"] >= 4 + 10
+    got, cached, _ = _serve([store], [PREFIX + [7, 7], [9] * 40])
+    assert got == [generate_dense(TinyLlama(TINY), p, 3)[0] for p in (PREFIX + [7, 7], [9] * 40)]
+    assert cached[0]["host"] == 16 and cached[1]["host"] == 36
