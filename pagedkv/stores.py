@@ -238,15 +238,20 @@ class DirectoryStore(_Counts):
     def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         values: list[bytes | None] = []
         for k in keys:
+            value: bytes | None = None
             try:
                 with open(self._file(k), "rb") as f:
-                    values.append(f.read())
-                os.utime(self._file(k))  # read now: the last to be evicted
+                    value = f.read()
             except FileNotFoundError:  # never written, or evicted by another process meanwhile
-                values.append(None)
+                pass
             except OSError as e:
                 self._failed("read a block", e)
-                values.append(None)
+            if value is not None:
+                try:
+                    os.utime(self._file(k))  # read now: the last to be evicted
+                except OSError:  # removed since: the value read is whole all the same
+                    pass
+            values.append(value)
         return self._served(values)
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:

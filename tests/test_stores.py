@@ -247,3 +247,34 @@ def test_write_back_stores_blocks_as_they_leave_the_pool():
     got, cached, _ = _serve([store], [PREFIX + [7, 7], [9] * 40])
     assert got == [generate_dense(TinyLlama(TINY), p, 3)[0] for p in (PREFIX + [7, 7], [9] * 40)]
     assert cached[0]["host"] == 16 and cached[1]["host"] == 36
+
+
+def test_two_writers_of_one_key_leave_one_whole_value(tmp_path, redis_url):
+    """Writers racing on one key (threads here; processes share the same rename and SET): every
+    read sees one writer's whole value, never a mix or a torn file."""
+    import threading
+
+    key = _keys(1)[0]
+    values = [bytes([i]) * 200_000 for i in (1, 2)]
+    for store in (DirectoryStore(tmp_path / "race", max_bytes=1 << 30), RedisStore(redis_url, "race")):
+        stop = threading.Event()
+
+        def write(v, store=store, stop=stop):
+            while not stop.is_set():
+                store.put([(key, v)])
+
+        writers = [threading.Thread(target=write, args=(v,)) for v in values]
+        for w in writers:
+            w.start()
+        seen = set()
+        try:
+            for _ in range(200):
+                (got,) = store.get([key])
+                if got is not None:
+                    assert got in values, store.name
+                    seen.add(got[0])
+        finally:
+            stop.set()
+            for w in writers:
+                w.join()
+        assert seen, store.name
