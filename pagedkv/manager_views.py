@@ -3,7 +3,7 @@ callers take (block tables, lengths, FlashInfer's page lists): the mixin :class:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -18,9 +18,7 @@ class SequenceViews:
 
     table: BlockTable
     block_size: int
-
-    def _get(self, seq_id: Hashable) -> SequenceState:
-        raise NotImplementedError
+    _get: Callable[[Hashable], SequenceState]  # the manager's: a sequence's state, or UnknownSequenceError
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The block ids of one sequence, in token order (a copy); O(its blocks)."""
