@@ -27,7 +27,7 @@ from ._version import __version__
 from .backends import BACKENDS, Backend, available_backends, get_backend, resolve_backend
 from .block_pool import BlockPool
 from .cache import Added, PagedKVCache, Step
-from .config import CacheConfig
+from .config import CacheConfig, LayerGroup
 from .errors import (
     AllocatorError,
     ArgumentError,
@@ -62,7 +62,7 @@ __all__ = [
     "BACKENDS", "Added", "AllocatorError", "Appended", "ArgumentError", "Backend", "BackendUnavailableError",
     "BlockCopyError", "BlockIndexError", "BlockManager", "BlockPool", "CacheConfig", "ConfigError",
     "ContextLengthError", "ContiguityError", "DTypeError", "DuplicateSlotError", "InvariantError", "KVPool",
-    "LayerIndexError", "OutOfBlocksError", "PagedKVCache", "PagedKVError", "Plan", "PoolMismatchError",
+    "LayerGroup", "LayerIndexError", "OutOfBlocksError", "PagedKVCache", "PagedKVError", "Plan", "PoolMismatchError",
     "SequenceExistsError", "ShapeError", "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
     "__version__", "available_backends", "formats", "get_backend", "layout", "resolve_backend",
 ]

@@ -32,8 +32,10 @@ def scan_slots(slots, num_slots, unique):
     return 0, 0, 0
 
 
-def scan_tables(tables, lens, block_size, num_blocks):
-    """Lengths in ``0..max_blocks * block_size``; the entries a sequence uses are real blocks."""
+def scan_tables(tables, lens, block_size, num_blocks, nulls):
+    """Lengths in ``0..max_blocks * block_size``; the entries a sequence uses are real blocks,
+    except that sequence b's first ``nulls[b]`` entries may be -1 (null: freed out of a
+    sliding window; ``nulls`` empty: none may)."""
     capacity = tables.shape[1] * block_size
     for b in range(lens.shape[0]):
         n = lens[b]
@@ -41,7 +43,10 @@ def scan_tables(tables, lens, block_size, num_blocks):
             return LEN_NEGATIVE, b, 0
         if n > capacity:
             return LEN_TOO_LONG, b, 0
+        skip = nulls[b] if nulls.shape[0] else 0
         for j in range(cdiv(n, block_size)):
+            if j < skip and tables[b, j] == -1:
+                continue
             if tables[b, j] < 0 or tables[b, j] >= num_blocks:
                 return TABLE_ENTRY_BAD, b, j
     return 0, 0, 0

@@ -4,7 +4,8 @@ Kernels want block tables as one int32 ``[B, max_blocks]`` array. Building it
 from per-sequence lists every step costs a Python loop over the batch, so
 the rows live in one array from the start (vLLM v1's ``BlockTable``): a
 sequence owns a row, appends write into it, and the tables of a step are one
-fancy-index. Entries past a row's length are -1 (never read by a kernel).
+fancy-index. Entries past a row's length are -1 (never read by a kernel), and so are the
+leading entries of a sliding-window group's row whose blocks left the window.
 """
 
 from __future__ import annotations
@@ -104,7 +105,16 @@ class BlockTable:
         width = max((self._lens[r] for r in rows), default=0)
         return page_lists(self.rows(rows, width), np.asarray(num_tokens, dtype=np.int64), block_size)
 
-    def check_row(self, row: int, blocks: int) -> bool:
-        """Whether ``row`` holds exactly ``blocks`` entries, each a block id, and -1 after them."""
+    def check_row(self, row: int, blocks: int, nulls: int = 0) -> bool:
+        """Whether ``row`` holds exactly ``blocks`` entries: ``nulls`` of -1 (freed out of a
+        sliding window), then block ids, and -1 after them."""
         r = self._table[row]
-        return self._lens[row] == blocks and bool((r[:blocks] >= 0).all() and (r[blocks:] == -1).all())
+        return self._lens[row] == blocks and bool(
+            (r[:nulls] == -1).all() and (r[nulls:blocks] >= 0).all() and (r[blocks:] == -1).all())
+
+    def null_entries(self, row: int, start: int, stop: int) -> list[int]:
+        """Set entries ``start..stop-1`` of ``row`` to -1 (blocks that left a sliding window);
+        returns the blocks they held."""
+        dropped = self._table[row, start:stop].tolist()
+        self._table[row, start:stop] = -1
+        return dropped

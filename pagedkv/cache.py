@@ -10,6 +10,12 @@
         out = cache.attention(layer, q, step)                            # attention over the cache
     cache.end_step(step)                                                 # its writes have landed
 
+A model that mixes full and sliding-window layers declares ``layer_groups`` in its
+:class:`~pagedkv.CacheConfig`: each group gets its own :class:`~pagedkv.BlockManager`
+(block tables, prefix cache) over the one pool, a sliding group frees the blocks that
+leave its window, and ``write`` / ``attention`` pick the layer's group (its plan, its
+window) by themselves.
+
 A step is open from ``begin_step`` to ``end_step`` (or the next ``begin_step``).
 Meanwhile ``free`` and ``truncate`` hold the blocks they let go of until it ends,
 so an asynchronous writer of the step never lands in a block given to another
@@ -25,8 +31,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backends import get_backend
+from .block_pool import BlockPool
 from .config import CacheConfig
-from .errors import ConfigError, StepError
+from .errors import ConfigError, OutOfBlocksError, StepError
 from .manager import BlockManager
 from .plan import Plan
 from .pool import KVPool
@@ -41,9 +48,22 @@ class Added(NamedTuple):
     num_cached_tokens: int  # prompt tokens already in the cache: do not compute them again
 
 
+class GroupStep(NamedTuple):
+    """One layer group's part of a :class:`Step`: its slot mapping, block tables (-1 where a
+    sliding group freed blocks), copy-on-write copies and plan."""
+
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray
+    copies: tuple[np.ndarray, np.ndarray]
+    plan: Plan
+
+
 @dataclass(frozen=True, eq=False)  # a step is equal only to itself (it holds arrays)
 class Step:
     """The bookkeeping of one step, made once and used by every layer.
+
+    With layer groups, ``slot_mapping``, ``block_tables``, ``copies`` and ``plan`` are the
+    first group's, and ``groups`` holds every group's (``write`` and ``attention`` pick).
 
     Attributes:
         seq_ids: the sequences of the step, in row order.
@@ -54,6 +74,7 @@ class Step:
         copies: the ``(src, dst)`` copy-on-write copies applied before this step's writes.
         plan: the backend's :class:`~pagedkv.plan.Plan` of the step: its index arrays
             validated once (and, on a GPU, uploaded once) for every layer.
+        groups: a :class:`GroupStep` per layer group.
         cache, epoch: the cache that made the step and its epoch then; the step is
             valid until that cache's next ``begin_step``, ``fork``, ``truncate``,
             ``free`` or ``reset`` (any of which may hand its blocks to others).
@@ -69,6 +90,7 @@ class Step:
     plan: Plan
     cache: PagedKVCache = field(repr=False)
     epoch: int = 0
+    groups: tuple[GroupStep, ...] = ()
 
     @property
     def positions(self) -> np.ndarray:
@@ -100,8 +122,12 @@ class PagedKVCache:
         self.config = config
         self.backend = get_backend(backend)
         self.pool = KVPool(config, device=self.backend.DEVICE)
-        self.manager = BlockManager(config.block_size, num_blocks=config.num_blocks,
-                                    enable_prefix_caching=enable_prefix_caching)
+        shared = BlockPool(config.num_blocks)
+        #: a BlockManager per layer group, over one BlockPool (``manager``: the first)
+        self.managers = tuple(BlockManager(config.block_size, shared, enable_prefix_caching=enable_prefix_caching,
+                                           sliding_window=g.sliding_window) for g in config.layer_groups)
+        self.manager = self.managers[0]
+        self._planes = tuple(config.plane_of(layer) for layer in range(config.num_layers))
         self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale
         self._open: Step | None = None  # the step between begin_step and end_step
         self.tiers: Tiers | None = None
@@ -110,6 +136,8 @@ class PagedKVCache:
                 raise ConfigError("stores work with a CPU pool for now")
             if not enable_prefix_caching:
                 raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
+            if len(self.managers) > 1:
+                raise ConfigError("stores work with one layer group for now")
             self.tiers = Tiers(self.pool, self.manager, stores, write_back=write_back)
 
     def __repr__(self) -> str:
@@ -121,28 +149,54 @@ class PagedKVCache:
                      cache_salt: Hashable = None) -> Added:
         """Start a sequence; with a prompt, say how many of its tokens the prefix cache (and the
         stores behind it) hold: the model computes the rest."""
-        seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt)
+        if len(self.managers) > 1:
+            seq_id = self._add_grouped(seq_id, prompt_token_ids, cache_salt)
+        else:
+            seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt)
         if self.tiers is not None and prompt_token_ids is not None:
             self.tiers.load(seq_id, prompt_token_ids, cache_salt)
         return Added(seq_id, self.manager.context_len(seq_id))
 
+    def _add_grouped(self, seq_id: Hashable, prompt: Sequence[int] | None, salt: Hashable) -> Hashable:
+        """Add to every group's manager, with one prefix hit: the longest that every group can
+        serve (full groups need every block, sliding ones those in the window: each group's
+        longest hit up to the others', until they agree)."""
+        with self.manager.block_pool.lock:
+            limit = None
+            if prompt is not None:
+                while True:
+                    hits = [m.cached_prefix_blocks(prompt, salt, limit) for m in self.managers]
+                    if min(hits) == max(hits):
+                        limit = hits[0]
+                        break
+                    limit = min(hits)
+            seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt, cache_salt=salt,
+                                               max_cached_blocks=limit)
+            for m in self.managers[1:]:
+                m.add_sequence(seq_id, prompt_token_ids=prompt, cache_salt=salt, max_cached_blocks=limit)
+            return seq_id
+
     def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
         """A new sequence sharing ``seq_id``'s tokens (copy-on-write); returns its id."""
         result = self.manager.fork(seq_id, child_id)
+        for m in self.managers[1:]:
+            m.fork(seq_id, result)
         self._epoch += 1  # blocks may have changed hands: older steps are stale
         return result
 
     def truncate(self, seq_id: Hashable, new_len: int) -> int:
         """Keep the first ``new_len`` tokens (reject speculative ones); returns blocks freed
         (0 while a step is open: they go back at :meth:`end_step`)."""
-        result = self.manager.truncate(seq_id, new_len)
+        for m in self.managers[1:]:  # a sliding group may refuse: check all before any moves
+            m.check_truncate(seq_id, new_len)
+        result = sum(m.truncate(seq_id, new_len) for m in self.managers)
         self._moved_unless_open()
         return result
 
     def free(self, seq_id: Hashable) -> int:
         """End a sequence; returns blocks given back to the pool (0 while a step is open: they
         go back at :meth:`end_step`, and the open step stays valid for the other sequences)."""
-        result = self.manager.free(seq_id)
+        result = sum(m.free(seq_id) for m in self.managers)
         self._moved_unless_open()
         return result
 
@@ -158,7 +212,8 @@ class PagedKVCache:
         self.end_step()
         if self.tiers is not None and self.tiers.write_back:
             self.tiers.write_back_all()
-        self.manager.reset()
+        for m in self.managers:
+            m.reset()
         self._epoch += 1
 
     def close(self) -> None:
@@ -172,13 +227,17 @@ class PagedKVCache:
         self.close()
 
     def can_step(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> bool:
-        """Whether :meth:`begin_step` would find enough blocks now."""
-        return self.manager.can_append(seq_ids, num_new_tokens)
+        """Whether :meth:`begin_step` would find enough blocks now (for every layer group)."""
+        with self.manager.block_pool.lock:
+            return self.manager.block_pool.can_allocate(sum(m.blocks_needed(seq_ids, num_new_tokens)
+                                                            for m in self.managers))
 
     def stats(self) -> dict[str, Any]:
         """The block manager's counts (blocks used, cached, prefix hits...), and with stores,
         ``tiers``: prompt tokens served by each tier and each store's counts."""
         stats: dict[str, Any] = dict(self.manager.stats())
+        if len(self.managers) > 1:
+            stats["blocks_per_group"] = [m.blocks_held() for m in self.managers]
         if self.tiers is not None:
             stats["tiers"] = self.tiers.stats()
         return stats
@@ -194,18 +253,29 @@ class PagedKVCache:
         """
         self.end_step()
         seq_ids = tuple(seq_ids)
-        appended = self.manager.append_batch(seq_ids, num_new_tokens, token_ids)  # checks every argument
+        with self.manager.block_pool.lock:
+            if len(self.managers) > 1:  # all groups or none: count every group's blocks first
+                needed = sum(m.blocks_needed(seq_ids, num_new_tokens) for m in self.managers)
+                if not self.manager.block_pool.can_allocate(needed):
+                    raise OutOfBlocksError(f"this step needs {needed} blocks over its {len(self.managers)} "
+                                           f"layer groups; the pool has {self.manager.block_pool.num_free} free")
+            appended = [m.append_batch(seq_ids, num_new_tokens, token_ids) for m in self.managers]  # checks all
         self._epoch += 1
         counts = np.array([int(n) for n in num_new_tokens], dtype=np.int32)
-        if appended.copy_src.size:
-            self.backend.copy_blocks(self.pool, appended.copy_src, appended.copy_dst)
-            self.manager.release_copy_sources()
-        tables, lens = self.manager.block_tables(seq_ids), self.manager.context_lens(seq_ids)
-        plan = self.backend.plan(self.pool, slot_mapping=appended.slots, block_tables=tables,
-                                 context_lens=lens, query_lens=counts)
-        step = Step(seq_ids, counts, appended.slots, tables, lens, bool((counts == 1).all()),
-                    (appended.copy_src, appended.copy_dst), plan, self, self._epoch)
-        self.manager.step_started()
+        groups = []
+        for m, group, a in zip(self.managers, self.config.layer_groups, appended, strict=True):
+            if a.copy_src.size:
+                self.backend.copy_blocks(self.pool, a.copy_src, a.copy_dst)
+                m.release_copy_sources()
+            tables, lens = m.block_tables(seq_ids), m.context_lens(seq_ids)
+            plan = self.backend.plan(self.pool, slot_mapping=a.slots, block_tables=tables, context_lens=lens,
+                                     query_lens=counts, sliding_window=group.sliding_window)
+            groups.append(GroupStep(a.slots, tables, (a.copy_src, a.copy_dst), plan))
+        first = groups[0]
+        step = Step(seq_ids, counts, first.slot_mapping, first.block_tables, lens, bool((counts == 1).all()),
+                    first.copies, first.plan, self, self._epoch, tuple(groups))
+        for m in self.managers:
+            m.step_started()
         self._open = step
         return step
 
@@ -220,7 +290,7 @@ class PagedKVCache:
         self._open = None
         if self.tiers is not None:  # the step's K/V are written: its newly cached blocks go to the stores
             self.tiers.flush()
-        return self.manager.step_finished()
+        return sum(m.step_finished() for m in self.managers)
 
     def write(self, layer: int, key: Any, value: Any, step: Step) -> None:
         """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``.
@@ -231,15 +301,27 @@ class PagedKVCache:
         Raises:
             StepError: ``step`` is stale (see :class:`Step`) or another cache's.
         """
-        self.backend.write_step(self.pool, layer, key, value, self._current(step).plan)
+        group, plane = self._plane(layer)
+        self.backend.write_step(self.pool, plane, key, value, self._current(step).groups[group].plan)
 
     def attention(self, layer: int, q: Any, step: Step, **options: Any) -> Any:
         """Attention of this step's queries (``[sum(new tokens), Hq, D]``) over the cache.
 
         Each new token attends causally to its sequence's cache (its own K/V
-        written first). ``options``: ``scale``, ``sliding_window``, ``soft_cap``.
+        written first). ``options``: ``scale``, ``sliding_window``, ``soft_cap``; the layer's
+        group's window is the default (a smaller one may be given, a larger one not).
         """
-        return self.backend.attention_step(q, self.pool, layer, self._current(step).plan, **options)
+        group, plane = self._plane(layer)
+        window = self.config.layer_groups[group].sliding_window
+        if window is not None:
+            options.setdefault("sliding_window", window)
+        return self.backend.attention_step(q, self.pool, plane, self._current(step).groups[group].plan, **options)
+
+    def _plane(self, layer: object) -> tuple[int, int]:
+        """``(group, plane)`` of a model layer (a LayerIndexError for a bad one); O(1)."""
+        if type(layer) is int and 0 <= layer < len(self._planes):
+            return self._planes[layer]
+        return self.config.plane_of(layer)
 
     def _current(self, step: object) -> Step:
         """``step`` if it is this cache's latest and nothing has moved blocks since, else a StepError:

@@ -120,6 +120,19 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
+def window_start_block(position, window, block_size):
+    """The first block a query at ``position`` reads: 0 under full attention (``window`` None
+    or 0), else the block of its window's first position ``position - window + 1``; the
+    blocks before it are never read again by this or any later query.
+
+    >>> window_start_block(40, 16, 8), window_start_block(40, None, 8), window_start_block(5, 16, 8)
+    (3, 0, 0)
+    """
+    if not window:
+        return 0
+    return max(position - window + 1, 0) // block_size
+
+
 # ---- the pool arithmetic (scalar; compiled for numba and CUDA) -----------------------------------
 
 def block_base(layer, kv, block, s):

@@ -8,7 +8,9 @@ counts, the cache index), ``block_table``, ``prefix_cache`` and ``prefix_key``.
 
 Rules it keeps:
 
-- A sequence of ``n`` tokens holds exactly ``ceil(n / block_size)`` blocks.
+- A sequence of ``n`` tokens holds exactly ``ceil(n / block_size)`` blocks
+  (table entries: under a sliding window, those wholly before the window of
+  the latest step's first query are freed and read -1).
 - A block is written only if its one holder is the writer and it is not in
   the prefix cache; otherwise the writer gets a fresh copy first, reported
   as a ``(src, dst)`` pair to apply with ``copy_blocks`` before writing.
@@ -35,11 +37,10 @@ from .block_table import BlockTable
 from .errors import (
     ArgumentError,
     ConfigError,
-    InvariantError,
     SequenceExistsError,
     UnknownSequenceError,
 )
-from .layout import cdiv
+from .layout import cdiv, window_start_block
 from .manager_views import SequenceViews
 from .prefix_cache import PrefixCache
 from .sequence import Appended, SequenceState, count
@@ -54,12 +55,22 @@ class BlockManager(SequenceViews):
             ``num_blocks`` for a private one.
         num_blocks: size of a private pool.
         enable_prefix_caching: reuse cached full blocks of earlier prompts.
+        sliding_window: for the layers of a sliding-window group (see
+            :class:`~pagedkv.LayerGroup`): each append first lets go of the blocks
+            whose positions have all left the window of the step's first query
+            (their table entries become -1), and a prefix hit needs only the
+            cached blocks inside the window of the first uncached token.
     """
 
     def __init__(self, block_size: int, block_pool: BlockPool | None = None, *,
-                 num_blocks: int | None = None, enable_prefix_caching: bool = True) -> None:
+                 num_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
+        self.sliding_window = sliding_window
         if (block_pool is None) == (num_blocks is None):
             raise ConfigError("pass exactly one of block_pool and num_blocks")
         self.block_size = block_size
@@ -81,7 +92,8 @@ class BlockManager(SequenceViews):
     # -- sequences ---------------------------------------------------------------------------
 
     def add_sequence(self, seq_id: Hashable = None, *, prompt_token_ids: Sequence[int] | None = None,
-                     cache_salt: object = None, retention: int = 0, ttl: float | None = None) -> Hashable:
+                     cache_salt: object = None, retention: int = 0, ttl: float | None = None,
+                     max_cached_blocks: int | None = None) -> Hashable:
         """Start a sequence and return its id (a new int unless ``seq_id`` is given).
 
         With ``prompt_token_ids``, the longest run of the prompt's full blocks
@@ -92,7 +104,8 @@ class BlockManager(SequenceViews):
         ``cache_salt`` (str, bytes, int, float or bool) keeps the cached
         prefixes of different tenants apart. Its cached blocks are evicted after those of a
         lower ``retention`` priority (kept ``ttl`` seconds, or for good): :mod:`pagedkv.retention`.
-        Cost: O(prompt length).
+        ``max_cached_blocks`` caps the blocks taken from the cache (managers of several layer
+        groups agree on one hit: :meth:`cached_prefix_blocks`). Cost: O(prompt length).
         """
         ids = None if prompt_token_ids is None else prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
         kept = sequence.retention(retention, ttl)
@@ -109,11 +122,25 @@ class BlockManager(SequenceViews):
             elif seq_id in self._seqs:
                 raise SequenceExistsError(f"sequence {seq_id!r} exists already")
             seq = SequenceState(self.table.add_row(), extras=extras, token_ids=ids or [], retention=kept)
-            blocks, seq.keys = self.prefix_cache.take_prefix(seq.token_ids, extras, kept)
+            keys = self.prefix_cache.prompt_keys(seq.token_ids, extras)
+            hit = self.prefix_cache.longest_hit(keys, self.sliding_window, max_cached_blocks)
+            blocks = self.prefix_cache.take_prefix(keys, hit, self.sliding_window, kept)
+            seq.keys, seq.nulls = keys[:hit], self.prefix_cache.needed(hit, self.sliding_window)
             self.table.append_row(seq.row, blocks)
             seq.num_tokens = seq.num_cached_tokens = len(blocks) * self.block_size
             self._seqs[seq_id] = seq
             return seq_id
+
+    def cached_prefix_blocks(self, prompt_token_ids: Sequence[int], cache_salt: object = None,
+                             limit: int | None = None) -> int:
+        """How many of the prompt's full blocks (at most ``limit``) :meth:`add_sequence` would
+        take from the prefix cache now; looks only. Managers of several layer groups over one
+        pool agree on a hit by taking the least of their answers, passed back as ``limit``,
+        until it holds (under ``block_pool.lock``). Cost: O(prompt length)."""
+        ids = prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
+        keys = self.prefix_cache.prompt_keys(ids, prefix_key.salt_extras(cache_salt))
+        with self.block_pool.lock:
+            return self.prefix_cache.longest_hit(keys, self.sliding_window, limit)
 
     def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
         """A new sequence sharing every block and token of ``seq_id``; returns its id.
@@ -126,10 +153,11 @@ class BlockManager(SequenceViews):
             child_id = self.add_sequence(child_id)
             child = self._seqs[child_id]
             blocks = self.table.blocks(parent.row)
-            for block in blocks:
+            for block in blocks[parent.nulls:]:
                 self.block_pool.incref(block, self._owner)
             self.table.append_row(child.row, blocks)
             child.num_tokens, child.extras, child.retention = parent.num_tokens, parent.extras, parent.retention
+            child.nulls = parent.nulls
             child.token_ids, child.keys = list(parent.token_ids), list(parent.keys)
             return child_id
 
@@ -155,13 +183,24 @@ class BlockManager(SequenceViews):
         Cost: O(blocks and tokens dropped), whatever the sequence's length.
         """
         with self.block_pool.lock:
-            seq = self._get(seq_id)
-            new_len = count(new_len, "new_len")
-            if new_len > seq.num_tokens:
-                raise ArgumentError(f"cannot truncate sequence {seq_id!r} of {seq.num_tokens} tokens to {new_len}")
+            seq, new_len = self._get(seq_id), self.check_truncate(seq_id, new_len)
+            seq.nulls = min(seq.nulls, cdiv(new_len, self.block_size))
             returned = self._release(self.table.truncate_row(seq.row, cdiv(new_len, self.block_size)))
             seq.truncate(new_len, self.block_size)
             return returned
+
+    def check_truncate(self, seq_id: Hashable, new_len: object) -> int:
+        """``new_len`` as an int if :meth:`truncate` would take it, else the error it would raise
+        (changing nothing): past the sequence's end, or under a sliding window, so short that
+        its next token would read blocks already freed out of the window. O(1)."""
+        seq, new_len = self._get(seq_id), count(new_len, "new_len")
+        if new_len > seq.num_tokens:
+            raise ArgumentError(f"cannot truncate sequence {seq_id!r} of {seq.num_tokens} tokens to {new_len}")
+        if window_start_block(new_len, self.sliding_window, self.block_size) < min(seq.nulls,
+                                                                                   cdiv(new_len, self.block_size)):
+            raise ArgumentError(f"cannot truncate sequence {seq_id!r} to {new_len} tokens: blocks its next "
+                                f"token would read left the sliding window of {self.sliding_window} and were freed")
+        return new_len
 
     def reset(self) -> None:
         """Free every sequence of this manager and forget its prefix cache; O(its blocks + cache entries)."""
@@ -201,6 +240,7 @@ class BlockManager(SequenceViews):
     def _release(self, blocks: list[int]) -> int:
         """Drop this manager's hold on each block, last first; returns how many went back (none
         while a step is in flight: they wait for :meth:`step_finished`)."""
+        blocks = [b for b in blocks if b >= 0]  # -1: freed out of a sliding window already
         if self._in_flight:
             self._deferred.extend(blocks)
             return 0
@@ -254,10 +294,16 @@ class BlockManager(SequenceViews):
     def can_append(self, seq_ids: Sequence[Hashable], counts: Sequence[int] | np.ndarray) -> bool:
         """Whether :meth:`append_batch` with these arguments would find enough blocks now; O(B)."""
         with self.block_pool.lock:
+            return self.block_pool.can_allocate(self.blocks_needed(seq_ids, counts))
+
+    def blocks_needed(self, seq_ids: Sequence[Hashable], counts: Sequence[int] | np.ndarray) -> int:
+        """Blocks :meth:`append_batch` with these arguments would take from the pool beyond those
+        it gives back first (the held copy sources); checks the arguments like it. O(B)."""
+        with self.block_pool.lock:
             seqs, counts, _ = self._check_batch(seq_ids, counts, None)
             pending = Counter(self._copy_sources)  # released by append_batch before it plans
             freed = sum(self.block_pool.ref_count(b) == n for b, n in pending.items())
-            return self.block_pool.can_allocate(self._plan(seqs, counts, pending)[1] - freed)
+            return self._plan(seqs, counts, pending)[1] - freed
 
     def _check_batch(self, seq_ids, counts, token_ids) -> tuple[list[SequenceState], list[int], list]:
         seqs = [self._get(s) for s in seq_ids]
@@ -315,7 +361,18 @@ class BlockManager(SequenceViews):
             if self.prefix_cache.has_new_full_blocks(seq.keys, seq.token_ids, seq.num_tokens):
                 self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row, len(seq.keys)),
                                                     seq.num_tokens, seq.extras, seq.retention)
+        if self.sliding_window is not None:  # after the cache took what filled: it may keep them idle
+            for seq, start in zip(seqs, starts, strict=True):
+                self._leave_window(seq, start)
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
+
+    def _leave_window(self, seq: SequenceState, first_query: int) -> None:
+        """Let go of the blocks wholly before the window of the query at ``first_query``: no
+        query of this step or after reads them (a truncation that would is refused)."""
+        gone = window_start_block(first_query, self.sliding_window, self.block_size)
+        if gone > seq.nulls:
+            self._release(self.table.null_entries(seq.row, seq.nulls, gone))
+            seq.nulls = gone
 
     # -- views for kernels -------------------------------------------------------------------
 
@@ -324,43 +381,3 @@ class BlockManager(SequenceViews):
             return self._seqs[seq_id]
         except (KeyError, TypeError):
             raise UnknownSequenceError(f"no sequence {seq_id!r} in this manager") from None
-
-    # -- numbers -----------------------------------------------------------------------------
-
-    @property
-    def seq_ids(self) -> list[Hashable]:
-        """Ids of the live sequences, oldest first."""
-        return list(self._seqs)
-
-    def stats(self) -> dict[str, float | int]:
-        """Counts for logs and dashboards (the block counts are the whole pool's); O(sequences)."""
-        with self.block_pool.lock:
-            return {"sequences": len(self._seqs), "tokens": sum(s.num_tokens for s in self._seqs.values()),
-                    **self.block_pool.stats(), **self.prefix_cache.stats()}
-
-    # -- invariants --------------------------------------------------------------------------
-
-    def check(self) -> None:
-        """Verify every invariant; raise :class:`~pagedkv.InvariantError` at the first broken one.
-
-        Checked: the pool's own (see :meth:`BlockPool.check`); each sequence
-        holds exactly the blocks its tokens need, in its table row; it chains
-        no more cached blocks than it has full; and the references this
-        manager holds in the pool are exactly its table entries, the
-        sources of copies not yet released and the frees a step in flight defers. Cost: O(pool blocks + table entries).
-        """
-        with self.block_pool.lock:
-            self.block_pool.check()
-            held: Counter[int] = Counter()
-            for seq_id, seq in self._seqs.items():
-                blocks = cdiv(seq.num_tokens, self.block_size)
-                if not self.table.check_row(seq.row, blocks):
-                    raise InvariantError(f"sequence {seq_id!r} has {seq.num_tokens} tokens but its table row "
-                                         f"is {self.table.blocks(seq.row)}")
-                if len(seq.keys) > seq.num_tokens // self.block_size:
-                    raise InvariantError(f"sequence {seq_id!r} chains more cached blocks than it has full")
-                held.update(self.table.blocks(seq.row))
-            held.update(self._copy_sources + self._deferred)
-            if held != self.block_pool.holds(self._owner):
-                raise InvariantError("this manager's references in the pool differ from its block-table entries, "
-                                     "pending copy sources and frees deferred by a step in flight")

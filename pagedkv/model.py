@@ -10,12 +10,12 @@ plain contiguous cache (:class:`DenseCache`), and their outputs can be compared.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .cache import PagedKVCache
-from .config import CacheConfig
+from .config import CacheConfig, LayerGroup
 
 Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -33,6 +33,11 @@ class ModelConfig:
     hidden_dim: int = 128
     rope_theta: float = 10000.0
     seed: int = 0
+    sliding_window: int | None = None  # Gemma-like: the even layers see only their last W positions
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: full attention)."""
+        return self.sliding_window if layer % 2 == 0 else None
 
 
 class TinyLlama:
@@ -57,10 +62,16 @@ class TinyLlama:
 
     def cache_config(self, num_blocks: int, block_size: int = 16, layout: str = "NHD",
                      dtype: str = "float32") -> CacheConfig:
-        """A cache geometry that fits this model, storing K/V in ``dtype``."""
+        """A cache geometry that fits this model, storing K/V in ``dtype``; with sliding layers,
+        two layer groups (sliding, full) whose sliding group frees what leaves its window."""
         c = self.config
-        return CacheConfig(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                           num_blocks=num_blocks, block_size=block_size, layout=layout, dtype=dtype)
+        config = CacheConfig(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                             num_blocks=num_blocks, block_size=block_size, layout=layout, dtype=dtype)
+        if c.sliding_window is None:
+            return config
+        layers = range(c.num_layers)
+        return replace(config, layer_groups=(LayerGroup(tuple(i for i in layers if c.window(i)), c.sliding_window),
+                                             LayerGroup(tuple(i for i in layers if not c.window(i)))))
 
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotary embeddings on ``x [N, heads, D]`` (pairs (i, i + D/2), as in Llama)."""
@@ -139,12 +150,14 @@ class DenseCache:
                 self.k[s][layer] = np.concatenate([self.k[s][layer], k[lo:hi]])
                 self.v[s][layer] = np.concatenate([self.v[s][layer], v[lo:hi]])
                 keys, values = self.k[s][layer].astype(np.float64), self.v[s][layer].astype(np.float64)
+                window = c.window(layer)
                 for row in range(lo, hi):
                     pos = positions[row]
+                    first = 0 if window is None else max(0, pos - window + 1)
                     for h in range(c.num_heads):
-                        scores = keys[:pos + 1, h // group] @ q[row, h].astype(np.float64) / np.sqrt(c.head_dim)
+                        scores = keys[first:pos + 1, h // group] @ q[row, h].astype(np.float64) / np.sqrt(c.head_dim)
                         w = np.exp(scores - scores.max())
-                        out[row, h] = w @ values[:pos + 1, h // group] / w.sum()
+                        out[row, h] = w @ values[first:pos + 1, h // group] / w.sum()
             return out
 
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t in new_tokens])

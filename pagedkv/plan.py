@@ -51,6 +51,9 @@ class AttentionPlan(NamedTuple):
             (``-1`` for a sequence with no context).
         kernel_tables, kernel_row_seq, kernel_row_pos: the arrays where the
             backend's kernels read them.
+        window: the sliding window the tables were checked for (0: none): entries wholly
+            before a sequence's window may be null (-1), so attention on this plan must use
+            a window of at most this many positions.
     """
 
     block_tables: np.ndarray
@@ -61,6 +64,7 @@ class AttentionPlan(NamedTuple):
     kernel_tables: Any
     kernel_row_seq: Any
     kernel_row_pos: Any
+    window: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -86,14 +90,17 @@ class Plan(NamedTuple):
 
 
 def make_plan(pool: KVPool, device: str, *, slot_mapping: Any = None, block_tables: Any = None,
-              context_lens: Any = None, query_lens: Any = None) -> Plan:
+              context_lens: Any = None, query_lens: Any = None, sliding_window: Any = None) -> Plan:
     """Validate a step's index arrays against ``pool`` and place its query rows (host side).
 
     Any part may be left out: a write-only plan has just ``slot_mapping``; an
     attention-only plan has ``block_tables`` and ``context_lens`` (and
     ``query_lens`` for variable-length queries). With both, the slot mapping
     must have one entry per query row. The kernel arrays are the host arrays;
-    a GPU backend replaces them with device copies.
+    a GPU backend replaces them with device copies. With ``sliding_window`` W (the layers
+    of a sliding-window group), a table entry whose positions all lie before the window
+    of its sequence's first query is not read and may be -1 (a block freed out of the
+    window); attention on the plan must then use a window of at most W.
 
     Raises:
         PagedKVError: the subclass that names what is wrong; nothing is changed.
@@ -104,7 +111,11 @@ def make_plan(pool: KVPool, device: str, *, slot_mapping: Any = None, block_tabl
         slots = validate.slot_mapping(pool, slot_mapping, None, unique=True)
         write = WritePlan(slots, slots)
     if block_tables is not None or context_lens is not None:
-        tables, lens = validate.block_tables(pool, block_tables, context_lens)
+        window, nulls = 0, None
+        if sliding_window is not None:
+            window = validate.attention_options(pool, None, sliding_window, None).window
+            nulls = _null_entries(pool, context_lens, query_lens, window)
+        tables, lens = validate.block_tables(pool, block_tables, context_lens, nulls)
         qlens = None
         if query_lens is None:  # decode: row b is the last token of sequence b
             row_seq, row_pos = np.arange(lens.shape[0], dtype=np.int32), lens.astype(np.int64) - 1
@@ -114,10 +125,26 @@ def make_plan(pool: KVPool, device: str, *, slot_mapping: Any = None, block_tabl
         if write is not None and write.slot_mapping.shape[0] != row_seq.shape[0]:
             raise ShapeError(f"slot_mapping has {write.slot_mapping.shape[0]} entries for "
                              f"{row_seq.shape[0]} query rows")
-        attention = AttentionPlan(tables, lens, qlens, row_seq, row_pos, tables, row_seq, row_pos)
+        attention = AttentionPlan(tables, lens, qlens, row_seq, row_pos, tables, row_seq, row_pos, window)
     elif query_lens is not None:
         raise ShapeError("query_lens needs block_tables and context_lens")
     return Plan(pool.strides, pool.device, write, attention)
+
+
+def _null_entries(pool: KVPool, context_lens: Any, query_lens: Any, window: int) -> np.ndarray:
+    """int64 ``[B]``: how many leading table entries of each sequence lie wholly before the
+    window of its first query (position ``len - query_len``) and so may be null."""
+    lens = validate.index_array(context_lens, "context_lens", validate.INT32, 1)
+    first = lens.astype(np.int64) - (1 if query_lens is None else validate.query_lens(lens, query_lens))
+    return np.maximum(first - window + 1, 0) // pool.config.block_size
+
+
+def check_window(a: AttentionPlan, window: int) -> None:
+    """An attention run's sliding window (0: none) fits the plan: a plan whose tables may hold
+    entries freed out of a window W reads only with a window of at most W."""
+    if a.window and not 0 < window <= a.window:
+        raise StepError(f"this plan's block tables may hold blocks freed out of a sliding window of {a.window}; "
+                        f"attention on it needs sliding_window <= {a.window}, got {window or None}")
 
 
 def _check(plan: object, pool: KVPool, layer: object) -> tuple[Plan, int]:

@@ -52,7 +52,7 @@ class KVPool:
         self._scales: Array | None = zeros(self.strides.num_scales, np.dtype(np.float32), device) \
             if fmt.scale == "token" else None
         # fp8: a static k_scale and v_scale per layer (vLLM's), 1 until set
-        self._kv_scales = np.ones((config.num_layers, 2), np.float32) if fmt.scale == "tensor" else None
+        self._kv_scales = np.ones((config.num_planes, 2), np.float32) if fmt.scale == "tensor" else None
 
     @property
     def data(self) -> Array:
@@ -79,7 +79,7 @@ class KVPool:
 
     @property
     def kv_scales(self) -> np.ndarray | None:
-        """fp8 pools: float32 ``[num_layers, 2]``, each layer's ``k_scale`` and ``v_scale``
+        """fp8 pools: float32 ``[num_planes, 2]``, each layer's (plane's) ``k_scale`` and ``v_scale``
         (a copy; see :meth:`set_kv_scales`); None for other formats."""
         return None if self._kv_scales is None else self._kv_scales.copy()
 
@@ -93,7 +93,7 @@ class KVPool:
         """
         if self._kv_scales is None:
             raise ConfigError(f"only fp8 pools have per-layer k/v scales; this one stores {self.config.dtype}")
-        layer = self.config.check_layer(layer)
+        layer = self.config.check_plane(layer)
         for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
             try:
                 with np.errstate(over="ignore"):
@@ -107,8 +107,9 @@ class KVPool:
 
     def __repr__(self) -> str:
         c = self.config
+        planes = "" if c.num_planes == c.num_layers else f" in {c.num_planes} planes"
         return (
-            f"KVPool(layers={c.num_layers}, blocks={c.num_blocks}x{c.block_size}, "
+            f"KVPool(layers={c.num_layers}{planes}, blocks={c.num_blocks}x{c.block_size}, "
             f"H={c.num_kv_heads}, D={c.head_dim}, layout={c.layout}, {c.dtype}, device={self.device!r}, "
             f"{human_bytes(c.memory_bytes)})"
         )
@@ -118,7 +119,7 @@ class KVPool:
         return self.strides == other.strides
 
     def _half(self, layer: int, kv: int) -> Array:
-        return self._half_of(self.data, self.config.check_layer(layer), kv)
+        return self._half_of(self.data, self.config.check_plane(layer), kv)
 
     def _half_of(self, data: Array, layer: int, kv: int) -> Array:
         s, c = self.strides, self.config
@@ -161,7 +162,7 @@ class KVPool:
 
     def _decoded(self, layer: int, kv: int) -> np.ndarray:
         stored = self.host if self.device == "cpu" else self.to_host()
-        half = cast(np.ndarray, self._half_of(stored, self.config.check_layer(layer), kv))
+        half = cast(np.ndarray, self._half_of(stored, self.config.check_plane(layer), kv))
         c, scale = self.config, None
         if self._kv_scales is not None:  # fp8: one scale per layer, K and V
             scale = self._kv_scales[layer, kv]

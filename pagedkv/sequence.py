@@ -52,6 +52,7 @@ class SequenceState:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     keys: list[BlockKey] = field(default_factory=list)  # keys of its first len(keys) full blocks
     retention: tuple[int, float | None] = (0, None)  # priority (and time to live) of its cached blocks
+    nulls: int = 0  # leading table entries freed out of a sliding window (-1 in its row)
 
     def checked_ids(self, given: Sequence[object], n: int, name: str) -> list[int]:
         """The ids of ``n`` new tokens as ints, checked against the prompt ids known for them."""

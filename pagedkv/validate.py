@@ -62,8 +62,9 @@ def pool(p: object, device: str | None = None) -> KVPool:
 
 
 def layer(p: KVPool, layer: object) -> int:
-    """The layer number as an int, checked against ``0 <= layer < num_layers``."""
-    return p.config.check_layer(layer)
+    """The layer number as an int, checked against ``0 <= layer < num_planes`` (the pool's
+    layers of storage: ``num_layers`` unless layer groups share planes)."""
+    return p.config.check_plane(layer)
 
 
 def index_array(a, name: str, dtype: np.dtype, ndim: int) -> np.ndarray:
@@ -116,13 +117,15 @@ def slot_mapping(p: KVPool, slots, num_tokens: int | None, *, unique: bool) -> n
     return slots
 
 
-def block_tables(p: KVPool, tables, lens) -> tuple[np.ndarray, np.ndarray]:
+def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Check int32 ``block_tables [B, max_blocks]`` and ``context_lens [B]``.
 
     Each length must lie in ``0..max_blocks * block_size``, and the blocks a
     sequence actually uses (its first ``ceil(len / block_size)`` entries) must
     be real blocks; entries past that are padding and are never read. A block
     may appear in several tables, or twice in one (shared prefixes do this).
+    ``nulls`` (int64 ``[B]``, attention under a sliding window): sequence b's first
+    ``nulls[b]`` entries lie wholly before its window and may be -1 (freed).
     """
     tables = index_array(tables, "block_tables", INT32, 2)
     lens = index_array(lens, "context_lens", INT32, 1)
@@ -131,7 +134,8 @@ def block_tables(p: KVPool, tables, lens) -> tuple[np.ndarray, np.ndarray]:
             f"context_lens has {lens.shape[0]} entries for {tables.shape[0]} block-table rows"
         )
     c = p.config
-    code, b, j = _scan.scan_tables(tables, lens, c.block_size, c.num_blocks)
+    code, b, j = _scan.scan_tables(tables, lens, c.block_size, c.num_blocks,
+                                   _NO_NULLS if nulls is None else nulls)
     if code == _scan.LEN_NEGATIVE:
         raise ContextLengthError(f"context_lens[{b}] = {lens[b]} is negative")
     if code == _scan.LEN_TOO_LONG:
@@ -142,11 +146,20 @@ def block_tables(p: KVPool, tables, lens) -> tuple[np.ndarray, np.ndarray]:
     if code == 0 and lens.sum(dtype=np.int64) > INT32_MAX:  # packed outputs are indexed in int32
         raise ContextLengthError(f"context_lens add up to {int(lens.sum(dtype=np.int64))}, more than int32 holds")
     if code == _scan.TABLE_ENTRY_BAD:
+        if tables[b, j] == -1:
+            raise BlockIndexError(
+                f"block_tables[{b}, {j}] is -1 (a null entry: positions {j * c.block_size}.."
+                f"{(j + 1) * c.block_size - 1} freed, having left a sliding window) but sequence {b} reads "
+                f"them{'' if nulls is None else ': they are inside the window of its first query'}"
+            )
         raise BlockIndexError(
             f"block_tables[{b}, {j}] = {tables[b, j]} is not a block "
             f"(0..{c.num_blocks - 1}) but sequence {b} uses it"
         )
     return tables, lens
+
+
+_NO_NULLS = np.zeros(0, dtype=np.int64)
 
 
 def block_copies(src_pool: KVPool, dst_pool: KVPool, src, dst) -> tuple[np.ndarray, np.ndarray]:

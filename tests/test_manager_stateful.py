@@ -4,7 +4,9 @@ Every rule writes real K/V through the numpy reference at the slots the
 manager hands out (applying its copy-on-write copies first), and after every
 rule each live sequence must read back exactly its own tokens. A token's K/V
 is a function of its sequence's whole prefix and salt, as in a real model, so
-a prefix-cache hit that served the wrong block reads back wrong.
+a prefix-cache hit that served the wrong block reads back wrong. Under a
+sliding window (one layer group of a hybrid model), the positions whose blocks
+are still held read back, and every position the next token's window reads is held.
 """
 
 import itertools
@@ -18,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import pagedkv
 from pagedkv import BlockManager, CacheConfig, KVPool, OutOfBlocksError
+from pagedkv.layout import window_start_block
 
 ref = pagedkv.get_backend("numpy")
 LAYERS, H, D = 2, 1, 2
@@ -32,11 +35,13 @@ def token_kv(salt, prefix, layer) -> np.ndarray:
 
 class ManagerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.integers(1, 4), num_blocks=st.integers(2, 10),
-                layout=st.sampled_from(["NHD", "HND"]), caching=st.booleans())
-    def setup(self, block_size, num_blocks, layout, caching):
+                layout=st.sampled_from(["NHD", "HND"]), caching=st.booleans(),
+                window=st.one_of(st.none(), st.integers(1, 9)))
+    def setup(self, block_size, num_blocks, layout, caching, window):
         self.pool = KVPool(CacheConfig(num_layers=LAYERS, num_kv_heads=H, head_dim=D,
                                        num_blocks=num_blocks, block_size=block_size, layout=layout))
-        self.m = BlockManager(block_size, num_blocks=num_blocks, enable_prefix_caching=caching)
+        self.m = BlockManager(block_size, num_blocks=num_blocks, enable_prefix_caching=caching,
+                              sliding_window=window)
         self.shadow = {}  # seq -> {"ids": held tokens, "pending": rest of the prompt, "salt"}
         self.unknown = itertools.count(1000)  # ids the manager is never told
         self.in_flight = set()  # blocks an open step's writes may still land in
@@ -134,7 +139,13 @@ class ManagerMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.shadow)))
         sh = self.shadow[seq]
         new_len = data.draw(st.integers(0, len(sh["ids"])))
-        self.m.truncate(seq, new_len)
+        before = self.snapshot()
+        try:
+            self.m.truncate(seq, new_len)
+        except pagedkv.ArgumentError:  # its next token would read blocks freed out of the window
+            assert self.m.sliding_window is not None
+            self.unchanged_since(before)
+            return
         del sh["ids"][new_len:]
         sh["pending"] = []  # the manager forgets prompt ids past the cut too
 
@@ -149,7 +160,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def open_step(self):
         """A step's writes are in flight from here: every block of every sequence may be written."""
         self.m.step_started()
-        self.in_flight = {b for s in self.m.seq_ids for b in self.m.block_table(s)}
+        self.in_flight = {b for s in self.m.seq_ids for b in self.m.block_table(s) if b >= 0}
 
     @rule()
     def close_step(self):
@@ -212,14 +223,21 @@ class ManagerMachine(RuleBasedStateMachine):
         namespace = self.m.prefix_cache.namespace
         cached = self.m.block_pool.cached_keys(namespace)
         assert self.replayed == {(namespace, key.digest): block for key, block in cached.items()}
+        bs = self.m.block_size
         for seq, sh in self.shadow.items():
-            assert self.m.context_len(seq) == len(sh["ids"])
-            tables, lens = self.m.block_tables([seq]), self.m.context_lens([seq])
+            n = len(sh["ids"])
+            assert self.m.context_len(seq) == n
+            table = self.m.block_table(seq)
+            held = [p for p in range(n) if table[p // bs] >= 0]  # all, or all but those out of the window
+            assert held == list(range(held[0] if held else n, n))
+            assert not held or held[0] <= window_start_block(n, self.m.sliding_window, bs) * bs
+            if self.m.sliding_window is None:
+                assert len(held) == n
+            slots = np.array([table[p // bs] * bs + p % bs for p in held], dtype=np.int64)
             for layer in range(LAYERS):
-                k, v, _ = ref.gather(self.pool, layer, tables, lens)
-                if sh["ids"]:
-                    want = np.stack([token_kv(sh["salt"], sh["ids"][:p + 1], layer)
-                                     for p in range(len(sh["ids"]))])
+                k, v = ref.read(self.pool, layer, slots)
+                if held:
+                    want = np.stack([token_kv(sh["salt"], sh["ids"][:p + 1], layer) for p in held])
                     np.testing.assert_array_equal(k, want[:, 0])
                     np.testing.assert_array_equal(v, want[:, 1])
 

@@ -35,7 +35,7 @@ from .. import device, formats, layout, validate
 from ..errors import ArgumentError, DTypeError, PoolMismatchError
 from ..formats import FORMATS, RawKV
 from ..layout import K, V
-from ..plan import Plan, check_attention, check_write, make_plan
+from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from . import cuda_format_kernels as fmt_kernels
 from ._host import element_index, scale_index
@@ -220,12 +220,13 @@ def _outputs_on_device(out):
 
 # ---- the step API: plan once (validation and uploads), run per layer ---------------------------
 
-def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None) -> Plan:
+def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None,
+         sliding_window=None) -> Plan:
     """Same contract as :func:`pagedkv.backends.reference.plan`; the plan also holds the index
     arrays on the GPU (the caller's device arrays where given), so that the layers of a step
     upload nothing."""
     p = make_plan(pool, DEVICE, slot_mapping=slot_mapping, block_tables=block_tables,
-                  context_lens=context_lens, query_lens=query_lens)
+                  context_lens=context_lens, query_lens=query_lens, sliding_window=sliding_window)
     w, a = p.write, p.attention
     if w is not None and w.slot_mapping.size:
         w = w._replace(kernel_slots=_device_index(slot_mapping, w.slot_mapping))
@@ -251,6 +252,7 @@ def attention_step(q, pool: KVPool, layer: int, plan: Plan, *, scale=None, slidi
     layer, a = check_attention(plan, pool, layer)
     validate.queries(pool, q, a.num_rows, a.query_lens is None)
     opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
+    check_window(a, opt.window)
     c = pool.config
     if c.head_dim > MAX_HEAD_DIM:
         raise ArgumentError(f"the cuda backend's attention handles head_dim up to {MAX_HEAD_DIM}, got {c.head_dim}")
@@ -387,5 +389,6 @@ def _unpack_host(p: KVPool, blocks: np.ndarray, packed: np.ndarray) -> None:
 def paged_attention(q, pool: KVPool, layer: int, block_tables, context_lens, *, scale=None,
                     sliding_window=None, soft_cap=None, query_lens=None):
     """Same contract as :func:`pagedkv.backends.reference.paged_attention`; returns a device array."""
-    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens)
+    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens,
+             sliding_window=sliding_window)
     return attention_step(q, pool, layer, p, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)

@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from .. import formats, layout, validate
 from ..layout import K, V
-from ..plan import Plan, check_attention, check_write, make_plan
+from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from ._host import new_outputs, read_raw
 from ._numba_codecs import NO_CODEC, NO_LUT, SCALE_KINDS, TENSOR, TOKEN, decode_row, decode_table, load_row, store_row
@@ -159,10 +159,11 @@ def _format_args(pool: KVPool, layer: int) -> tuple:
 
 # ---- the step API: plan once, run per layer --------------------------------------------------------
 
-def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None) -> Plan:
+def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None,
+         sliding_window=None) -> Plan:
     """Same contract as :func:`pagedkv.backends.reference.plan`."""
     return make_plan(pool, DEVICE, slot_mapping=slot_mapping, block_tables=block_tables,
-                     context_lens=context_lens, query_lens=query_lens)
+                     context_lens=context_lens, query_lens=query_lens, sliding_window=sliding_window)
 
 
 def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
@@ -183,6 +184,7 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
     layer, a = check_attention(plan, pool, layer)
     validate.queries(pool, q, a.num_rows, a.query_lens is None)
     opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
+    check_window(a, opt.window)
     out = np.empty(q.shape, dtype=np.float32)
     # NHD keeps a token's heads together: one task takes them all, reading blocks in order
     heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
@@ -339,5 +341,6 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
                     *, scale: float | None = None, sliding_window: int | None = None,
                     soft_cap: float | None = None, query_lens: np.ndarray | None = None) -> np.ndarray:
     """Same contract as :func:`pagedkv.backends.reference.paged_attention`, in float32."""
-    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens)
+    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens,
+             sliding_window=sliding_window)
     return attention_step(q, pool, layer, p, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)

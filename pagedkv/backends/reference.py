@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import formats, layout, validate
 from ..layout import K, V
-from ..plan import Plan, check_attention, check_write, make_plan
+from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from ._host import element_index, load_raw, new_outputs, read_raw, scale_index
 
@@ -51,10 +51,11 @@ def _load(pool: KVPool, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
 
 # ---- the step API: plan once, run per layer --------------------------------------------------------
 
-def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None) -> Plan:
+def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None,
+         sliding_window=None) -> Plan:
     """Validate a step's index arrays once (see :func:`pagedkv.plan.make_plan`)."""
     return make_plan(pool, DEVICE, slot_mapping=slot_mapping, block_tables=block_tables,
-                     context_lens=context_lens, query_lens=query_lens)
+                     context_lens=context_lens, query_lens=query_lens, sliding_window=sliding_window)
 
 
 def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
@@ -79,6 +80,7 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
     layer, a = check_attention(plan, pool, layer)
     validate.queries(pool, q, a.num_rows, a.query_lens is None)
     opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
+    check_window(a, opt.window)
     c = pool.config
     group = q.shape[1] // c.num_kv_heads
     out = np.zeros(q.shape, dtype=np.float32)
@@ -249,7 +251,9 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
             attention; MQA and MHA are the edge cases).
         block_tables, context_lens: as for :func:`gather`.
         scale: defaults to ``1 / sqrt(D)``.
-        sliding_window: keep only the last W positions (the query's own included).
+        sliding_window: keep only the last W positions (the query's own included). Table
+            entries wholly before the window of a sequence's first query are not read and
+            may be -1 (blocks a sliding-window layer group freed).
         soft_cap: apply ``cap * tanh(s / cap)`` to the scaled scores.
         query_lens: int32 ``[B]``: sequence b's queries are its last
             ``query_lens[b]`` positions, each attending causally (prefill,
@@ -258,5 +262,6 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
     Returns:
         float32 ``[rows, Hq, D]``; zeros for a sequence with no context.
     """
-    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens)
+    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens,
+             sliding_window=sliding_window)
     return attention_step(q, pool, layer, p, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
