@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pagedkv import BlockManager, CacheConfig, KVPool, get_backend
+from pagedkv import BlockManager, BlockPool, CacheConfig, KVPool, LayerGroup, PagedKVCache, get_backend
 from pagedkv.bench import (
     BLOCK_SIZE,
     PEER_ROUTINES,
@@ -110,31 +110,47 @@ def report(shapes=tuple(SHAPES), layouts=("NHD", "HND"), routines=PEER_ROUTINES)
 
 class DecodeStep:
     """The bookkeeping of one decode step of ``num_seqs`` running sequences, one new token each:
-    slot mapping (``append_batch``), padded block tables and context lengths."""
+    slot mapping (``append_batch``), padded block tables and context lengths, for each layer
+    group (``windows``: None for a full-attention group, W for a sliding one), as
+    :meth:`pagedkv.PagedKVCache.begin_step` does it."""
 
     def __init__(self, num_seqs: int = 256, context: int = 512, block_size: int = BLOCK_SIZE,
-                 rewind_every: int = 1024) -> None:
+                 rewind_every: int = 1024, windows: tuple[int | None, ...] = (None,)) -> None:
         blocks_per_seq = cdiv(context + rewind_every, block_size)
-        self.manager = BlockManager(block_size, num_blocks=num_seqs * blocks_per_seq)
+        pool = BlockPool(len(windows) * num_seqs * blocks_per_seq)
+        self.managers = [BlockManager(block_size, pool, sliding_window=w) for w in windows]
+        self.manager = self.managers[0]
         self.seq_ids = [self.manager.add_sequence() for _ in range(num_seqs)]
-        self.manager.append_batch(self.seq_ids, [context] * num_seqs)
+        for m in self.managers[1:]:
+            for s in self.seq_ids:
+                m.add_sequence(s)
+        for m in self.managers:
+            m.append_batch(self.seq_ids, [context] * num_seqs)
         self.ones = np.ones(num_seqs, dtype=np.int64)
         self.context, self.rewind_every, self.steps = context, rewind_every, 0
 
     def __call__(self):
-        m = self.manager
         self.steps += 1
         if self.steps % self.rewind_every == 0:  # keep the pool from filling; amortised in the timing
-            for s in self.seq_ids:
-                m.truncate(s, self.context)
-        step = m.append_batch(self.seq_ids, self.ones)
-        return step.slots, m.block_tables(self.seq_ids), m.context_lens(self.seq_ids)
+            for m in self.managers:
+                for s in self.seq_ids:
+                    if m.sliding_window is None:
+                        m.truncate(s, self.context)
+                    else:  # its early blocks left the window: start the sequence again
+                        m.free(s)
+                        m.add_sequence(s)
+                        m.append(s, self.context)
+        steps = [m.append_batch(self.seq_ids, self.ones) for m in self.managers]
+        lens = self.manager.context_lens(self.seq_ids)  # the same in every group
+        tables = [m.block_tables(self.seq_ids) for m in self.managers]
+        return steps[0].slots, tables[0], lens
 
 
-def bookkeeping_vs_write(num_seqs: int = 256) -> dict[str, float]:
-    """Seconds of one decode step's bookkeeping beside the numpy reference writing that
-    step's K/V for one layer (H=8, D=128), and their ratio (below 1 is the target)."""
-    step = DecodeStep(num_seqs)
+def bookkeeping_vs_write(num_seqs: int = 256, windows: tuple[int | None, ...] = (None,)) -> dict[str, float]:
+    """Seconds of one decode step's bookkeeping (every layer group of ``windows``) beside the
+    numpy reference writing that step's K/V for one layer (H=8, D=128), and their ratio
+    (below 1 is the target)."""
+    step = DecodeStep(num_seqs, windows=windows)
     slots, _, _ = step()
     config = CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D,
                          num_blocks=step.manager.block_pool.num_blocks, block_size=BLOCK_SIZE)
@@ -144,6 +160,25 @@ def bookkeeping_vs_write(num_seqs: int = 256) -> dict[str, float]:
     t_book = median_seconds(step)
     t_write = median_seconds(lambda: ref.write(pool, 0, key, key, slots))
     return {"bookkeeping_s": t_book, "numpy_write_s": t_write, "ratio": t_book / t_write}
+
+
+def window_memory(context: int = 32768, window: int = 1024, sliding: int = 5, full: int = 1,
+                  block_size: int = BLOCK_SIZE) -> dict[str, float]:
+    """Blocks one sequence of ``context`` tokens holds in a Gemma-3-shaped cache (``sliding``
+    layers with a ``window``, ``full`` layers of full attention, a layer group each), after
+    its prefill and one decode step through :class:`~pagedkv.PagedKVCache`, against the
+    blocks it would hold if the sliding layers kept everything; and the share saved."""
+    groups = [LayerGroup((i,), window) for i in range(sliding)] + [LayerGroup((sliding + i,)) for i in range(full)]
+    kept = (sliding + full) * cdiv(context, block_size)
+    config = CacheConfig(num_layers=sliding + full, num_kv_heads=1, head_dim=1, num_blocks=kept,
+                         block_size=block_size, layer_groups=groups)
+    cache = PagedKVCache(config, backend="numpy", enable_prefix_caching=False)
+    seq = cache.add_sequence().seq_id
+    cache.begin_step([seq], [context - 1])
+    cache.begin_step([seq], [1])
+    cache.end_step()
+    held = sum(cache.stats()["blocks_per_group"])
+    return {"blocks_freeing": held, "blocks_keeping": kept, "saved": 1 - held / kept}
 
 
 # ---- the GPU side: the same workloads on the device, and the GPU peers -----------------------

@@ -263,11 +263,12 @@ class PagedKVCache:
         self._epoch += 1
         counts = np.array([int(n) for n in num_new_tokens], dtype=np.int32)
         groups = []
+        lens = self.manager.context_lens(seq_ids)  # the same in every group
         for m, group, a in zip(self.managers, self.config.layer_groups, appended, strict=True):
             if a.copy_src.size:
                 self.backend.copy_blocks(self.pool, a.copy_src, a.copy_dst)
                 m.release_copy_sources()
-            tables, lens = m.block_tables(seq_ids), m.context_lens(seq_ids)
+            tables = m.block_tables(seq_ids)
             plan = self.backend.plan(self.pool, slot_mapping=a.slots, block_tables=tables, context_lens=lens,
                                      query_lens=counts, sliding_window=group.sliding_window)
             groups.append(GroupStep(a.slots, tables, (a.copy_src, a.copy_dst), plan))

@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--store", metavar="DIR|redis://HOST:PORT",
                    help="back the prefix cache with a directory or a Redis/Valkey server, shared with other runs "
                         "and processes (a second run finds the shared prompt there)")
+    d.add_argument("--model", choices=["llama", "gemma-like"], default="llama",
+                   help="llama: two full-attention layers (default); gemma-like: four layers alternating a "
+                        "sliding window of 16 and full attention, the sliding ones freeing what leaves the window")
     d.add_argument("--no-check", action="store_true",
                    help="skip re-running every request over a dense cache to compare the tokens")
 
@@ -146,10 +149,10 @@ def _demo(args) -> int:
     from .demo import format_summary, plot, run_demo
 
     backend = get_backend(args.backend).NAME
-    print(f"pagedkv demo: {args.requests} requests, {args.blocks} blocks of 16 tokens, backend {backend}, "
-          f"K/V stored as {args.dtype}")
+    print(f"pagedkv demo: {args.model} model, {args.requests} requests, {args.blocks} blocks of 16 tokens, "
+          f"backend {backend}, K/V stored as {args.dtype}")
     res = run_demo(args.requests, seed=args.seed, backend=backend, num_blocks=args.blocks,
-                   check=not args.no_check, dtype=args.dtype, store=args.store)
+                   check=not args.no_check, dtype=args.dtype, store=args.store, model_name=args.model)
     print(format_summary(res, backend))
     if args.plot:
         plot(res, args.plot)

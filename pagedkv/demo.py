@@ -7,6 +7,10 @@ as the running requests' decode tokens. At the end: throughput, prefix-cache
 hits, memory used against a contiguous max-length preallocation (the saving
 the vLLM paper is about), a map of the pool, and a check that every request
 generated exactly the tokens the same model gives with a plain contiguous cache.
+
+``model="gemma-like"`` alternates sliding-window and full-attention layers (as Gemma 2
+does): the cache gets two layer groups, the sliding one frees the blocks that leave
+its window, and the summary shows the KV memory with and without that freeing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from .cache import PagedKVCache
 from .errors import PagedKVError
-from .layout import cdiv
+from .layout import cdiv, window_start_block
 from .model import DenseCache, ModelConfig, TinyLlama, generate_dense, paged_step
 from .pool import human_bytes
 from .stores import open_store
@@ -56,6 +60,23 @@ class DemoResult:
     float32_bytes: int = 0
     vs_float32: tuple[int, float] | None = None  # requests with float32's tokens; largest logit difference
     tiers: dict | None = None  # with a store: prompt tokens served per tier, and the store's counts
+    model: str = "llama"
+    window_peaks: tuple[int, int] | None = None  # gemma-like: peak blocks with and without window freeing
+    bytes_per_block: int = 0
+
+
+MODELS = ("llama", "gemma-like")
+GEMMA_WINDOW = 16  # the sliding layers' window: one block of 16
+
+
+def model_config(model: str, seed: int) -> ModelConfig:
+    """The demo's model: ``"llama"`` (two full-attention layers) or ``"gemma-like"`` (four layers,
+    the even ones with a sliding window of :data:`GEMMA_WINDOW`)."""
+    if model == "llama":
+        return ModelConfig(seed=seed)
+    if model == "gemma-like":
+        return ModelConfig(seed=seed, num_layers=4, sliding_window=GEMMA_WINDOW)
+    raise PagedKVError(f"model must be one of {MODELS}, got {model!r}")
 
 
 def make_requests(n: int, seed: int, vocab: int) -> list[Request]:
@@ -69,7 +90,8 @@ def make_requests(n: int, seed: int, vocab: int) -> list[Request]:
 
 
 def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_blocks: int = 96,
-             check: bool = True, progress=sys.stderr, dtype: str = "float32", store: str | None = None) -> DemoResult:
+             check: bool = True, progress=sys.stderr, dtype: str = "float32", store: str | None = None,
+             model_name: str = "llama") -> DemoResult:
     """Serve ``num_requests`` requests with continuous batching; see the module docstring.
 
     With a ``dtype`` other than float32, ``check`` compares with the same workload
@@ -81,7 +103,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
     :mod:`pagedkv.stores` tier shared with other runs and processes: a second run finds
     the system prompt's blocks there (see the summary's tokens per tier).
     """
-    model = TinyLlama(ModelConfig(seed=seed))
+    model = TinyLlama(model_config(model_name, seed))
     config = model.cache_config(num_blocks, dtype=dtype)
     stores = [] if store is None else [open_store(store, f"pagedkv-demo-seed{seed}-{dtype}")]
     cache = PagedKVCache(config, backend=backend, stores=stores)
@@ -94,6 +116,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
     used: list[int] = []
     contiguous: list[int] = []
     peak, peak_map = -1, ""
+    with_freeing, without = 0, 0  # layer groups: peak blocks held, and as many if sliding layers kept all
     step, start = 0, time.perf_counter()
     while waiting or running:
         # Admit arrived requests while the pool can hold every admitted request's final
@@ -102,16 +125,17 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
         while waiting and waiting[0].arrival <= step:
             r = waiting[0]
             seq, cached = cache.add_sequence(prompt_token_ids=r.prompt)
-            growth = sum(_final_blocks(x, bs) - len(cache.manager.block_table(x.seq_id)) for x in running + admitted)
-            need = _final_blocks(r, bs) - cached // bs
+            r.seq_id, r.cached = seq, cached
+            growth = sum(_growth(cache, x) for x in running + admitted)
+            need = _growth(cache, r)
             if growth + need > cache.manager.block_pool.num_free:
                 cache.free(seq)
                 if not running and not admitted:  # it would not fit even alone
                     raise PagedKVError(
                         f"request {r.rid} needs {need} blocks; the pool has {cache.config.num_blocks} "
                         "(use more --blocks)")
+                r.seq_id = None
                 break
-            r.seq_id, r.cached = seq, cached
             admitted.append(waiting.pop(0))
         batch = running + admitted
         if not batch:
@@ -125,6 +149,9 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
             r.output.append(int(np.argmax(row)))
             (done if len(r.output) == r.max_new_tokens else running).append(r)
         used.append(cache.manager.block_pool.num_used)
+        if len(cache.managers) > 1:
+            held = [m.blocks_held() for m in cache.managers]
+            with_freeing, without = max(with_freeing, sum(held)), max(without, len(held) * held[-1])
         contiguous.append(len(batch) * cdiv(max_len, bs))
         if used[-1] > peak:
             peak, peak_map = used[-1], pool_map(cache, {r.seq_id: r.rid for r in batch})
@@ -146,13 +173,15 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
             agree &= tokens == r.output
             diff = max(diff, float(np.abs(logits - np.array(r.logits)).max()))
     elif check:
-        wide = run_demo(num_requests, seed, backend, num_blocks, check=False, progress=None)
+        wide = run_demo(num_requests, seed, backend, num_blocks, check=False, progress=None, model_name=model_name)
         vs_float32 = _compare(requests, wide.requests)
     float32_bytes = model.cache_config(num_blocks).memory_bytes
+    peaks = (with_freeing, without) if len(cache.managers) > 1 else None
     return DemoResult(requests, step, seconds, sum(len(r.output) for r in requests),
                       sum(len(r.prompt) for r in requests), sum(r.cached for r in requests),
                       used, contiguous, peak_map, agree, diff, cache.stats(), config.dtype,
-                      config.memory_bytes, float32_bytes, vs_float32, cache.stats().get("tiers"))
+                      config.memory_bytes, float32_bytes, vs_float32, cache.stats().get("tiers"), model_name,
+                      peaks, config.bytes_per_block)
 
 
 def _compare(narrow: list[Request], wide: list[Request]) -> tuple[int, float]:
@@ -166,6 +195,20 @@ def _compare(narrow: list[Request], wide: list[Request]) -> tuple[int, float]:
             if a.output[step] != b.output[step]:
                 break
     return same, diff
+
+
+def _growth(cache: PagedKVCache, r: Request) -> int:
+    """Blocks request ``r`` may still take, over every layer group, until it finishes: a
+    sliding group holds at most its prompt's blocks from the window of its first computed
+    token, and later a window's worth plus the block being filled."""
+    bs, total = cache.config.block_size, 0
+    for m in cache.managers:
+        most, window = _final_blocks(r, bs), m.sliding_window
+        if window is not None:
+            prefill = cdiv(len(r.prompt), bs) - window_start_block(r.cached, window, bs)
+            most = min(most, max(prefill, cdiv(window, bs) + 1))
+        total += max(0, most - sum(b >= 0 for b in m.block_table(r.seq_id)))
+    return total
 
 
 def _final_blocks(r: Request, block_size: int) -> int:
@@ -185,12 +228,14 @@ def _progress(stream, done: int, total: int) -> None:
 def pool_map(cache: PagedKVCache, names: dict) -> str:
     """One character a block: ``.`` free, ``~`` cached but idle, a letter for the request
     holding it (upper case), ``*`` shared by several."""
-    m, blocks = cache.manager, cache.manager.block_pool
+    blocks = cache.manager.block_pool
     cells = ["."] * blocks.num_blocks
     holders: dict[int, set] = {}
-    for seq_id in m.seq_ids:
-        for b in m.block_table(seq_id):
-            holders.setdefault(b, set()).add(seq_id)
+    for m in cache.managers:  # layer groups hold blocks apart; -1: freed out of a sliding window
+        for seq_id in m.seq_ids:
+            for b in m.block_table(seq_id):
+                if b >= 0:
+                    holders.setdefault(b, set()).add(seq_id)
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
     for b in range(blocks.num_blocks):
         if blocks.is_idle(b):
@@ -215,6 +260,12 @@ def format_summary(res: DemoResult, backend: str) -> str:
         ("peak blocks, contiguous max-length", f"{peak_contig}"),
         ("memory saved at the peak", f"{1 - peak_used / peak_contig:.0%}"),
     ]
+    if res.window_peaks is not None:
+        freeing, kept = res.window_peaks
+        rows.append(("KV memory at the peak, all layers",
+                     f"{human_bytes(freeing * res.bytes_per_block)} with sliding layers freeing what leaves "
+                     f"their window of {GEMMA_WINDOW}, {human_bytes(kept * res.bytes_per_block)} keeping it "
+                     f"({1 - freeing / kept:.0%} saved; {freeing} blocks against {kept})"))
     if res.tiers is not None:
         rows.append(("prompt tokens by tier", ", ".join(f"{k} {v}" for k, v in res.tiers["tokens"].items())))
     if res.agree is not None:

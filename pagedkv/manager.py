@@ -309,7 +309,7 @@ class BlockManager(SequenceViews):
         seqs = [self._get(s) for s in seq_ids]
         if len(set(map(id, seqs))) != len(seqs):
             raise ArgumentError("a sequence appears twice in one append_batch")
-        counts = [count(n, "a token count") for n in counts]
+        counts = sequence.counts(counts, "a token count")
         if len(counts) != len(seqs):
             raise ArgumentError(f"{len(counts)} counts for {len(seqs)} sequences")
         ids: list = [None] * len(seqs)
@@ -362,17 +362,20 @@ class BlockManager(SequenceViews):
                 self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row, len(seq.keys)),
                                                     seq.num_tokens, seq.extras, seq.retention)
         if self.sliding_window is not None:  # after the cache took what filled: it may keep them idle
-            for seq, start in zip(seqs, starts, strict=True):
-                self._leave_window(seq, start)
+            self._leave_window(seqs, starts)
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
 
-    def _leave_window(self, seq: SequenceState, first_query: int) -> None:
-        """Let go of the blocks wholly before the window of the query at ``first_query``: no
-        query of this step or after reads them (a truncation that would is refused)."""
-        gone = window_start_block(first_query, self.sliding_window, self.block_size)
-        if gone > seq.nulls:
-            self._release(self.table.null_entries(seq.row, seq.nulls, gone))
-            seq.nulls = gone
+    def _leave_window(self, seqs: list[SequenceState], first_queries: list[int]) -> None:
+        """Let go of each sequence's blocks wholly before the window of its query at
+        ``first_queries[i]``: no query of this step or after reads them (a truncation that
+        would is refused). Inline arithmetic: this runs for every sequence of every step."""
+        window, bs = self.sliding_window, self.block_size
+        assert window is not None
+        for seq, first in zip(seqs, first_queries, strict=True):
+            gone = (first - window + 1) // bs  # window_start_block, unclamped: < 0 frees nothing
+            if gone > seq.nulls:
+                self._release(self.table.null_entries(seq.row, seq.nulls, gone))
+                seq.nulls = gone
 
     # -- views for kernels -------------------------------------------------------------------
 

@@ -148,9 +148,9 @@ def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tu
     if code == _scan.TABLE_ENTRY_BAD:
         if tables[b, j] == -1:
             raise BlockIndexError(
-                f"block_tables[{b}, {j}] is -1 (a null entry: positions {j * c.block_size}.."
-                f"{(j + 1) * c.block_size - 1} freed, having left a sliding window) but sequence {b} reads "
-                f"them{'' if nulls is None else ': they are inside the window of its first query'}"
+                f"block_tables[{b}, {j}] = -1 is a null entry (padding, or a block freed out of a sliding "
+                f"window) but sequence {b} reads its positions {j * c.block_size}..{(j + 1) * c.block_size - 1}"
+                f"{'' if nulls is None else ', inside the window of its first query'}"
             )
         raise BlockIndexError(
             f"block_tables[{b}, {j}] = {tables[b, j]} is not a block "

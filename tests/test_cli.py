@@ -1,6 +1,7 @@
 """The pagedkv command, run as a user would, in a subprocess."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,16 @@ def test_demo_runs_to_its_summary_and_agrees():
     for words in ("summary", "tokens generated", "prefix cache", "memory saved at the peak",
                   "paged == dense generation            yes", "pool at the peak"):
         assert words in out.stdout
+
+
+def test_demo_of_a_gemma_like_model_frees_what_leaves_the_window():
+    out = run("demo", "--requests", "12", "--model", "gemma-like")
+    assert out.returncode == 0, out.stderr
+    assert "gemma-like model" in out.stdout
+    line = next(x for x in out.stdout.splitlines() if "KV memory at the peak" in x)
+    freeing, kept = map(int, re.search(r"; (\d+) blocks against (\d+)\)", line).groups())
+    assert 0 < freeing < kept, line  # the sliding layers hold fewer blocks than the full ones
+    assert re.search(r"paged == dense generation +yes", out.stdout)
 
 
 def test_demo_in_a_narrow_format_compares_with_float32():
