@@ -9,7 +9,6 @@ memory a Gemma-3-shaped cache saves by freeing what leaves the windows.
 
 from . import harness as B
 
-
 GROUPS = {"one": (None,), "two": (None, 256)}  # layer groups: full; full and a sliding window of 256
 
 
