@@ -65,6 +65,7 @@ class BlockPool:
         self._owners = itertools.count(DIRECT + 1)
         self._abandoned: list[int] = []  # owners gone without closing (appended by finalizers)
         self._subscribers: list[Callable[[Event], object]] = []
+        self._groups: dict[int, int] = {}  # owner -> the layer group its events name (absent: 0)
 
     def __repr__(self) -> str:
         return f"BlockPool({self.num_blocks} blocks, {self.num_free} free, {len(self._entry)} cached)"
@@ -88,13 +89,16 @@ class BlockPool:
                 callback(event)
 
     def _removed(self, block: int, entry: tuple[int, Hashable]) -> None:
-        self._emit(lambda: BlockRemoved(_digest(entry[1]), block, entry[0]))
+        self._emit(lambda: BlockRemoved(_digest(entry[1]), block, entry[0], self._groups.get(entry[0], 0)))
 
-    def new_owner(self) -> int:
-        """A fresh owner id: holds taken under it are counted apart, and it names a cache namespace."""
+    def new_owner(self, group: int = 0) -> int:
+        """A fresh owner id: holds taken under it are counted apart, and it names a cache namespace
+        (whose KV events name layer ``group``)."""
         with self.lock:
             owner = next(self._owners)
             self._holds[owner] = Counter()
+            if group:
+                self._groups[owner] = group
             return owner
 
     def release_owner(self, owner: int) -> int:
@@ -120,6 +124,7 @@ class BlockPool:
             held, cached = sum(self._holds[owner].values()), sum(ns == owner for ns, _ in self._entry.values())
             self.release_owner(owner)
             del self._holds[owner]
+            self._groups.pop(owner, None)
             if held or cached:
                 warnings.warn(f"a BlockManager was dropped without close(): its {held} block references and "
                               f"{cached} cached blocks went back to the pool", ResourceWarning, stacklevel=3)
@@ -273,7 +278,7 @@ class BlockPool:
             self._entry[block] = entry
             self._emit(lambda: BlockStored(_digest(key), None if parent is None else _digest(parent),
                                            tuple(getattr(key, "token_ids", ())), len(getattr(key, "token_ids", ())),
-                                           block, namespace))
+                                           block, namespace, self._groups.get(namespace, 0)))
             return True
 
     def uncache(self, block: int, *, quiet: bool = False) -> None:

@@ -125,7 +125,8 @@ class PagedKVCache:
         shared = BlockPool(config.num_blocks)
         #: a BlockManager per layer group, over one BlockPool (``manager``: the first)
         self.managers = tuple(BlockManager(config.block_size, shared, enable_prefix_caching=enable_prefix_caching,
-                                           sliding_window=g.sliding_window) for g in config.layer_groups)
+                                           sliding_window=g.sliding_window, group=i)
+                              for i, g in enumerate(config.layer_groups))
         self.manager = self.managers[0]
         self._planes = tuple(config.plane_of(layer) for layer in range(config.num_layers))
         self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale

@@ -60,11 +60,12 @@ class BlockManager(SequenceViews):
             whose positions have all left the window of the step's first query
             (their table entries become -1), and a prefix hit needs only the
             cached blocks inside the window of the first uncached token.
+        group: the layer group this manager serves, named by its KV events.
     """
 
     def __init__(self, block_size: int, block_pool: BlockPool | None = None, *,
                  num_blocks: int | None = None, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, group: int = 0) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
         if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
@@ -75,7 +76,7 @@ class BlockManager(SequenceViews):
             raise ConfigError("pass exactly one of block_pool and num_blocks")
         self.block_size = block_size
         self.block_pool = block_pool if block_pool is not None else BlockPool(num_blocks)  # type: ignore[arg-type]
-        self._owner = self.block_pool.new_owner()  # its holds, and its namespace of cache keys
+        self._owner = self.block_pool.new_owner(group)  # its holds, and its namespace of cache keys
         # Dropped without close() (a model unloaded, say): the pool takes its blocks back.
         weakref.finalize(self, self.block_pool.abandon, self._owner)
         self.prefix_cache = PrefixCache(self.block_pool, self._owner, block_size, enable_prefix_caching)

@@ -202,3 +202,20 @@ def test_stores_need_one_group():
     c = config(layer_groups=[((0, 2), 4), ((1, 3), None)])
     with pytest.raises(pagedkv.ConfigError, match="one layer group"):
         PagedKVCache(c, backend="numpy", stores=[pagedkv.stores.HostStore(1 << 20)])
+
+
+def test_kv_events_name_the_layer_group():
+    c = config(num_blocks=12, layer_groups=[((1, 3), None), ((0, 2), 4)])
+    cache = PagedKVCache(c, backend="numpy")
+    log = pagedkv.EventLog()
+    cache.manager.block_pool.subscribe(log)
+    a = cache.add_sequence(prompt_token_ids=list(range(9))).seq_id
+    cache.begin_step([a], [9])
+    cache.begin_step([a], [1], token_ids=[[5]])  # the sliding group lets blocks 0 and 1 go idle: still cached
+    stored = [e for e in log.take() if isinstance(e, pagedkv.BlockStored)]
+    assert sorted((e.group, e.token_ids) for e in stored) == [
+        (0, (0, 1, 2, 3)), (0, (4, 5, 6, 7)), (1, (0, 1, 2, 3)), (1, (4, 5, 6, 7))]
+    assert {e.namespace for e in stored if e.group == 0} != {e.namespace for e in stored if e.group == 1}
+    cache.reset()
+    assert {e.namespace for e in log.take() if isinstance(e, pagedkv.AllBlocksCleared)} == \
+        {e.namespace for e in stored}
