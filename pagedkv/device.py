@@ -84,3 +84,32 @@ def host_array(a: object, name: str) -> np.ndarray:
         if hasattr(cuda, "as_cuda_array"):  # absent under the CUDA simulator
             return cuda.as_cuda_array(a).copy_to_host()
     raise DTypeError(f"{name} must be an array, got {type(a).__name__}")
+
+
+def byte_bounds(a: object) -> tuple[bool, int, int] | None:
+    """``(on_gpu, low, high)``: the addresses ``[low, high)`` that an array's elements span,
+    from its ``__cuda_array_interface__`` (GPU arrays) or ``__array_interface__`` (numpy, and
+    the CUDA simulator's arrays); None for an empty array or an object with neither."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    on_gpu = iface is not None
+    if iface is None:
+        iface = getattr(a, "__array_interface__", None)
+    if not isinstance(iface, dict) or 0 in iface["shape"]:
+        return None
+    shape, itemsize = iface["shape"], np.dtype(iface["typestr"]).itemsize
+    strides = iface.get("strides") or tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize
+                                            for i in range(len(shape)))
+    low = high = int(iface["data"][0])
+    for n, stride in zip(shape, strides, strict=True):
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return on_gpu, low, high + itemsize
+
+
+def overlap(a: object, b: object) -> bool:
+    """Whether arrays ``a`` and ``b`` may share memory (their address ranges meet, on the same side)."""
+    x, y = byte_bounds(a), byte_bounds(b)
+    return x is not None and y is not None and x[0] == y[0] and x[1] < y[2] and y[1] < x[2]
+

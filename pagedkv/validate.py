@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _scan
-from .device import host_array
+from .device import host_array, overlap
 from .errors import (
     ArgumentError,
     BlockCopyError,
@@ -184,7 +184,9 @@ def block_copies(src_pool: KVPool, dst_pool: KVPool, src, dst) -> tuple[np.ndarr
     if src.shape != dst.shape:
         raise ShapeError(f"src has {src.size} blocks, dst has {dst.size}")
     nb = src_pool.config.num_blocks
-    code, a, b = _scan.scan_copies(src, dst, nb, nb, src_pool is dst_pool)
+    # Two pool objects over one buffer (a copy.copy of a pool) are one pool: the same rules.
+    same = src_pool is dst_pool or overlap(src_pool.data, dst_pool.data)
+    code, a, b = _scan.scan_copies(src, dst, nb, nb, same)
     if code == _scan.BLOCK_OUT_OF_RANGE:
         raise BlockIndexError(f"{('src', 'dst')[a]} names block {b}; blocks run 0..{nb - 1}")
     if code == _scan.DST_REPEATED:
@@ -215,9 +217,13 @@ def outputs(p: KVPool, out, num_tokens: int) -> None:
         return
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ShapeError(f"out must be a pair (key, value) of arrays, got {type(out).__name__}")
-    tokens(p, "out[0]", out[0], num_tokens)
-    tokens(p, "out[1]", out[1], num_tokens)
-    if out[0] is out[1] or (isinstance(out[0], np.ndarray) and np.may_share_memory(out[0], out[1])):
+    for i in (0, 1):
+        tokens(p, f"out[{i}]", out[i], num_tokens)
+        if isinstance(out[i], np.ndarray) and not out[i].flags.writeable:
+            raise ArgumentError(f"out[{i}] is read-only; the results are written into it")
+        if overlap(out[i], p.data) or (p.scales is not None and overlap(out[i], p.scales)):
+            raise ArgumentError(f"out[{i}] overlaps the pool's memory: the results would overwrite the cache")
+    if out[0] is out[1] or overlap(out[0], out[1]):
         raise ShapeError("out[0] and out[1] overlap; keys and values need separate buffers")
 
 
@@ -304,8 +310,9 @@ def attention_options(p: KVPool, scale, sliding_window, soft_cap) -> AttentionOp
     window = 0
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, (int, np.integer)) \
-                or sliding_window < 1:
-            raise ArgumentError(f"sliding_window must be a positive integer, got {sliding_window!r}")
+                or not 1 <= sliding_window <= INT32_MAX:
+            raise ArgumentError(f"sliding_window must be an integer in 1..{INT32_MAX} (context lengths "
+                                f"are int32), got {sliding_window!r}")
         window = int(sliding_window)
     cap = 0.0
     if soft_cap is not None:
@@ -323,6 +330,8 @@ def _finite(x, name: str) -> float:
     a non-zero number that float32 rounds to zero."""
     try:
         x = float(x)
+    except OverflowError:  # an int past float64's range
+        raise ArgumentError(f"{name} = {x} is outside float32's range (the kernels compute in float32)") from None
     except (TypeError, ValueError):
         raise ArgumentError(f"{name} must be a number, got {x!r}") from None
     if not np.isfinite(x):

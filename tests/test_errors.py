@@ -3,6 +3,8 @@
 Each case runs on every backend: the same checks guard every kernel.
 """
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ SLOTS = np.array([0, 5, -1], np.int64)
 TABLES = np.array([[0, 1], [2, -1]], np.int32)
 LENS = np.array([5, 3], np.int32)
 I64 = lambda *x: np.array(x, np.int64)  # noqa: E731
+Q = np.ones((2, 4, 4), np.float32)
 
 # name: (call(backend, pool, other_pool), exception, words the message must contain)
 CASES = {
@@ -73,6 +76,25 @@ CASES = {
     "copy chain": (lambda b, p, o: b.copy_blocks(p, I64(0, 1), I64(1, 2)), pk.BlockCopyError, "both a source"),
     "copy int32 ids": (lambda b, p, o: b.copy_blocks(p, np.array([0], np.int32), I64(1)), pk.DTypeError, "int64"),
     "swap geometry differs": (lambda b, p, o: b.swap_blocks(o, p, I64(0), I64(1)), pk.PoolMismatchError, "geometry"),
+    # the front-door holes of issue 16: each used to reach a kernel or escape as a builtin error
+    "read out inside the pool": (lambda b, p, o: b.read(p, 0, SLOTS, out=(p.data[24:48].reshape(3, 2, 4), out(b, 3))),
+                                 pk.ArgumentError, "overlaps the pool's memory"),
+    "gather out inside the pool": (lambda b, p, o: b.gather(p, 0, TABLES, LENS,
+                                                            out=(out(b, 8), p.data[:64].reshape(8, 2, 4))),
+                                   pk.ArgumentError, "out[1] overlaps the pool's memory"),
+    "read outs overlap in part": (lambda b, p, o: (lambda x: b.read(p, 0, SLOTS, out=(x[0:3], x[2:5])))(out(b, 6)),
+                                  pk.ShapeError, "overlap"),
+    "swap pools sharing one buffer": (lambda b, p, o: b.swap_blocks(p, copy.copy(p), I64(1, 2), I64(2, 3)),
+                                      pk.BlockCopyError, "both a source"),
+    "attention scale past float64": (lambda b, p, o: b.paged_attention(Q, p, 0, TABLES, LENS, scale=10**400),
+                                     pk.ArgumentError, "outside float32"),
+    "attention soft_cap past float64": (lambda b, p, o: b.paged_attention(Q, p, 0, TABLES, LENS, soft_cap=-10**400),
+                                        pk.ArgumentError, "outside float32"),
+    "attention window past int64": (lambda b, p, o: b.paged_attention(Q, p, 0, TABLES, LENS, sliding_window=10**30),
+                                    pk.ArgumentError, "sliding_window must be an integer in 1..2147483647"),
+    "attention window uint64": (lambda b, p, o: b.paged_attention(Q, p, 0, TABLES, LENS,
+                                                                  sliding_window=np.uint64(2**64 - 1)),
+                                pk.ArgumentError, "sliding_window"),
 }
 
 
@@ -97,6 +119,37 @@ def test_swap_into_one_destination_twice(backend):
     with pytest.raises(pk.BlockCopyError, match="more than one"):
         backend.swap_blocks(src, dst, I64(0, 1), I64(2, 2))
     np.testing.assert_array_equal(host(dst), before)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_read_only_out_is_refused(name):
+    pool = pst.filled_pool(CONFIG, 1)
+    before = host(pool)
+    k, v = np.zeros((3, 2, 4), np.float32), np.zeros((3, 2, 4), np.float32)
+    v.flags.writeable = False
+    with pytest.raises(pk.ArgumentError, match=r"out\[1\] is read-only"):
+        pk.get_backend(name).read(pool, 0, SLOTS, out=(k, v))
+    np.testing.assert_array_equal(host(pool), before)
+
+
+def test_strided_index_arrays_give_the_result_of_their_values(backend):
+    """A sliced (strided or reversed) index array is taken for its values on every backend;
+    the cuda backend used to let numpy's ValueError about non-contiguous buffers escape."""
+    slots = I64(9, 0, 6, 0, 3)[::2]  # 9, 6, 3
+    tables = np.array([[3, 0, 1, 0], [2, 0, 0, 0]], np.int32)[:, ::2]  # [[3, 1], [2, 0]]
+    want = pst.filled_pool(CONFIG, 1)
+    ref = pk.get_backend("numpy")
+    ref.write(want, 1, KEY, 2 * KEY, np.ascontiguousarray(slots))
+    pool = on_device(pst.filled_pool(CONFIG, 1), backend)
+    backend.write(pool, 1, KEY, 2 * KEY, slots)
+    np.testing.assert_array_equal(host(pool), host(want))
+    backend.write(pool, 0, KEY, KEY, slots[::-1].copy()[::-1])  # reversed twice: a negative-stride view
+    ref.write(want, 0, KEY, KEY, np.ascontiguousarray(slots))
+    np.testing.assert_array_equal(host(pool), host(want))
+    got = backend.gather(pool, 1, tables, LENS)
+    expected = ref.gather(want, 1, np.ascontiguousarray(tables), LENS)
+    for g, e in zip(got[:2], expected[:2], strict=True):
+        np.testing.assert_array_equal(host(g), e)
 
 
 def test_errors_are_also_builtin_kinds():

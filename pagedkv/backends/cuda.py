@@ -82,8 +82,10 @@ def _on_device(x, name: str):
 
 
 def _upload(x: np.ndarray):
-    """Copy a host array to the GPU: the one place this backend does (tests count the calls)."""
-    return cuda.to_device(x)
+    """Copy a host array to the GPU: the one place this backend does (tests count the calls).
+    A strided or reversed view (an index array sliced ``[::2]``, ``[::-1]``) goes over as a
+    contiguous copy, as the CPU backends accept it."""
+    return cuda.to_device(np.ascontiguousarray(x))
 
 
 def _to_device(x):
