@@ -141,3 +141,23 @@ class AttentionScaling:
         return self.copy_seconds / self.seconds
 
     track_ratio_to_copy.unit = "x copy (target >= 0.8 for context >= 1k)"
+
+
+class PrefillAttention:
+    """Causal prefill of 2,048 tokens (Hq=32, H=8, D=128) in tiles (issue 16, item 1): against
+    torch's scaled_dot_product_attention(is_causal=True) on a dense copy; target >= 1.0."""
+
+    number = 1
+    repeat = 1
+    timeout = 300
+
+    def setup(self):
+        self.m = B.measure_prefill()
+
+    def track_ratio_to_torch_sdpa(self):
+        if self.m["vs_torch_sdpa"] is None:
+            raise NotImplementedError("torch is not installed")
+        return self.m["vs_torch_sdpa"]
+
+    track_ratio_to_torch_sdpa.unit = "x torch SDPA (target >= 1)"
+

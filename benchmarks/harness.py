@@ -322,6 +322,36 @@ def measure_attention(layout: str = "NHD") -> dict[str, float | None]:
     }
 
 
+def measure_prefill(context: int = 2048, q_heads: int = 32, heads: int = H, head_dim: int = D,
+                    layout: str = "NHD") -> dict[str, float | None]:
+    """Causal prefill of one ``context``-token sequence (every position a query, Hq=32, H=8,
+    D=128, blocks in random order): numba's tiled attention beside torch CPU
+    ``scaled_dot_product_attention(is_causal=True)`` on a dense copy of the same K/V (medians)."""
+    rng = np.random.default_rng(0)
+    config = CacheConfig(num_layers=1, num_kv_heads=heads, head_dim=head_dim, num_blocks=cdiv(context, BLOCK_SIZE),
+                         block_size=BLOCK_SIZE, layout=layout)
+    pool = KVPool(config)
+    tables = rng.permutation(config.num_blocks).astype(np.int32)[None]
+    lens = np.array([context], np.int32)
+    k = rng.standard_normal((context, heads, head_dim), dtype=np.float32)
+    v = rng.standard_normal((context, heads, head_dim), dtype=np.float32)
+    numba = get_backend("numba")
+    numba.write(pool, 0, k, v, gather_slots(tables, lens, BLOCK_SIZE))
+    q = rng.standard_normal((context, q_heads, head_dim), dtype=np.float32)
+    t = median_seconds(lambda: numba.paged_attention(q, pool, 0, tables, lens, query_lens=lens), repeat=3)
+    t_torch = None
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        pass
+    else:
+        dense = [torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2)))[None] for x in (q, k, v)]
+        t_torch = median_seconds(lambda: F.scaled_dot_product_attention(*dense, is_causal=True, enable_gqa=True),
+                                 repeat=3)
+    return {"seconds": t, "torch_seconds": t_torch, "vs_torch_sdpa": t_torch / t if t_torch else None}
+
+
 def on_gpu_attention(w: AttentionWorkload) -> AttentionWorkload:
     """The attention workload with its pool, queries and tables on the GPU."""
     from numba import cuda

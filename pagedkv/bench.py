@@ -205,12 +205,12 @@ def torch_peer(w: Workload, routine: str) -> Callable[[], object] | None:
                 v[blocks, :, pos] = value
         return f
     if routine == "gather":
-        slots = gather_slots(w.tables, w.lens, BLOCK_SIZE)
+        gathered = gather_slots(w.tables, w.lens, BLOCK_SIZE)
         if nhd:
             flat_k, flat_v = k.view(-1, H, D), v.view(-1, H, D)
-            idx = torch.from_numpy(slots)
+            idx = torch.from_numpy(gathered)
             return lambda: (flat_k.index_select(0, idx), flat_v.index_select(0, idx))
-        gb, gp = (torch.from_numpy(a) for a in split_slot(slots, BLOCK_SIZE))
+        gb, gp = (torch.from_numpy(a) for a in split_slot(gathered, BLOCK_SIZE))
         return lambda: (k[gb, :, gp], v[gb, :, gp])
     if routine == "copy_blocks":
         src, dst = torch.from_numpy(w.src), torch.from_numpy(w.dst)

@@ -187,3 +187,37 @@ def test_bad_attention_input(backend, case):
     with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
         backend.paged_attention(args.pop("q"), pool, 0, args.pop("tables"), args.pop("lens"), **args)
     np.testing.assert_array_equal(host(pool), before)
+
+
+@given(st.data(), st.integers(0, 2**32 - 1))
+def test_tiled_prefill_agrees_with_the_reference(data, seed):
+    """The numba backend runs long query runs (prefill, chunked prefill) as tiles of up to 16 rows
+    (pagedkv.backends._numba_prefill): tiles cut mid-sequence, padded widths and block sizes,
+    GQA groups, windows, soft caps, empty sequences and every storage format."""
+    numba = pk.get_backend("numba")
+    config = data.draw(pst.configs(max_layers=1, max_kv_heads=2, max_head_dim=8, max_blocks=12, max_block_size=6,
+                                   dtypes=formats_of(numba)), label="config")
+    host_pool = pst.filled_pool(config, seed)
+    tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=6), label="tables")
+    query_lens = np.array([data.draw(st.integers(0, int(n))) for n in lens], dtype=np.int32)
+    rows = int(query_lens.sum())
+    if rows < 4 * len(lens):  # the tiled path runs from 4 query rows a sequence on average
+        query_lens = lens.copy()
+        rows = int(lens.sum())
+    hq = config.num_kv_heads * data.draw(st.integers(1, 3), label="group")
+    options = dict(query_lens=query_lens, sliding_window=data.draw(st.none() | st.integers(1, 9)),
+                   soft_cap=data.draw(st.none() | st.floats(0.5, 30.0)))
+    q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
+    expected = ref.paged_attention(q, host_pool, 0, tables, lens, **options)
+    actual = numba.paged_attention(q, host_pool, 0, tables, lens, **options)
+    largest = kv_max(host_pool, 0)
+    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, largest,
+                           score_bound(config.head_dim, 1 / np.sqrt(config.head_dim),
+                                       float(np.abs(q).max(initial=0)), largest))
+
+
+def test_tiles_cut_each_sequence_into_runs():
+    from pagedkv.backends._numba_prefill import tiles
+
+    first, rows = tiles(np.zeros(0, np.int32), np.array([3, 0, 35, 16], np.int32), 16)
+    assert first.tolist() == [0, 3, 19, 35, 38] and rows.tolist() == [3, 16, 16, 3, 16]

@@ -51,6 +51,7 @@ class GroupedCacheMachine(RuleBasedStateMachine):
         np.testing.assert_array_equal(after[2], before[2])
 
     def run_step(self, seqs, new):
+        self.cache.end_step()  # begin_step ends the open step first: its deferred frees are not the step's
         before = self.snapshot()
         try:
             step = self.cache.begin_step(seqs, [len(t) for t in new], token_ids=new)

@@ -22,15 +22,16 @@ from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from ._host import new_outputs, read_raw
 from ._numba_codecs import NO_CODEC, NO_LUT, SCALE_KINDS, TENSOR, TOKEN, decode_row, decode_table, load_row, store_row
+from ._numba_prefill import block_base, scale_index, tiled_attention_kernel, tiles
+from ._numba_prefill import row_scale as _row_scale
 
 NAME = "numba"
 DEVICE = "cpu"
+PREFILL_MIN_ROWS = 4  #: query rows per sequence (on average) from which attention runs tiled
 
 # The layout arithmetic, compiled for the CPU: the same source as the reference uses.
-block_base = njit(inline="always", cache=True)(layout.block_base)
 token_base = njit(inline="always", cache=True)(layout.token_base)
 table_slot = njit(inline="always", cache=True)(layout.table_slot)
-scale_index = njit(inline="always", cache=True)(layout.scale_index)
 block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 
 
@@ -41,16 +42,6 @@ block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 # Token buffers reach the kernels flattened to 1-D (``key.reshape(-1)``, a view):
 # numba copies flat slices several times faster than rows of a 3-D array. Their
 # uint32 views (``*_bits``) let the encoders work on float32 bit patterns.
-
-
-@njit(inline="always")
-def _row_scale(layer, kv, slot, h, s, kind, tensor_scale, scales):
-    """The multiplier of one stored row: fp8's per-layer scale, int8's per (token, head), or 1."""
-    if kind == TOKEN:
-        return scales[scale_index(layer, kv, slot, h, s)]
-    if kind == TENSOR:
-        return tensor_scale
-    return np.float32(1.0)
 
 
 @njit(parallel=True, cache=True)
@@ -186,6 +177,13 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
     opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
     check_window(a, opt.window)
     out = np.empty(q.shape, dtype=np.float32)
+    if a.query_lens is not None and a.num_rows >= PREFILL_MIN_ROWS * a.query_lens.shape[0]:
+        # prefill: tiles of query rows stream each block once per tile, not once per row
+        first, rows = tiles(a.row_seq, a.query_lens)
+        tiled_attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, first,
+                               rows, out, opt.window, np.float32(opt.scale), np.float32(opt.soft_cap),
+                               pool.strides, *_format_args(pool, layer))
+        return out
     # NHD keeps a token's heads together: one task takes them all, reading blocks in order
     heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
     attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,

@@ -1,0 +1,198 @@
+"""Prefill and chunked-prefill attention on the CPU, tiled as FlashAttention-2 does.
+
+The decode kernel of :mod:`pagedkv.backends.numba_cpu` takes one query row per
+task and streams that row's whole context: a 2,048-token prefill would read every
+K/V row about 2,048 times. Here a task is a *tile*: up to ``TILE_ROWS`` consecutive
+query rows of one sequence and one K/V head, with all the query heads that read
+that head (grouped-query attention). The task streams each block of the tile's
+context once: it decodes the block's K rows into a transposed buffer ``kt [D, n]``
+and its V rows into ``vb [n, D]``, then for every query vector of the tile
+
+    scores[w, :n] = qs[w] . kt                         (vectorised over the n positions)
+    online softmax: m, denominator and accumulator rescaled once per block
+    acc[w, :]    += sum_i e[w, i] * vb[i, :]           (vectorised over D)
+
+with each row's causal limit, sliding window and soft cap applied to its own
+scores. A narrow-format pool's rows are decoded once per tile and block instead of
+once per query row. The numbers are the decode kernel's (float32 streaming
+softmax); the tolerance against the float64 reference is the same
+(:mod:`pagedkv.testing.tolerance`).
+
+Tasks are numbered so that consecutive ids alternate cheap and dear tiles
+(the first and last of a causal prefill): numba's ``prange`` hands each thread
+a contiguous range of ids, and causal tiles cost in proportion to their position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .. import layout
+from ..layout import K, V
+from ._numba_codecs import TENSOR, TOKEN, as_float32, load_row
+
+TILE_ROWS = 16  #: query rows (positions) of one sequence per task
+#: the float liberties the dot products need to vectorise; no 'ninf'/'nnan': masks use -inf
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+block_base = njit(inline="always", cache=True)(layout.block_base)
+scale_index = njit(inline="always", cache=True)(layout.scale_index)
+
+
+@njit(inline="always")
+def row_scale(layer, kv, slot, h, s, kind, tensor_scale, scales):
+    """The multiplier of one stored row: fp8's per-layer scale, int8's per (token, head), or 1."""
+    if kind == TOKEN:
+        return scales[scale_index(layer, kv, slot, h, s)]
+    if kind == TENSOR:
+        return tensor_scale
+    return np.float32(1.0)
+
+
+def tiles(row_seq: np.ndarray, query_lens: np.ndarray, tile_rows: int = TILE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``(first_row, num_rows)`` of each tile: every sequence's query rows (consecutive in
+    ``q``) cut into runs of at most ``tile_rows``; sequences without queries give none."""
+    starts = np.concatenate([[0], np.cumsum(query_lens, dtype=np.int64)[:-1]])
+    per_seq = -(-query_lens.astype(np.int64) // tile_rows)
+    seq = np.repeat(np.arange(query_lens.shape[0]), per_seq)
+    k = np.arange(seq.shape[0]) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    first = starts[seq] + k * tile_rows
+    return first, np.minimum(query_lens[seq] - k * tile_rows, tile_rows).astype(np.int64)
+
+
+@njit(inline="always")
+def fast_exp(x):
+    """``exp(x)`` in float32 for ``x <= 0``, without a branch or a library call, so that a loop
+    of them vectorises (libm's ``expf`` is a scalar call of about 4 ns, the largest cost of a
+    softmax over a block). Cody-Waite reduction ``x = k ln 2 + r`` (``|r| <= ln 2 / 2``), the
+    degree-6 polynomial of Cephes' ``expf`` for ``e^r`` (about 1 ulp), and ``2^k`` built from its
+    exponent bits; ``x`` below -87 (where ``e^x`` is under float32's normal range) gives
+    ``e^-87``, a weight of 1e-38 beside the row's largest weight of 1.
+    """
+    x = max(x, np.float32(-87.0))
+    k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * r * r + r + np.float32(1.0)
+    return y * as_float32(np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23))
+
+
+@njit(inline="always")
+def _scores(qs, kb, scores, width, n):
+    """``scores[w, i] = qs[w] . kb[i]`` for ``w < width``, ``i < n`` (both even / multiples of 4,
+    padded): two query vectors against two keys at a time, four sums over D in registers."""
+    for w in range(0, width, 2):
+        q0, q1 = qs[w], qs[w + 1]
+        for i in range(0, n, 2):
+            k0, k1 = kb[i], kb[i + 1]
+            a0 = a1 = b0 = b1 = np.float32(0.0)
+            for d in range(qs.shape[1]):
+                x, y, u, v = q0[d], q1[d], k0[d], k1[d]
+                a0 += x * u
+                a1 += x * v
+                b0 += y * u
+                b1 += y * v
+            scores[w, i], scores[w, i + 1], scores[w + 1, i], scores[w + 1, i + 1] = a0, a1, b0, b1
+
+
+@njit(inline="always")
+def _weighted_values(e, vb, acc, width, n):
+    """``acc[w] += sum_i e[w, i] * vb[i]`` for ``w < width``, ``i < n`` (padded as for _scores):
+    two accumulator rows take four value rows per pass."""
+    for w in range(0, width, 2):
+        a, b = acc[w], acc[w + 1]
+        for i in range(0, n, 4):
+            x0, x1, x2, x3 = e[w, i], e[w, i + 1], e[w, i + 2], e[w, i + 3]
+            y0, y1, y2, y3 = e[w + 1, i], e[w + 1, i + 1], e[w + 1, i + 2], e[w + 1, i + 3]
+            v0, v1, v2, v3 = vb[i], vb[i + 1], vb[i + 2], vb[i + 3]
+            for d in range(vb.shape[1]):
+                p, q, r, t = v0[d], v1[d], v2[d], v3[d]
+                a[d] += x0 * p + x1 * q + x2 * r + x3 * t
+                b[d] += y0 * p + y1 * q + y2 * r + y3 * t
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def tiled_attention_kernel(data, layer, q, tables, row_seq, row_pos, tile_first, tile_rows, out, window, scale,
+                           cap, s, codec, kind, k_scale, v_scale, scales, k_lut, v_lut):
+    """Attention of every tile's query rows over their sequence's blocks; see the module docstring.
+    Buffers are padded (query vectors to an even count, positions to a multiple of 4) with
+    zeros whose weights are 0, so that the inner loops run without remainders."""
+    num_kv_heads, head_dim, block_size = s.num_kv_heads, s.head_dim, s.block_size
+    pos_stride, head_stride = s.pos_stride, s.head_stride
+    group = q.shape[1] // num_kv_heads
+    num_tiles = tile_first.shape[0]
+    npad = (block_size + 3) // 4 * 4
+    minus_inf = np.float32(-np.inf)
+    for task in prange(num_tiles * num_kv_heads):
+        pair, h = task // num_kv_heads, task % num_kv_heads
+        t = pair // 2 if pair % 2 == 0 else num_tiles - 1 - pair // 2  # 0, n-1, 1, n-2, ...
+        r0, nr = tile_first[t], tile_rows[t]
+        first_pos, last_pos = row_pos[r0], row_pos[r0 + nr - 1]
+        if first_pos < 0:  # a sequence with no context
+            out[r0:r0 + nr, h * group:(h + 1) * group, :] = 0.0
+            continue
+        b, width = row_seq[r0], nr * group
+        wpad = width + width % 2
+        qs = np.zeros((wpad, head_dim), dtype=np.float32)  # the tile's query vectors, pre-scaled
+        for w in range(width):
+            for d in range(head_dim):
+                qs[w, d] = q[r0 + w // group, h * group + w % group, d] * scale
+        m = np.full(wpad, minus_inf, dtype=np.float32)
+        denom = np.zeros(wpad, dtype=np.float32)
+        acc = np.zeros((wpad, head_dim), dtype=np.float32)
+        scores = np.zeros((wpad, npad), dtype=np.float32)
+        kb = np.zeros((npad, head_dim), dtype=np.float32)  # a block's keys and values, zero-padded
+        vb = np.zeros((npad, head_dim), dtype=np.float32)
+        row = np.empty(head_dim, dtype=np.float32)
+        start = max(0, first_pos - window + 1) if window > 0 else 0  # the first row's window reaches furthest
+        for j in range(start // block_size, last_pos // block_size + 1):
+            first = j * block_size
+            n = min(last_pos + 1, first + block_size) - first
+            block = np.int64(tables[b, j])
+            k_base = block_base(layer, K, block, s) + h * head_stride
+            v_base = block_base(layer, V, block, s) + h * head_stride
+            slot0 = block * block_size
+            for i in range(n):  # each K and V row of the block once per tile
+                kb[i, :] = load_row(data, k_base + i * pos_stride, head_dim, row, codec, kind,
+                                    row_scale(layer, K, slot0 + i, h, s, kind, k_scale, scales), k_lut)[:head_dim]
+                vb[i, :] = load_row(data, v_base + i * pos_stride, head_dim, row, codec, kind,
+                                    row_scale(layer, V, slot0 + i, h, s, kind, v_scale, scales), v_lut)[:head_dim]
+            kb[n:, :] = 0.0
+            vb[n:, :] = 0.0
+            _scores(qs, kb, scores, wpad, npad)
+            for w in range(width):  # each row's mask, soft cap and streaming softmax
+                sw = scores[w]
+                pos = row_pos[r0 + w // group]
+                lo = max(first, pos - window + 1) - first if window > 0 else 0  # its visible positions
+                hi = min(pos + 1, first + n) - first
+                if hi <= lo:
+                    sw[:] = 0.0  # nothing of this block is visible to this row
+                    continue
+                m_new = m[w]
+                for i in range(lo, hi):
+                    if cap > 0:
+                        sw[i] = cap * np.tanh(sw[i] / cap)
+                    m_new = max(m_new, sw[i])
+                correction = np.exp(m[w] - m_new)
+                total = np.float32(0.0)
+                for i in range(npad):
+                    e = fast_exp(sw[i] - m_new)
+                    e = e if lo <= i < hi else np.float32(0.0)
+                    sw[i] = e
+                    total += e
+                denom[w] = denom[w] * correction + total
+                m[w] = m_new
+                acc[w, :] *= correction
+            if wpad > width:
+                scores[width, :] = 0.0
+            _weighted_values(scores, vb, acc, wpad, npad)
+        for w in range(width):
+            r, hq = r0 + w // group, h * group + w % group
+            for d in range(head_dim):
+                out[r, hq, d] = acc[w, d] / denom[w]
