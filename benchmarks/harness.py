@@ -71,15 +71,17 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
     """The numba kernel alone on already-checked arguments: what validation is measured against."""
     from pagedkv.backends import numba_cpu as nb
 
-    s = w.pool.strides
+    s, fmt = w.pool.strides, nb._format_args(w.pool, 0)
     if routine == "write":
         key, value = w.key.reshape(-1), w.value.reshape(-1)
-        return lambda: nb.write_kernel(w.pool.data, 0, key, value, w.slots, s)
+        scratch = np.empty((1, 1), np.float32)
+        return lambda: nb.write_kernel(w.pool.data, 0, key, value, key.view(np.uint32), value.view(np.uint32),
+                                       w.slots, s, *fmt[:5], scratch)
     if routine == "gather":
-        cu = cu_seqlens(w.lens)
+        cu, blocks = cu_seqlens(w.lens), nb.gather_block_counts(w.lens, BLOCK_SIZE)
         out_k = np.empty(int(cu[-1]) * H * D, np.float32)
         out_v = np.empty_like(out_k)
-        return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, cu, out_k, out_v, s)
+        return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, w.lens, cu, blocks, out_k, out_v, s, *fmt)
     if routine == "copy_blocks":
         return lambda: nb.move_blocks_kernel(w.pool.data, w.pool.data, w.src, w.dst, s)
     raise ValueError(routine)

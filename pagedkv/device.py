@@ -6,6 +6,7 @@ asked for the GPU: ``import pagedkv`` never needs it.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -96,9 +97,8 @@ def byte_bounds(a: object) -> tuple[bool, int, int] | None:
         iface = getattr(a, "__array_interface__", None)
     if not isinstance(iface, dict) or 0 in iface["shape"]:
         return None
-    shape, itemsize = iface["shape"], np.dtype(iface["typestr"]).itemsize
-    strides = iface.get("strides") or tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize
-                                            for i in range(len(shape)))
+    shape, itemsize = iface["shape"], int(iface["typestr"][2:])
+    strides = iface.get("strides") or tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
     low = high = int(iface["data"][0])
     for n, stride in zip(shape, strides, strict=True):
         if stride < 0:
@@ -110,6 +110,8 @@ def byte_bounds(a: object) -> tuple[bool, int, int] | None:
 
 def overlap(a: object, b: object) -> bool:
     """Whether arrays ``a`` and ``b`` may share memory (their address ranges meet, on the same side)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))  # the same test, in C: a decode step calls this per layer
     x, y = byte_bounds(a), byte_bounds(b)
     return x is not None and y is not None and x[0] == y[0] and x[1] < y[2] and y[1] < x[2]
 

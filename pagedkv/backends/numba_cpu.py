@@ -95,14 +95,35 @@ def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_sca
 
 
 @njit(parallel=True, cache=True)
-def gather_kernel(data, layer, tables, cu, out_k, out_v, s, codec, kind, k_scale, v_scale,
+def gather_kernel(data, layer, tables, lens, cu, block_cu, out_k, out_v, s, codec, kind, k_scale, v_scale,
                   scales, k_lut, v_lut):
-    """Row i of the packed output is token ``i - cu[b]`` of the sequence b with ``cu[b] <= i < cu[b+1]``."""
-    for i in prange(cu[cu.shape[0] - 1]):
-        b = np.searchsorted(cu, i, side="right") - 1  # skips empty sequences
-        slot = table_slot(tables, b, i - cu[b], s.block_size)
-        _load_token(data, layer, slot, out_k, out_v, i, s, codec, kind, k_scale, v_scale,
-                    scales, k_lut, v_lut)
+    """A task is one block of one sequence (``block_cu``: the running count of blocks); its
+    tokens go to rows ``cu[b] + j * block_size ...`` of the packed outputs. In layout NHD a
+    block's tokens lie back to back, as in the output, so the block is one run (a copy, or
+    one decoding pass unless int8's per-row scales need a pass a row); in HND, row by row."""
+    block_size, row_len = s.block_size, s.num_kv_heads * s.head_dim
+    whole_runs = s.pos_stride == row_len and kind != TOKEN
+    for task in prange(block_cu[block_cu.shape[0] - 1]):
+        b = np.searchsorted(block_cu, task, side="right") - 1
+        first = (task - block_cu[b]) * block_size
+        n = min(block_size, lens[b] - first)
+        block, row = np.int64(tables[b, first // block_size]), cu[b] + first
+        if whole_runs:
+            decode_row(data, block_base(layer, K, block, s), n * row_len, out_k, row * row_len, codec, kind,
+                       k_scale, k_lut)
+            decode_row(data, block_base(layer, V, block, s), n * row_len, out_v, row * row_len, codec, kind,
+                       v_scale, v_lut)
+            continue
+        for i in range(n):
+            _load_token(data, layer, block * block_size + i, out_k, out_v, row + i, s, codec, kind, k_scale,
+                        v_scale, scales, k_lut, v_lut)
+
+
+def gather_block_counts(lens: np.ndarray, block_size: int) -> np.ndarray:
+    """int64 ``[B + 1]``: blocks of the sequences before each (the gather kernel's task index)."""
+    out = np.zeros(lens.shape[0] + 1, dtype=np.int64)
+    np.cumsum(-(-lens.astype(np.int64) // block_size), out=out[1:])
+    return out
 
 
 @njit(parallel=True, cache=True)
@@ -224,7 +245,8 @@ def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.
     cu = layout.cu_seqlens(context_lens)
     out_k, out_v = new_outputs(pool, int(cu[-1]), out)
     fk, fv = out_k.reshape(-1), out_v.reshape(-1)
-    gather_kernel(pool.data, layer, block_tables, cu, fk, fv, pool.strides,
+    gather_kernel(pool.data, layer, block_tables, context_lens, cu,
+                  gather_block_counts(context_lens, pool.config.block_size), fk, fv, pool.strides,
                   *_format_args(pool, layer))
     return out_k, out_v, cu
 
