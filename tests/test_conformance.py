@@ -298,9 +298,41 @@ def test_a_scale_dropped_by_copy_blocks_is_caught():
     assert "int8 scale" in str(e) and e.where["slot"] // e.case["block_size"] in e.case["dst"]
 
 
-def test_scaled_formats_need_the_pagedkv_convention():
+def test_int8_needs_the_pagedkv_convention():
     with pytest.raises(ValueError, match="only the 'pagedkv' convention"):
-        check_write(vllm_write, convention="vllm", dtype="fp8_e4m3")
+        check_write(vllm_write, convention="vllm", dtype="int8")
+
+
+def vllm_write_fp8(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, *, bug=None):
+    """vLLM's fp8 reshape_and_cache: stored = e4m3(x / scale), per-tensor scales (ml_dtypes encodes)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bs = key_cache.shape[1]
+    if bug == "scale dropped":
+        k_scale = v_scale = 1.0
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            for cache, x, scale in ((key_cache, key, k_scale), (value_cache, value, v_scale)):
+                cache[slot // bs, slot % bs] = (x[t] / np.float32(scale)).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+
+def vllm_read_fp8(key_cache, value_cache, slot_mapping, k_scale, v_scale):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bs = key_cache.shape[1]
+    out = np.zeros((2, len(slot_mapping)) + key_cache.shape[2:], np.float32)
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            for i, (cache, scale) in enumerate(((key_cache, k_scale), (value_cache, v_scale))):
+                out[i, t] = cache[slot // bs, slot % bs].view(ml_dtypes.float8_e4m3fn).astype(np.float32) \
+                    * np.float32(scale)
+    return out[0], out[1]
+
+
+def test_fp8_kernels_in_vllm_layout_take_its_per_tensor_scales():
+    check_write(vllm_write_fp8, convention="vllm", dtype="fp8_e4m3", max_examples=N)
+    check_read(vllm_read_fp8, convention="vllm", dtype="fp8_e4m3", max_examples=N)
+    with pytest.raises(KernelMismatch, match=r"write: first difference at layer \d+, K"):
+        check_write(lambda *a: vllm_write_fp8(*a, bug="scale dropped"), convention="vllm", dtype="fp8_e4m3",
+                    max_examples=N)
 
 
 # Correct user kernels in the other engines' layouts, written against their documented shapes.

@@ -37,9 +37,12 @@ torch or CuPy converter) and ``from_user`` (back to numpy).
 
 Storage formats (``dtype=``, names of :data:`pagedkv.formats.FORMATS`): every stored
 byte is compared, so truncation instead of round-to-nearest-even is found and named.
-float16 and bfloat16 caches work in every convention; fp8 and int8 carry scales, which
-only the ``"pagedkv"`` pool holds (a scale applied twice or left behind by
-``copy_blocks`` is found there too).
+float16 and bfloat16 caches work in every convention, and fp8 too, with vLLM's scale
+convention: a per-layer, per-tensor ``k_scale`` and ``v_scale`` (stored = fp8(x / scale)),
+passed to your function as two more arguments, floats, after the others, to ``write``,
+``read``, ``gather`` and ``paged_attention`` (``copy_blocks`` and ``swap_blocks`` move
+bytes and take none). int8's per-(token, head) scales live only in the ``"pagedkv"``
+pool (a scale applied twice or left behind by ``copy_blocks`` is found there too).
 """
 
 from __future__ import annotations
@@ -85,9 +88,9 @@ def _configs(convention: str, dtype: str | Sequence[str] = "float32", **sizes):
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     formats = [get_format(d) for d in ((dtype,) if isinstance(dtype, str) else dtype)]
-    if convention != "pagedkv" and any(f.scale != "none" for f in formats):
-        raise ValueError(f"dtype={dtype!r}: fp8 and int8 carry scales, which only the 'pagedkv' convention's pool "
-                         "holds; other conventions take float32, float16 or bfloat16 caches")
+    if convention != "pagedkv" and any(f.scale == "token" for f in formats):
+        raise ValueError(f"dtype={dtype!r}: int8 carries a scale per token and head, which only the 'pagedkv' "
+                         "convention's pool holds; other conventions take float32, float16, bfloat16 or fp8 caches")
     limits = dict(max_layers=2, max_kv_heads=3, max_head_dim=8, max_blocks=6, max_block_size=4)
     limits.update(sizes)
     configs = pst.configs(layouts=_layouts(convention), dtypes=tuple(f.name for f in formats), **limits)
@@ -134,6 +137,13 @@ def _flat(config: CacheConfig, caches: list[tuple], from_user, convention: str, 
     return pool.host
 
 
+def _scales(pool: KVPool, layer: int) -> tuple[float, ...]:
+    """fp8: the layer's ``(k_scale, v_scale)`` as floats, the extra arguments of a layout
+    convention's kernels; other formats: none."""
+    scales = pool.kv_scales
+    return () if scales is None else (float(scales[layer, 0]), float(scales[layer, 1]))
+
+
 def _user_pool(pool: KVPool, from_user) -> tuple[np.ndarray, np.ndarray | None]:
     """A pagedkv-convention pool's elements and int8 scales, through ``from_user``."""
     return (np.asarray(from_user(pool.data)),
@@ -160,7 +170,7 @@ def check_write(fn: Callable, *, convention: str = "pagedkv", dtype: str | Seque
             got, scales = _user_pool(actual, from_user)
         else:
             caches = _caches(expected, to_user, convention)
-            fn(to_user(key), to_user(value), *caches[layer], to_user(slots))
+            fn(to_user(key), to_user(value), *caches[layer], to_user(slots), *_scales(expected, layer))
             got, scales = _flat(config, caches, from_user, convention, case), None
         ref.write(expected, layer, key, value, slots)
         compare_pool("write", expected, got, case, scales)
@@ -180,7 +190,7 @@ def check_read(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequen
         if convention == "pagedkv":
             got = fn(pool, layer, to_user(slots))
         else:
-            got = fn(*_caches(pool, to_user, convention)[layer], to_user(slots))
+            got = fn(*_caches(pool, to_user, convention)[layer], to_user(slots), *_scales(pool, layer))
         for name, want, g in zip(("K", "V"), ref.read(pool, layer, slots), got, strict=True):
             compare_rows(f"read ({name})", want, from_user(g), case,
                           lambda r: {"slot": int(slots[r])})
@@ -201,9 +211,10 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequ
             got = fn(pool, layer, to_user(tables), to_user(lens))
         elif convention == "flashinfer":
             indptr, indices, last = page_lists(tables, lens, config.block_size)
-            got = fn(*_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices), to_user(last))
+            got = fn(*_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices), to_user(last),
+                     *_scales(pool, 0))
         else:
-            got = fn(*_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens))
+            got = fn(*_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens), *_scales(pool, layer))
         want_k, want_v, want_cu = ref.gather(pool, layer, tables, lens)
         got = list(got)
         if convention == "pagedkv" and len(got) == 3:  # pagedkv's own gather returns cu_seqlens too
@@ -303,10 +314,10 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: s
         elif convention == "flashinfer":
             indptr, indices, last = page_lists(tables, lens, config.block_size)
             got = fn(to_user(q), *_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices),
-                     to_user(last), scale)
+                     to_user(last), scale, *_scales(pool, 0))
         else:
             got = fn(to_user(q), *_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens), scale,
-                     None if query_lens is None else to_user(query_lens))
+                     None if query_lens is None else to_user(query_lens), *_scales(pool, layer))
         want = ref.paged_attention(q, pool, layer, tables, lens, scale=scale, query_lens=query_lens)
         kv_max = max(float(np.abs(pool.k_decoded(i)).max()) for i in range(config.num_layers))
         kv_max = max([kv_max] + [float(np.abs(pool.v_decoded(i)).max()) for i in range(config.num_layers)])
