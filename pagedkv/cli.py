@@ -23,7 +23,7 @@ def _positive(text: str) -> int:
 
 #: pagedkv.testing.checkers.CONVENTIONS (named here: the checkers import hypothesis, a test extra)
 VERIFY_CONVENTIONS = ["pagedkv", "flashinfer", "vllm", "hnd", "vllm_paged", "vllm_cpu", "flashinfer_nhd",
-                      "flashinfer_hnd"]
+                      "flashinfer_hnd", "transformers"]
 
 
 def parser() -> argparse.ArgumentParser:

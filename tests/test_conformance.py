@@ -416,3 +416,27 @@ def test_planted_bugs_in_the_other_layouts_are_caught_and_located():
     later_position = r"copy_blocks: first difference at layer \d+, [KV], block \d+, position [1-9]"
     with pytest.raises(KernelMismatch, match=later_position):
         check_copy_blocks(wrong_page_stride, convention="vllm_cpu", max_examples=N)
+
+
+def test_transformers_rows_per_slot_for_write_and_read():
+    """transformers' paged cache: K and V [num_blocks * block_size, H, D], a row per slot."""
+    def write(key, value, key_cache, value_cache, slot_mapping):
+        real = slot_mapping >= 0
+        key_cache[slot_mapping[real]] = key[real]
+        value_cache[slot_mapping[real]] = value[real]
+
+    def read(key_cache, value_cache, slot_mapping):
+        real = (slot_mapping >= 0)[:, None, None]
+        return np.where(real, key_cache[slot_mapping], 0), np.where(real, value_cache[slot_mapping], 0)
+
+    def write_one_slot_late(key, value, key_cache, value_cache, slot_mapping):
+        real = (slot_mapping >= 0) & (slot_mapping + 1 < key_cache.shape[0])
+        key_cache[slot_mapping[real] + 1] = key[real]
+        value_cache[slot_mapping[real] + 1] = value[real]
+
+    check_write(write, convention="transformers", max_examples=N)
+    check_read(read, convention="transformers", max_examples=N)
+    with pytest.raises(KernelMismatch, match="write: first difference"):
+        check_write(write_one_slot_late, convention="transformers", max_examples=N)
+    with pytest.raises(ValueError, match="write and read only"):
+        check_gather(read, convention="transformers")

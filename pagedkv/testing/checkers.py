@@ -19,7 +19,7 @@ Conventions (``convention=``), the shapes your function receives:
     ``copy_blocks(pool, src, dst)``, ``swap_blocks(src_pool, dst_pool, src,
     dst)``, ``paged_attention(q, pool, layer, block_tables, context_lens,
     scale=..., query_lens=...)``.
-``"vllm"``, ``"hnd"``, ``"vllm_paged"``, ``"vllm_cpu"``, ``"flashinfer_nhd"``, ``"flashinfer_hnd"``
+``"vllm"``, ``"hnd"``, ``"vllm_paged"``, ``"vllm_cpu"``, ``"flashinfer_nhd"``, ``"flashinfer_hnd"``, ``"transformers"``
     each layer's caches in that layout of :mod:`pagedkv.conventions` (``caches``: K and
     V caches, or one K/V tensor): ``write(key, value, *caches, slot_mapping)`` (in place),
     ``read(*caches, slot_mapping) -> (key, value)``, ``gather(*caches, block_tables,
@@ -27,6 +27,8 @@ Conventions (``convention=``), the shapes your function receives:
     block_mapping)`` (``block_mapping`` int64 ``[N, 2]`` of (src, dst)),
     ``swap_blocks(src_cache, dst_cache, block_mapping)`` (called for each cache of each
     layer), ``paged_attention(q, *caches, block_tables, context_lens, scale, query_lens)``.
+    ``"transformers"`` (K and V ``[num_blocks * block_size, H, D]``, a row per slot) has no
+    block size in its shapes: ``write`` and ``read`` only.
 ``"flashinfer"``
     vLLM-shaped caches with FlashInfer's page lists: ``gather(key_cache, value_cache,
     kv_indptr, kv_indices, kv_last_page_len)`` and ``paged_attention(q, key_cache,
@@ -70,9 +72,10 @@ __all__ = [
     "check_swap_blocks", "check_paged_attention",
 ]
 
-#: pagedkv's own, "flashinfer" (page lists over vLLM-shaped caches), and the layouts of pagedkv.conventions
-#: but transformers' rows per slot, which do not carry the block size that block tables need
-CONVENTIONS = ("pagedkv", "flashinfer", *(c for c in LAYOUT_CONVENTIONS if c != "transformers"))
+#: pagedkv's own, "flashinfer" (page lists over vLLM-shaped caches), and the layouts of pagedkv.conventions;
+#: transformers' rows per slot carry no block size, which block tables and block copies need: write and read only
+CONVENTIONS = ("pagedkv", "flashinfer", *LAYOUT_CONVENTIONS)
+SLOT_ONLY = ("transformers",)
 
 
 def _identity(x):
@@ -84,9 +87,12 @@ def _layouts(convention: str):
     return {"vllm": ("NHD",), "hnd": ("HND",), "flashinfer": ("NHD",)}.get(convention, ("NHD", "HND"))
 
 
-def _configs(convention: str, dtype: str | Sequence[str] = "float32", **sizes):
+def _configs(convention: str, dtype: str | Sequence[str] = "float32", routine: str = "", **sizes):
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if convention in SLOT_ONLY and routine not in ("write", "read"):
+        raise ValueError(f"convention {convention!r} (a row per slot, no block size) checks write and read only, "
+                         f"not {routine}")
     formats = [get_format(d) for d in ((dtype,) if isinstance(dtype, str) else dtype)]
     if convention != "pagedkv" and any(f.scale == "token" for f in formats):
         raise ValueError(f"dtype={dtype!r}: int8 carries a scale per token and head, which only the 'pagedkv' "
@@ -157,7 +163,7 @@ def check_write(fn: Callable, *, convention: str = "pagedkv", dtype: str | Seque
                 to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``write`` / ``reshape_and_cache`` kernel: every byte of the cache afterwards,
     with padding (negative) slots mixed in anywhere."""
-    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "write"), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         expected = pst.filled_pool(config, seed)
         slots = data.draw(pst.slot_mappings(config, max_tokens=10), label="slot_mapping")
@@ -181,7 +187,7 @@ def check_read(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequen
                max_examples: int = 100,
                to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``read`` kernel (slots may repeat; padding must read as zeros)."""
-    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "read"), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         pool = pst.filled_pool(config, seed)
         slots = data.draw(pst.slot_mappings(config, max_tokens=10, unique=False), label="slot_mapping")
@@ -201,7 +207,7 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequ
                  max_examples: int = 100,
                  to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``gather`` kernel: block tables with shared and repeated blocks, empty sequences."""
-    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "gather"), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         pool = pst.filled_pool(config, seed)
         tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3), label="tables")
@@ -231,7 +237,7 @@ def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
                       max_examples: int = 100,
                       to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``copy_blocks`` kernel: every layer, K and V, and nothing else touched."""
-    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "copy_blocks"), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         expected = pst.filled_pool(config, seed)
         src, dst = data.draw(pst.block_copies(config), label="copies")
@@ -253,7 +259,7 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
                       max_examples: int = 100,
                       to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a ``swap_blocks`` kernel between two pools (or two caches) of one geometry."""
-    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "swap_blocks"), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         source = pst.filled_pool(config, seed)
         expected = pst.filled_pool(config, seed + 1)
@@ -291,7 +297,7 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: s
     overflow a softmax that does not subtract the max. The default tolerance
     is :mod:`pagedkv.testing.tolerance`'s bound for float32 kernels.
     """
-    @given(_configs(convention, dtype), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "paged_attention"), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         rng = np.random.default_rng(seed)
         magnitude = data.draw(st.sampled_from([1.0, 1.0, 30.0]), label="magnitude")  # 30: exp overflows unshifted
