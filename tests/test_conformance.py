@@ -298,9 +298,43 @@ def test_a_scale_dropped_by_copy_blocks_is_caught():
     assert "int8 scale" in str(e) and e.where["slot"] // e.case["block_size"] in e.case["dst"]
 
 
-def test_int8_needs_the_pagedkv_convention():
-    with pytest.raises(ValueError, match="only the 'pagedkv' convention"):
-        check_write(vllm_write, convention="vllm", dtype="int8")
+def vllm_write_int8(key, value, key_cache, value_cache, k_scales, v_scales, slot_mapping):
+    """int8 with a scale per (token, head): scale = max|x| / 127 (1 for an all-zero row)."""
+    bs = key_cache.shape[1]
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            for cache, scales, x in ((key_cache, k_scales, key), (value_cache, v_scales, value)):
+                absmax = np.abs(x[t]).max(axis=-1)  # [H]
+                scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(1)).astype(np.float32)
+                scales[slot // bs, slot % bs] = scale
+                cache[slot // bs, slot % bs] = np.clip(np.rint(x[t] / scale[:, None]), -127, 127).astype(np.int8)
+
+
+def vllm_read_int8(key_cache, value_cache, k_scales, v_scales, slot_mapping):
+    bs = key_cache.shape[1]
+    out = np.zeros((2, len(slot_mapping)) + key_cache.shape[2:], np.float32)
+    for t, slot in enumerate(slot_mapping):
+        if slot >= 0:
+            for i, (cache, scales) in enumerate(((key_cache, k_scales), (value_cache, v_scales))):
+                out[i, t] = cache[slot // bs, slot % bs] * scales[slot // bs, slot % bs][:, None]
+    return out[0], out[1]
+
+
+def test_int8_kernels_in_vllm_layout_carry_scale_caches():
+    check_write(vllm_write_int8, convention="vllm", dtype="int8", max_examples=N)
+    check_read(vllm_read_int8, convention="vllm", dtype="int8", max_examples=N)
+
+    def copy_with_scales(key_caches, value_caches, k_scales, v_scales, mapping):  # the scales move like blocks
+        vllm_copy_blocks(key_caches, value_caches, mapping)
+        vllm_copy_blocks(k_scales, v_scales, mapping)
+
+    def copy_without_scales(key_caches, value_caches, k_scales, v_scales, mapping):
+        vllm_copy_blocks(key_caches, value_caches, mapping)
+
+    check_copy_blocks(copy_with_scales, convention="vllm", dtype="int8", max_examples=N)
+
+    with pytest.raises(KernelMismatch, match="int8 scale"):
+        check_copy_blocks(copy_without_scales, convention="vllm", dtype="int8", max_examples=N)
 
 
 def vllm_write_fp8(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, *, bug=None):

@@ -43,8 +43,11 @@ float16 and bfloat16 caches work in every convention, and fp8 too, with vLLM's s
 convention: a per-layer, per-tensor ``k_scale`` and ``v_scale`` (stored = fp8(x / scale)),
 passed to your function as two more arguments, floats, after the others, to ``write``,
 ``read``, ``gather`` and ``paged_attention`` (``copy_blocks`` and ``swap_blocks`` move
-bytes and take none). int8's per-(token, head) scales live only in the ``"pagedkv"``
-pool (a scale applied twice or left behind by ``copy_blocks`` is found there too).
+bytes and take none). int8 stores a float32 scale per token and head (x = int8 * scale,
+scale = max|x| / 127 over the head's row): in the layout conventions, each layer's caches
+are followed by two more, ``k_scales`` and ``v_scales`` ``[num_blocks, block_size, H]``,
+which your kernels write, read and copy like the caches (a scale applied twice, or left
+behind by ``copy_blocks``, is found and named in every convention).
 """
 
 from __future__ import annotations
@@ -59,9 +62,9 @@ from ..backends import reference as ref
 from ..config import CacheConfig
 from ..conventions import CONVENTIONS as LAYOUT_CONVENTIONS
 from ..conventions import from_convention, to_convention
-from ..errors import PagedKVError
+from ..errors import PagedKVError, ShapeError
 from ..formats import get_format
-from ..layout import page_lists
+from ..layout import K, V, page_lists, scale_index
 from ..pool import KVPool
 from . import strategies as pst
 from .compare import KernelMismatch, compare_pool, compare_rows, row_in_sequence
@@ -94,9 +97,6 @@ def _configs(convention: str, dtype: str | Sequence[str] = "float32", routine: s
         raise ValueError(f"convention {convention!r} (a row per slot, no block size) checks write and read only, "
                          f"not {routine}")
     formats = [get_format(d) for d in ((dtype,) if isinstance(dtype, str) else dtype)]
-    if convention != "pagedkv" and any(f.scale == "token" for f in formats):
-        raise ValueError(f"dtype={dtype!r}: int8 carries a scale per token and head, which only the 'pagedkv' "
-                         "convention's pool holds; other conventions take float32, float16, bfloat16 or fp8 caches")
     limits = dict(max_layers=2, max_kv_heads=3, max_head_dim=8, max_blocks=6, max_block_size=4)
     limits.update(sizes)
     configs = pst.configs(layouts=_layouts(convention), dtypes=tuple(f.name for f in formats), **limits)
@@ -123,24 +123,44 @@ def _layout_of(convention: str) -> str:
     return "vllm" if convention == "flashinfer" else convention
 
 
+def _scale_views(pool: KVPool, layer: int) -> tuple[np.ndarray, ...]:
+    """int8: views of the layer's K and V scales as ``[num_blocks, block_size, H]`` (the pool
+    keeps them ``[layer][K, V][slot][head]``); other formats: none."""
+    if pool.scales is None:
+        return ()
+    s = pool.strides
+    n = s.num_blocks * s.block_size * s.num_kv_heads
+    return tuple(pool.host_scales[base:base + n].reshape(s.num_blocks, s.block_size, s.num_kv_heads)
+                 for base in (scale_index(layer, kv, 0, 0, s) for kv in (K, V)))
+
+
 def _caches(pool: KVPool, to_user, convention: str) -> list[tuple]:
     """Each layer's caches in ``convention``'s shapes (see :mod:`pagedkv.conventions`): copies,
-    as the user's arrays, a tuple per layer (K and V caches, or one K/V tensor)."""
-    return [tuple(to_user(c) for c in to_convention(pool, _layout_of(convention), i))
+    as the user's arrays, a tuple per layer (K and V caches, or one K/V tensor; int8: then
+    its K and V scales)."""
+    return [tuple(to_user(c.copy()) for c in (*to_convention(pool, _layout_of(convention), i), *_scale_views(pool, i)))
             for i in range(pool.config.num_layers)]
 
 
-def _flat(config: CacheConfig, caches: list[tuple], from_user, convention: str, case: dict) -> np.ndarray:
-    """The user's per-layer caches back into a pool's flat elements (a KernelMismatch if the
-    function left them in other shapes or dtypes)."""
+def _flat(config: CacheConfig, caches: list[tuple], from_user, convention: str,
+          case: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """The user's per-layer caches back into a pool's flat elements, and int8's scales (a
+    KernelMismatch if the function left them in other shapes or dtypes)."""
     pool = KVPool(config)
     for layer, per_layer in enumerate(caches):
+        arrays = [np.asarray(from_user(c)) for c in per_layer]
+        scales = _scale_views(pool, layer)
         try:
-            from_convention(pool, _layout_of(convention), layer, tuple(np.asarray(from_user(c)) for c in per_layer))
+            if scales and any(a.shape != v.shape or a.dtype != v.dtype for a, v in zip(arrays[-2:], scales,
+                                                                                        strict=True)):
+                raise ShapeError(f"scales must stay float32 {scales[0].shape}")
+            for view, got in zip(scales, arrays[len(arrays) - len(scales):], strict=True):
+                view[...] = got
+            from_convention(pool, _layout_of(convention), layer, tuple(arrays[:len(arrays) - len(scales)]))
         except PagedKVError as e:
             raise KernelMismatch(f"the caches of layer {layer} came back changed in shape or dtype: {e}", case, {}) \
                 from None
-    return pool.host
+    return pool.host, pool.scales if pool.scales is None else pool.host_scales
 
 
 def _scales(pool: KVPool, layer: int) -> tuple[float, ...]:
@@ -177,7 +197,7 @@ def check_write(fn: Callable, *, convention: str = "pagedkv", dtype: str | Seque
         else:
             caches = _caches(expected, to_user, convention)
             fn(to_user(key), to_user(value), *caches[layer], to_user(slots), *_scales(expected, layer))
-            got, scales = _flat(config, caches, from_user, convention, case), None
+            got, scales = _flat(config, caches, from_user, convention, case)
         ref.write(expected, layer, key, value, slots)
         compare_pool("write", expected, got, case, scales)
     _run(test, max_examples)
@@ -249,7 +269,7 @@ def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
         else:
             caches = _caches(expected, to_user, convention)
             fn(*[list(per_kind) for per_kind in zip(*caches, strict=True)], to_user(np.stack([src, dst], axis=1)))
-            got, scales = _flat(config, caches, from_user, convention, case), None
+            got, scales = _flat(config, caches, from_user, convention, case)
         ref.copy_blocks(expected, src, dst)
         compare_pool("copy_blocks", expected, got, case, scales)
     _run(test, max_examples)
@@ -279,7 +299,7 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
             for s_layer, d_layer in zip(sources, dests, strict=True):
                 for s, d in zip(s_layer, d_layer, strict=True):
                     fn(s, d, mapping)
-            got = _flat(config, dests, from_user, convention, case)
+            got, scales = _flat(config, dests, from_user, convention, case)
         ref.swap_blocks(source, expected, src, dst)
         compare_pool("swap_blocks", expected, got, case, scales)
     _run(test, max_examples)
