@@ -37,6 +37,7 @@ from .errors import ConfigError, OutOfBlocksError, StepError
 from .manager import BlockManager
 from .plan import Plan
 from .pool import KVPool
+from .sequence import count
 from .stores import BlockStore
 from .tiers import Tiers
 
@@ -147,23 +148,29 @@ class PagedKVCache:
     # -- sequences ---------------------------------------------------------------------------
 
     def add_sequence(self, seq_id: Hashable = None, *, prompt_token_ids: Sequence[int] | None = None,
-                     cache_salt: Hashable = None) -> Added:
+                     cache_salt: Hashable = None, max_cached_tokens: int | None = None) -> Added:
         """Start a sequence; with a prompt, say how many of its tokens the prefix cache (and the
-        stores behind it) hold: the model computes the rest."""
+        stores behind it) hold: the model computes the rest. ``max_cached_tokens`` caps what is
+        taken from the pool's prefix cache (whole blocks; the stores are then not asked), so that
+        several prompts can start at one length."""
+        limit = None
+        if max_cached_tokens is not None:
+            limit = count(max_cached_tokens, "max_cached_tokens") // self.config.block_size
         if len(self.managers) > 1:
-            seq_id = self._add_grouped(seq_id, prompt_token_ids, cache_salt)
+            seq_id = self._add_grouped(seq_id, prompt_token_ids, cache_salt, limit)
         else:
-            seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt)
-        if self.tiers is not None and prompt_token_ids is not None:
+            seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt,
+                                               max_cached_blocks=limit)
+        if self.tiers is not None and prompt_token_ids is not None and limit is None:
             self.tiers.load(seq_id, prompt_token_ids, cache_salt)
         return Added(seq_id, self.manager.context_len(seq_id))
 
-    def _add_grouped(self, seq_id: Hashable, prompt: Sequence[int] | None, salt: Hashable) -> Hashable:
+    def _add_grouped(self, seq_id: Hashable, prompt: Sequence[int] | None, salt: Hashable,
+                     limit: int | None) -> Hashable:
         """Add to every group's manager, with one prefix hit: the longest that every group can
         serve (full groups need every block, sliding ones those in the window: each group's
         longest hit up to the others', until they agree)."""
         with self.manager.block_pool.lock:
-            limit = None
             if prompt is not None:
                 while True:
                     hits = [m.cached_prefix_blocks(prompt, salt, limit) for m in self.managers]

@@ -33,7 +33,7 @@ def prompts(rows=3, length=11, seed=1):
 
 def both(model, cache, ids, mask, **kw):
     """(transformers' tokens, the tokens with ``cache``), sampling from the same seed."""
-    kw = dict(max_new_tokens=12, pad_token_id=0, **kw)
+    kw = {"max_new_tokens": 12, "pad_token_id": 0, **kw}
     torch.manual_seed(7)
     want = model.generate(input_ids=ids, attention_mask=mask, **kw)
     torch.manual_seed(7)
@@ -88,6 +88,48 @@ def test_sliding_window_and_soft_capping_follow_the_model():
                                        max_position_embeddings=256)
     model = transformers.Gemma2ForCausalLM(config).eval()
     want, got = both(model, PagedCache(model.config, block_size=4), *prompts(), do_sample=False)
+    assert got == want
+
+
+def gemma2(window=8, layers=4):
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       sliding_window=window, max_position_embeddings=256)
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+def test_sliding_layers_free_what_leaves_the_window_and_stay_token_identical():
+    """Gemma 2 alternates sliding (window 8) and full layers: two layer groups, the sliding one
+    handing the model only the blocks its window reaches; greedy, sampled and beam search
+    (forks in both groups) give transformers' own tokens."""
+    model = gemma2()
+    for kw in ({"do_sample": False}, {"do_sample": True, "top_k": 20}, {"num_beams": 3, "do_sample": False}):
+        cache = PagedCache(model.config, block_size=4)
+        want, got = both(model, cache, *prompts(), max_new_tokens=30, **kw)
+        assert got == want, kw
+        assert [g.sliding_window for g in cache.kv.config.layer_groups] == [8, None]
+        sliding, full = cache.kv.stats()["blocks_per_group"]
+        assert sliding < full  # 41 tokens a row: the full layers hold 11 blocks a row, the sliding ones 3
+        for m in cache.kv.managers:
+            m.check()
+    memory = cache.memory()
+    assert memory["used_bytes"] < memory["dense_bytes"]  # fewer bytes than a dense cache of every layer
+
+
+def test_a_sliding_model_reuses_a_cached_prefix():
+    model = gemma2(window=8)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 128, (1, 40), generator=g)
+    first = torch.cat([prefix, torch.randint(0, 128, (1, 7), generator=g)], 1).repeat(2, 1)
+    second = torch.cat([prefix, torch.randint(0, 128, (1, 5), generator=g)], 1).repeat(2, 1)
+    cache = PagedCache(model.config, block_size=8, prompt_ids=first)
+    want, got = both(model, cache, first, torch.ones_like(first), do_sample=False)
+    assert got == want
+    cache.reset()
+    again = cache.new_cache(second)
+    assert again.cached_tokens == 40  # the full layers' five blocks; the sliding ones only need the window's
+    want, got = both(model, again, second, torch.ones_like(second), do_sample=False)
     assert got == want
 
 

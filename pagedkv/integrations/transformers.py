@@ -28,14 +28,21 @@ outside the pool, for the time of that layer.
 Beam search and ``num_return_sequences > 1`` fork sequences: beams share their
 blocks until one diverges inside a block (copy-on-write), instead of the copies
 ``DynamicCache`` makes at every reordering. ``crop`` (assisted decoding) rolls
-sequences back. Sliding-window layers attend correctly (the model masks the
-window) but keep every block for now: freeing what leaves a window is the block
-manager's layer-groups work.
+sequences back.
+
+Sliding-window models (Gemma 2/3, gpt-oss: a config with ``layer_types`` and
+``sliding_window``) get layer groups (:class:`~pagedkv.LayerGroup`): the sliding
+layers' blocks go back to the pool once every position in them has left the
+window, and those layers hand the model only the blocks still in the window (their
+``get_mask_sizes`` says where they start, as transformers' own sliding layers do).
+A ``crop`` that would need freed blocks is refused (ArgumentError).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -43,9 +50,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import PagedKVCache, Step
-from ..config import CacheConfig
+from ..config import CacheConfig, LayerGroup
 from ..errors import ArgumentError, ConfigError
-from ..layout import cdiv
+from ..layout import cdiv, window_start_block
 
 #: the pool format that stores a model's K/V exactly, by torch dtype
 EXACT_FORMATS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -80,10 +87,17 @@ class PagedLayer(CacheLayerMixin):
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, cache: PagedCache, layer_idx: int) -> None:
+    def __init__(self, cache: PagedCache, layer_idx: int, sliding_window: int | None = None) -> None:
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
         self.num_tokens = 0  # tokens of each row this layer has stored
+        self.sliding_window = sliding_window  # its blocks are freed as they leave the window
+        self.is_sliding = sliding_window is not None
+
+    def first_kept(self) -> int:
+        """The first position this layer hands the model at its next update: 0, or for a
+        sliding layer the start of the first block the window of its next token reaches."""
+        return window_start_block(self.num_tokens, self.sliding_window, self.cache.block_size) * self.cache.block_size
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -96,7 +110,8 @@ class PagedLayer(CacheLayerMixin):
         return self.cache.store(self, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.num_tokens + query_length, 0
+        offset = self.first_kept()
+        return self.num_tokens + query_length - offset, offset
 
     def get_seq_length(self) -> int:
         return self.num_tokens
@@ -139,7 +154,11 @@ class PagedCache(Cache):
             raise ConfigError("PagedCache needs a model config with num_hidden_layers")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        self.num_blocks, self.block_size = cdiv(max_tokens, block_size), block_size
+        if share is not None:  # its pool's geometry, whatever this call's arguments say
+            block_size = int(share.block_size)
+            max_tokens = int(share.num_blocks) * block_size
+        self.num_blocks: int = cdiv(max_tokens, block_size)
+        self.block_size: int = block_size
         self.storage_dtype, self.backend_name = dtype, backend
         self.config = config
         self.kv: PagedKVCache | None = None  # made at the first update, when H, D and the dtype are known
@@ -148,7 +167,10 @@ class PagedCache(Cache):
         self.seq_ids: list = []  # the pagedkv sequence of each batch row
         self.step: Step | None = None
         self.written: set[int] = set()  # layers that stored this step's tokens
-        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+        self.groups = _layer_groups(text, num_layers, self.num_blocks * block_size)
+        windows = {layer: g.sliding_window for g in self.groups or () for layer in g.layers}
+        self.paged_layers = [PagedLayer(self, i, windows.get(i)) for i in range(num_layers)]
+        super().__init__(layers=list(self.paged_layers))
         if share is not None:
             if share.kv is None:
                 raise ArgumentError("the cache to share has not stored anything yet: run generate with it first")
@@ -178,9 +200,13 @@ class PagedCache(Cache):
                                 f"{int(self.step.num_new_tokens[0])}")
         kv.write(layer.layer_idx, _to_numpy(key_states), _to_numpy(value_states), self.step)
         self.written.add(layer.layer_idx)
+        first = layer.first_kept() // self.block_size  # the blocks the window reaches (all: 0)
         layer.num_tokens += t
-        keys, values, _ = kv.backend.gather(kv.pool, layer.layer_idx, self.step.block_tables, self.step.context_lens)
-        n = layer.num_tokens
+        group, plane = kv.config.plane_of(layer.layer_idx)
+        tables = np.ascontiguousarray(self.step.groups[group].block_tables[:, first:])
+        lens = self.step.context_lens - np.int32(first * self.block_size)
+        keys, values, _ = kv.backend.gather(kv.pool, plane, tables, lens)
+        n = layer.num_tokens - first * self.block_size
 
         def dense(x: np.ndarray) -> torch.Tensor:  # [B * n, H, D] -> [B, H, n, D], as DynamicCache keeps it
             return torch.from_numpy(x).view(b, n, h, d).transpose(1, 2).to(key_states.dtype).contiguous()
@@ -192,6 +218,8 @@ class PagedCache(Cache):
             dtype = self.storage_dtype or EXACT_FORMATS.get(key_states.dtype, "float32")
             config = CacheConfig(num_layers=len(self.layers), num_kv_heads=h, head_dim=d, num_blocks=self.num_blocks,
                                  block_size=self.block_size, dtype=dtype)
+            if self.groups is not None:  # sliding and full layers: the sliding ones free what leaves the window
+                config = replace(config, layer_groups=self.groups)
             self.kv = PagedKVCache(config, self.backend_name, enable_prefix_caching=self.prompt_ids is not None)
         return self.kv
 
@@ -205,13 +233,15 @@ class PagedCache(Cache):
         if rows % len(self.prompt_ids):
             raise ArgumentError(f"the model passed {rows} rows for {len(self.prompt_ids)} prompts")
         repeat = rows // len(self.prompt_ids)  # num_return_sequences / beams expand the prompts first
-        added = [self.kv.add_sequence(prompt_token_ids=p) for p in self.prompt_ids for _ in range(repeat)]
+        prompts = [p for p in self.prompt_ids for _ in range(repeat)]
+        added = [self.kv.add_sequence(prompt_token_ids=p) for p in prompts]
         hit = min(a.num_cached_tokens for a in added)
-        for a in added:
-            if a.num_cached_tokens > hit:
-                self.kv.truncate(a.seq_id, hit)
+        for i, a in enumerate(added):
+            if a.num_cached_tokens > hit:  # start again from the common length (a sliding layer
+                self.kv.free(a.seq_id)     # may hold none of the blocks a truncation would need)
+                added[i] = self.kv.add_sequence(prompt_token_ids=prompts[i], max_cached_tokens=hit)
         self.seq_ids, self.cached_tokens = [a.seq_id for a in added], hit
-        for layer in self.layers:
+        for layer in self.paged_layers:
             layer.num_tokens = hit
 
     def new_cache(self, prompt_ids: Any) -> PagedCache:
@@ -259,7 +289,7 @@ class PagedCache(Cache):
             return
         for seq in self.seq_ids:
             self.kv.truncate(seq, max(keep, 0))
-        for layer in self.layers:
+        for layer in self.paged_layers:
             layer.num_tokens = max(keep, 0)
         self._new_pass()
 
@@ -281,7 +311,25 @@ class PagedCache(Cache):
         if self.kv is None:
             return {"pool_bytes": 0, "used_bytes": 0, "dense_bytes": 0}
         c = self.kv.config
-        per_block = c.memory_bytes // c.num_blocks
+        per_block = c.memory_bytes // c.num_blocks  # every plane of a block (a group's layers)
         used = self.kv.stats()["blocks_used"]
-        dense = len(self.seq_ids) * self.get_seq_length() * per_block // c.block_size
+        per_token = c.bytes_per_block * c.num_layers // (c.num_planes * c.block_size)  # every layer of a token
+        dense = len(self.seq_ids) * self.get_seq_length() * per_token
         return {"pool_bytes": c.memory_bytes, "used_bytes": int(used) * per_block, "dense_bytes": int(dense)}
+
+
+def _layer_groups(text: Any, num_layers: int, num_slots: int) -> tuple[LayerGroup, ...] | None:
+    """A model's sliding and full layers as layer groups of equal size (the greatest common
+    divisor of the two counts, so that no block leaves a plane unused), from its config's
+    ``layer_types`` and ``sliding_window``; None for a model of one kind of layer, or a
+    window the pool's ``num_slots`` could not outgrow."""
+    types, window = getattr(text, "layer_types", None), getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or not 0 < window < num_slots or not isinstance(types, (list, tuple)) \
+            or len(types) != num_layers or "sliding_attention" not in types:
+        return None
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    full = [i for i, kind in enumerate(types) if kind != "sliding_attention"]
+    size = math.gcd(len(sliding), len(full)) if full else len(sliding)
+    return tuple(LayerGroup(tuple(layers[i:i + size]), w)
+                 for layers, w in ((sliding, window), (full, None)) for i in range(0, len(layers), size))
+
