@@ -21,6 +21,11 @@ softmax); the tolerance against the float64 reference is the same
 Tasks are numbered so that consecutive ids alternate cheap and dear tiles
 (the first and last of a causal prefill): numba's ``prange`` hands each thread
 a contiguous range of ids, and causal tiles cost in proportion to their position.
+
+This module also holds the layout helpers and ``row_scale`` compiled for the CPU, which
+:mod:`pagedkv.backends.numba_cpu` inlines too: as for ``_numba_codecs``, numba's on-disk
+cache of that module's kernels is keyed on its own file, so after editing this one
+delete ``pagedkv/backends/__pycache__/*.nbi`` / ``*.nbc`` (or touch ``numba_cpu.py``).
 """
 
 from __future__ import annotations
