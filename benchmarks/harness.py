@@ -32,7 +32,7 @@ from pagedkv.bench import (
     numpy_peer,
     torch_peer,
 )
-from pagedkv.layout import cdiv, cu_seqlens, gather_slots, split_slot
+from pagedkv.layout import cdiv, gather_slots, split_slot
 
 
 def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") -> dict[str, float | None]:
@@ -78,7 +78,7 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
         return lambda: nb.write_kernel(w.pool.data, 0, key, value, key.view(np.uint32), value.view(np.uint32),
                                        w.slots, s, *fmt[:5], scratch)
     if routine == "gather":
-        cu, blocks = cu_seqlens(w.lens), nb.gather_block_counts(w.lens, BLOCK_SIZE)
+        cu, blocks = nb.gather_offsets(w.lens, BLOCK_SIZE)
         out_k = np.empty(int(cu[-1]) * H * D, np.float32)
         out_v = np.empty_like(out_k)
         return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, w.lens, cu, blocks, out_k, out_v, s, *fmt)

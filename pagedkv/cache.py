@@ -172,8 +172,9 @@ class PagedKVCache:
         longest hit up to the others', until they agree)."""
         with self.manager.block_pool.lock:
             if prompt is not None:
+                keys = self.manager.prompt_keys(prompt, salt)  # hashed once: the same in every group
                 while True:
-                    hits = [m.cached_prefix_blocks(prompt, salt, limit) for m in self.managers]
+                    hits = [m.prefix_cache.longest_hit(keys, m.sliding_window, limit) for m in self.managers]
                     if min(hits) == max(hits):
                         limit = hits[0]
                         break

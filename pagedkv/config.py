@@ -13,6 +13,17 @@ from .formats import FORMATS, StorageFormat, get_format
 from .layout import INT32_MAX, INT64_MAX, LAYOUTS, Strides, cdiv, make_strides
 
 
+def _index(value: object, limit: int, what: str, note: str = "") -> int:
+    """``value`` as an int in ``0..limit - 1``, or a LayerIndexError naming it ``what``."""
+    try:
+        value = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise LayerIndexError(f"layer must be an integer, got {value!r}") from None
+    if not 0 <= value < limit:
+        raise LayerIndexError(f"{what} {value} is outside 0..{limit - 1}{note}")
+    return value
+
+
 def _positive_int(name: str, value) -> int:
     try:
         value = operator.index(value)
@@ -187,27 +198,15 @@ class CacheConfig:
 
     def check_layer(self, layer) -> int:
         """``layer`` as an int, or a LayerIndexError unless ``0 <= layer < num_layers``."""
-        try:
-            layer = operator.index(layer)
-        except TypeError:
-            raise LayerIndexError(f"layer must be an integer, got {layer!r}") from None
-        if not 0 <= layer < self.num_layers:
-            raise LayerIndexError(f"layer {layer} is outside 0..{self.num_layers - 1}")
-        return layer
+        return _index(layer, self.num_layers, "layer")
 
     def check_plane(self, plane: object) -> int:
         """A pool-level layer number (a plane, see ``num_planes``) as an int, or a
         LayerIndexError unless ``0 <= plane < num_planes``."""
         if self.num_planes == self.num_layers:
             return self.check_layer(plane)
-        try:
-            plane = operator.index(plane)  # type: ignore[arg-type]
-        except TypeError:
-            raise LayerIndexError(f"layer must be an integer, got {plane!r}") from None
-        if not 0 <= plane < self.num_planes:
-            raise LayerIndexError(f"pool layer {plane} is outside 0..{self.num_planes - 1} (the pool's planes: "
-                                  "layers of different groups share them; PagedKVCache maps model layers)")
-        return plane
+        return _index(plane, self.num_planes, "pool layer", " (the pool's planes: layers of different groups "
+                                                            "share them; PagedKVCache maps model layers)")
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens of one sequence."""

@@ -138,10 +138,16 @@ class BlockManager(SequenceViews):
         take from the prefix cache now; looks only. Managers of several layer groups over one
         pool agree on a hit by taking the least of their answers, passed back as ``limit``,
         until it holds (under ``block_pool.lock``). Cost: O(prompt length)."""
-        ids = prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
-        keys = self.prefix_cache.prompt_keys(ids, prefix_key.salt_extras(cache_salt))
+        keys = self.prompt_keys(prompt_token_ids, cache_salt)
         with self.block_pool.lock:
             return self.prefix_cache.longest_hit(keys, self.sliding_window, limit)
+
+    def prompt_keys(self, prompt_token_ids: Sequence[int], cache_salt: object = None) -> list[prefix_key.BlockKey]:
+        """The prefix-cache keys of the prompt's full blocks (its ids and salt checked; none with
+        caching off). They hash tokens, not blocks: the same in every manager, so managers of
+        several layer groups compute them once (:meth:`PrefixCache.longest_hit`). O(prompt length)."""
+        ids = prefix_key.token_ids(prompt_token_ids, "prompt_token_ids")
+        return self.prefix_cache.prompt_keys(ids, prefix_key.salt_extras(cache_salt))
 
     def fork(self, seq_id: Hashable, child_id: Hashable = None) -> Hashable:
         """A new sequence sharing every block and token of ``seq_id``; returns its id.

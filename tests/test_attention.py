@@ -219,5 +219,5 @@ def test_tiled_prefill_agrees_with_the_reference(data, seed):
 def test_tiles_cut_each_sequence_into_runs():
     from pagedkv.backends._numba_prefill import tiles
 
-    first, rows = tiles(np.zeros(0, np.int32), np.array([3, 0, 35, 16], np.int32), 16)
+    first, rows = tiles(np.array([3, 0, 35, 16], np.int32), 16)
     assert first.tolist() == [0, 3, 19, 35, 38] and rows.tolist() == [3, 16, 16, 3, 16]

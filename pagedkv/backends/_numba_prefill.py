@@ -55,7 +55,7 @@ def row_scale(layer, kv, slot, h, s, kind, tensor_scale, scales):
     return np.float32(1.0)
 
 
-def tiles(row_seq: np.ndarray, query_lens: np.ndarray, tile_rows: int = TILE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def tiles(query_lens: np.ndarray, tile_rows: int = TILE_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """int64 ``(first_row, num_rows)`` of each tile: every sequence's query rows (consecutive in
     ``q``) cut into runs of at most ``tile_rows``; sequences without queries give none."""
     starts = np.concatenate([[0], np.cumsum(query_lens, dtype=np.int64)[:-1]])

@@ -132,11 +132,6 @@ def gather_offsets(lens, block_size):
     return cu, blocks
 
 
-def gather_block_counts(lens: np.ndarray, block_size: int) -> np.ndarray:
-    """int64 ``[B + 1]``: blocks of the sequences before each (the gather kernel's task index)."""
-    return gather_offsets(lens, block_size)[1]
-
-
 @njit(parallel=True, cache=True)
 def move_blocks_kernel(src_data, dst_data, src, dst, s):
     """Copy block ``src[i]`` of src_data to ``dst[i]`` of dst_data, every layer, K and V."""
@@ -211,7 +206,7 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
     out = np.empty(q.shape, dtype=np.float32)
     if a.query_lens is not None and a.num_rows >= PREFILL_MIN_ROWS * a.query_lens.shape[0]:
         # prefill: tiles of query rows stream each block once per tile, not once per row
-        first, rows = tiles(a.row_seq, a.query_lens)
+        first, rows = tiles(a.query_lens)
         tiled_attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, first,
                                rows, out, opt.window, np.float32(opt.scale), np.float32(opt.soft_cap),
                                pool.strides, *_format_args(pool, layer))
