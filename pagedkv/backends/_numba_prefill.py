@@ -89,37 +89,48 @@ def fast_exp(x):
 
 
 @njit(inline="always")
+def dot_2x2(q0, q1, k0, k1):
+    """``(q0 . k0, q0 . k1, q1 . k0, q1 . k1)``: two queries against two keys, four independent
+    sums over D in registers (one sum alone would be a chain of dependent additions)."""
+    a0 = a1 = b0 = b1 = np.float32(0.0)
+    for d in range(q0.shape[0]):
+        x, y, u, v = q0[d], q1[d], k0[d], k1[d]
+        a0 += x * u
+        a1 += x * v
+        b0 += y * u
+        b1 += y * v
+    return a0, a1, b0, b1
+
+
+@njit(inline="always")
+def add_four_rows(a, b, e, w, i, v0, v1, v2, v3):
+    """``a += sum over c < 4 of e[w, i + c] * v_c`` and ``b`` the same with row ``w + 1`` of ``e``:
+    two accumulator rows take four value rows per pass (each loaded and stored once)."""
+    x0, x1, x2, x3 = e[w, i], e[w, i + 1], e[w, i + 2], e[w, i + 3]
+    y0, y1, y2, y3 = e[w + 1, i], e[w + 1, i + 1], e[w + 1, i + 2], e[w + 1, i + 3]
+    for d in range(a.shape[0]):
+        p, q, r, t = v0[d], v1[d], v2[d], v3[d]
+        a[d] += x0 * p + x1 * q + x2 * r + x3 * t
+        b[d] += y0 * p + y1 * q + y2 * r + y3 * t
+
+
+@njit(inline="always")
 def _scores(qs, kb, scores, width, n):
     """``scores[w, i] = qs[w] . kb[i]`` for ``w < width``, ``i < n`` (both even / multiples of 4,
-    padded): two query vectors against two keys at a time, four sums over D in registers."""
+    padded): two query vectors against two keys at a time."""
     for w in range(0, width, 2):
         q0, q1 = qs[w], qs[w + 1]
         for i in range(0, n, 2):
-            k0, k1 = kb[i], kb[i + 1]
-            a0 = a1 = b0 = b1 = np.float32(0.0)
-            for d in range(qs.shape[1]):
-                x, y, u, v = q0[d], q1[d], k0[d], k1[d]
-                a0 += x * u
-                a1 += x * v
-                b0 += y * u
-                b1 += y * v
-            scores[w, i], scores[w, i + 1], scores[w + 1, i], scores[w + 1, i + 1] = a0, a1, b0, b1
+            scores[w, i], scores[w, i + 1], scores[w + 1, i], scores[w + 1, i + 1] = dot_2x2(q0, q1, kb[i], kb[i + 1])
 
 
 @njit(inline="always")
 def _weighted_values(e, vb, acc, width, n):
-    """``acc[w] += sum_i e[w, i] * vb[i]`` for ``w < width``, ``i < n`` (padded as for _scores):
-    two accumulator rows take four value rows per pass."""
+    """``acc[w] += sum_i e[w, i] * vb[i]`` for ``w < width``, ``i < n`` (padded as for _scores)."""
     for w in range(0, width, 2):
         a, b = acc[w], acc[w + 1]
         for i in range(0, n, 4):
-            x0, x1, x2, x3 = e[w, i], e[w, i + 1], e[w, i + 2], e[w, i + 3]
-            y0, y1, y2, y3 = e[w + 1, i], e[w + 1, i + 1], e[w + 1, i + 2], e[w + 1, i + 3]
-            v0, v1, v2, v3 = vb[i], vb[i + 1], vb[i + 2], vb[i + 3]
-            for d in range(vb.shape[1]):
-                p, q, r, t = v0[d], v1[d], v2[d], v3[d]
-                a[d] += x0 * p + x1 * q + x2 * r + x3 * t
-                b[d] += y0 * p + y1 * q + y2 * r + y3 * t
+            add_four_rows(a, b, e, w, i, vb[i], vb[i + 1], vb[i + 2], vb[i + 3])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -21,7 +21,8 @@ from ..layout import K, V
 from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from ._host import new_outputs, read_raw
-from ._numba_codecs import NO_CODEC, NO_LUT, SCALE_KINDS, TENSOR, TOKEN, decode_row, decode_table, load_row, store_row
+from ._numba_codecs import NO_CODEC, NO_LUT, SCALE_KINDS, TENSOR, TOKEN, decode_row, decode_table, store_row
+from ._numba_decode import decode_attention_kernel
 from ._numba_prefill import block_base, scale_index, tiled_attention_kernel, tiles
 from ._numba_prefill import row_scale as _row_scale
 
@@ -213,7 +214,7 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
         return out
     # NHD keeps a token's heads together: one task takes them all, reading blocks in order
     heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
-    attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
+    decode_attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
                      np.float32(opt.scale), np.float32(opt.soft_cap), heads_per_task, pool.strides,
                      *_format_args(pool, layer))
     return out
@@ -272,94 +273,6 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.nda
     """Same contract as :func:`pagedkv.backends.reference.swap_blocks`."""
     src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
     _move_blocks(src_pool, dst_pool, src, dst)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, heads_per_task, s,
-                     codec, kind, k_scale, v_scale, scales, k_lut, v_lut):
-    """Online-softmax attention over the blocks, in float32; a task is one query row and
-    ``heads_per_task`` K/V heads (all of them in layout NHD, one in HND), so that a task
-    reads its part of each block front to back and each K/V row once.
-
-    Per block: the scores of its visible positions for every query head of the
-    task, then one rescale of each head's running max, sum and accumulator
-    (the streaming softmax of FlashAttention), never a gathered copy of K/V.
-    ``fastmath`` lets LLVM vectorise the dot products (it reorders float32 sums).
-    A pool of a narrow format is decoded row by row on the fly (``load_row``),
-    never as a decoded copy of the pool; a float32 pool is read in place.
-    """
-    num_kv_heads, head_dim, block_size = s.num_kv_heads, s.head_dim, s.block_size
-    pos_stride, head_stride = s.pos_stride, s.head_stride
-    group = q.shape[1] // num_kv_heads
-    width = heads_per_task * group  # query heads of one task
-    minus_inf = np.float32(-np.inf)
-    tasks_per_row = num_kv_heads // heads_per_task
-    for task in prange(q.shape[0] * tasks_per_row):
-        r = task // tasks_per_row
-        h0 = (task - r * tasks_per_row) * heads_per_task
-        pos = row_pos[r]
-        if pos < 0:  # a sequence with no context
-            out[r, h0 * group:h0 * group + width, :] = 0.0
-            continue
-        b = row_seq[r]
-        start = max(0, pos - window + 1) if window > 0 else 0
-        qs = np.empty((width, head_dim), dtype=np.float32)  # the task's queries, pre-scaled
-        for w in range(width):
-            for d in range(head_dim):
-                qs[w, d] = q[r, h0 * group + w, d] * scale
-        m = np.full(width, minus_inf, dtype=np.float32)
-        denom = np.zeros(width, dtype=np.float32)  # running sum of the weights
-        acc = np.zeros((width, head_dim), dtype=np.float32)
-        scores = np.empty((width, block_size), dtype=np.float32)
-        row = np.empty(head_dim, dtype=np.float32)  # one decoded K or V row (narrow formats)
-        for j in range(start // block_size, pos // block_size + 1):
-            first = j * block_size
-            p0 = max(start, first)
-            n = min(pos + 1, first + block_size) - p0
-            skip = (p0 - first) * pos_stride  # positions of the block before the window
-            block = np.int64(tables[b, j])
-            k_base = block_base(layer, K, block, s) + skip
-            v_base = block_base(layer, V, block, s) + skip
-            slot0 = block * block_size + p0 - first  # the slot of position p0
-            for i in range(n):  # scores: each K row once, for every query head that reads it
-                for hh in range(heads_per_task):
-                    at = k_base + i * pos_stride + (h0 + hh) * head_stride
-                    k = load_row(data, at, head_dim, row, codec, kind,
-                                 _row_scale(layer, K, slot0 + i, h0 + hh, s, kind, k_scale, scales), k_lut)
-                    for g in range(group):
-                        w = hh * group + g
-                        dot = np.float32(0.0)
-                        for d in range(head_dim):
-                            dot += qs[w, d] * k[d]
-                        if cap > 0:
-                            dot = cap * np.tanh(dot / cap)
-                        scores[w, i] = dot
-            for w in range(width):  # fold the block into each head's running softmax
-                m_new = m[w]
-                for i in range(n):
-                    m_new = max(m_new, scores[w, i])
-                correction = np.exp(m[w] - m_new)
-                total = np.float32(0.0)
-                for i in range(n):
-                    scores[w, i] = np.exp(scores[w, i] - m_new)
-                    total += scores[w, i]
-                denom[w] = denom[w] * correction + total
-                m[w] = m_new
-                for d in range(head_dim):
-                    acc[w, d] *= correction
-            for i in range(n):  # weighted values: each V row once
-                for hh in range(heads_per_task):
-                    at = v_base + i * pos_stride + (h0 + hh) * head_stride
-                    v = load_row(data, at, head_dim, row, codec, kind,
-                                 _row_scale(layer, V, slot0 + i, h0 + hh, s, kind, v_scale, scales), v_lut)
-                    for g in range(group):
-                        w = hh * group + g
-                        e = scores[w, i]
-                        for d in range(head_dim):
-                            acc[w, d] += e * v[d]
-        for w in range(width):
-            for d in range(head_dim):
-                out[r, h0 * group + w, d] = acc[w, d] / denom[w]
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,
