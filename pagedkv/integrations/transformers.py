@@ -22,8 +22,8 @@ from the blocks. The model's own attention (eager, sdpa...) then runs unchanged,
 so the tokens generated are those of transformers' ``DynamicCache``, bit for bit,
 when the pool stores the model's dtype (the default: float32, bfloat16 or float16
 models). A narrower pool (``dtype="fp8_e4m3"``, ``"int8"``...) trades exactness
-for memory. Only the gathered keys and values of the layer being computed exist
-outside the pool, for the time of that layer.
+for memory. Outside the pool there is one layer's gathered keys and values, in two
+buffers every layer reuses (handed to the model as strided views, never copied again).
 
 Beam search and ``num_return_sequences > 1`` fork sequences: beams share their
 blocks until one diverges inside a block (copy-on-write), instead of the copies
@@ -167,6 +167,7 @@ class PagedCache(Cache):
         self.seq_ids: list = []  # the pagedkv sequence of each batch row
         self.step: Step | None = None
         self.written: set[int] = set()  # layers that stored this step's tokens
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # gathered keys and values (see _gathered)
         self.groups = _layer_groups(text, num_layers, self.num_blocks * block_size)
         windows = {layer: g.sliding_window for g in self.groups or () for layer in g.layers}
         self.paged_layers = [PagedLayer(self, i, windows.get(i)) for i in range(num_layers)]
@@ -205,12 +206,22 @@ class PagedCache(Cache):
         group, plane = kv.config.plane_of(layer.layer_idx)
         tables = np.ascontiguousarray(self.step.groups[group].block_tables[:, first:])
         lens = self.step.context_lens - np.int32(first * self.block_size)
-        keys, values, _ = kv.backend.gather(kv.pool, plane, tables, lens)
         n = layer.num_tokens - first * self.block_size
+        keys, values = self._gathered(b * n, h, d)
+        kv.backend.gather(kv.pool, plane, tables, lens, out=(keys, values))
 
-        def dense(x: np.ndarray) -> torch.Tensor:  # [B * n, H, D] -> [B, H, n, D], as DynamicCache keeps it
-            return torch.from_numpy(x).view(b, n, h, d).transpose(1, 2).to(key_states.dtype).contiguous()
+        def dense(x: np.ndarray) -> torch.Tensor:  # [B * n, H, D] as [B, H, n, D] (a strided view, no copy)
+            return torch.from_numpy(x).view(b, n, h, d).transpose(1, 2).to(key_states.dtype)
         return dense(keys), dense(values)
+
+    def _gathered(self, rows: int, h: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[rows, H, D]`` buffers for one layer's gathered keys and values, reused by every
+        layer (the model is done with a layer's keys and values before the next layer stores):
+        fresh memory each time would cost its page faults, about as much as the gather itself."""
+        if self._buffers is None or self._buffers[0].shape[0] < rows or self._buffers[0].shape[1:] != (h, d):
+            capacity = max(rows, 2 * self._buffers[0].shape[0] if self._buffers is not None else 0)
+            self._buffers = (np.empty((capacity, h, d), np.float32), np.empty((capacity, h, d), np.float32))
+        return self._buffers[0][:rows], self._buffers[1][:rows]
 
     def _pool_for(self, key_states: torch.Tensor) -> PagedKVCache:
         if self.kv is None:
