@@ -12,6 +12,7 @@ names a server; asv skips it otherwise). ``track_vs_raw`` is raw seconds / tier 
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 
@@ -95,3 +96,83 @@ class StoreAndLoad:
         return 2 * BLOCKS * (2 << 20) / self.tier_seconds / 1e9
 
     track_gbps.unit = "GB/s stored and loaded"
+
+
+PREFIX, SUFFIX = 2000, 16  # the time-to-first-token prompt: a 2,000-token prefix (125 blocks) and its own end
+
+
+def _ttft_prompt() -> tuple[list[int], list[int]]:
+    """The prompt that fills a store (the prefix and one ending) and the prompt timed (another ending)."""
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(0, 128, PREFIX).tolist()
+    return prefix + rng.integers(0, 128, SUFFIX).tolist(), prefix + rng.integers(0, 128, SUFFIX).tolist()
+
+
+def measure_ttft(tier: str, store=None, repeat: int = 5) -> dict[str, float]:
+    """Seconds to the first token's logits of a prompt whose 2,000-token prefix is in ``tier`` (a
+    fresh pool each time, so ``store`` serves it; ``pool``: the same pool's prefix cache;
+    ``recompute``: no stores, every token computed), with the demo model (medians)."""
+    from pagedkv import PagedKVCache
+    from pagedkv.model import ModelConfig, TinyLlama, paged_step
+
+    model = TinyLlama(ModelConfig())
+    config = model.cache_config(num_blocks=2 * (PREFIX + SUFFIX) // 16 + 8)
+    filler, prompt = _ttft_prompt()
+    stores = [store] if store is not None else []
+    with PagedKVCache(config, stores=stores) as writer:  # the prefix's blocks go to the store
+        seq, _ = writer.add_sequence(prompt_token_ids=filler)
+        paged_step(model, writer, [seq], [filler])
+        writer.end_step()
+        writer.free(seq)
+        times, served = [], 0
+        for _ in range(repeat):
+            cache = writer if tier == "pool" else PagedKVCache(config, stores=stores)
+            t0 = time.perf_counter()
+            seq, cached = cache.add_sequence(prompt_token_ids=prompt)
+            paged_step(model, cache, [seq], [prompt[cached:]])
+            times.append(time.perf_counter() - t0)
+            served = cached
+            cache.end_step()
+            cache.free(seq)
+            if cache is not writer:
+                cache.close()
+    return {"seconds": float(np.median(times)), "cached_tokens": served}
+
+
+class TimeToFirstToken:
+    """Time to the first token of a prompt whose 2,000-token prefix is in each tier, against
+    recomputing it (the demo model; ``redis`` only where ``PAGEDKV_REDIS_URL`` names a server)."""
+
+    params = ["recompute", "pool", "host", "disk", "redis"]
+    param_names = ["tier"]
+    number = 1
+    repeat = 1
+    timeout = 600
+
+    def setup(self, tier):
+        self.dir = tempfile.mkdtemp()
+        store = None
+        if tier == "host":
+            store = HostStore(max_bytes=1 << 30)
+        elif tier == "disk":
+            store = DirectoryStore(os.path.join(self.dir, "store"), max_bytes=1 << 30)
+        elif tier == "redis":
+            url = os.environ.get("PAGEDKV_REDIS_URL")
+            if not url:
+                raise NotImplementedError("set PAGEDKV_REDIS_URL to a Redis server to benchmark the redis tier")
+            store = RedisStore(url, "pagedkv-bench-ttft")
+        self.m = measure_ttft(tier, store)
+        self.recompute = measure_ttft("recompute")["seconds"] if tier != "recompute" else self.m["seconds"]
+
+    def teardown(self, tier):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def track_seconds(self, tier):
+        return self.m["seconds"]
+
+    track_seconds.unit = "seconds to the first token"
+
+    def track_speedup_vs_recompute(self, tier):
+        return self.recompute / self.m["seconds"]
+
+    track_speedup_vs_recompute.unit = "x recomputing the prefix"
