@@ -9,14 +9,18 @@ every machine) as one self-describing value::
     header  = {"version": 1, "key": hex digest, "token_ids": [...],
                "fingerprint": the pool's geometry, layout, storage format and
                               fp8 k/v scales (see :func:`fingerprint`),
-               "payload_bytes": n, "sha256": hex digest of the payload}
+               "payload_bytes": n, "sha256": hex digest of the payload, or null}
     payload = the block's stored elements of every layer, K then V
               (``[layers, 2, block_stride]`` in the storage dtype), then, for int8,
               its scales (``[layers, 2, block_size * H]`` float32)
 
 :func:`decode_block` serves a value only if it is whole (lengths and checksum),
 written for the same key and tokens, and by a pool of the same fingerprint; anything
-else is a miss, never loaded. The stores themselves move bytes:
+else is a miss, never loaded. A store whose values never leave this process's memory
+(``trusted = True``: :class:`HostStore`) has nothing that could tear or flip their bytes,
+so its values are stored and served without the checksum (``"sha256": null``; hashing
+runs at about a tenth of a memory copy's speed); a value without one is never served from
+any other store. The stores themselves move bytes:
 
 - :class:`HostStore`: host memory, bounded, least recently used evicted first;
 - :class:`DirectoryStore`: one file per block in a directory, written to a
@@ -71,16 +75,19 @@ def fingerprint(pool: KVPool) -> dict[str, Any]:
 
 
 def read_block(pool: KVPool, block: int, key: BlockKey) -> StoredBlock:
-    """Copy block ``block`` of a CPU pool (every layer, K and V, and its int8 scales)."""
+    """Copy block ``block`` of a CPU pool (every layer, K and V, and its int8 scales), each
+    element once."""
     s = pool.strides
-    data = np.stack([np.stack([pool.host[block_base(layer, kv, block, s):block_base(layer, kv, block, s)
-                                         + s.block_stride] for kv in (K, V)]) for layer in range(s.num_layers)])
-    scales = None
-    if pool.scales is not None:
-        run = s.block_size * s.num_kv_heads
-        scales = np.stack([np.stack([pool.host_scales[block_scale_base(layer, kv, block, s):
-                                                      block_scale_base(layer, kv, block, s) + run]
-                                     for kv in (K, V)]) for layer in range(s.num_layers)])
+    data = np.empty((s.num_layers, 2, s.block_stride), dtype=pool.host.dtype)
+    run = s.block_size * s.num_kv_heads
+    scales = None if pool.scales is None else np.empty((s.num_layers, 2, run), dtype=np.float32)
+    for layer in range(s.num_layers):
+        for kv in (K, V):
+            at = block_base(layer, kv, block, s)
+            data[layer, kv] = pool.host[at:at + s.block_stride]
+            if scales is not None:
+                at = block_scale_base(layer, kv, block, s)
+                scales[layer, kv] = pool.host_scales[at:at + run]
     return StoredBlock(key, data, scales)
 
 
@@ -96,18 +103,50 @@ def write_block(pool: KVPool, block: int, stored: StoredBlock) -> None:
                 pool.host_scales[at:at + stored.scales.shape[-1]] = stored.scales[layer, kv]
 
 
-def encode_block(fp: dict[str, Any], stored: StoredBlock) -> bytes:
-    """The stored value of a block (format in the module docstring)."""
-    payload = stored.data.tobytes() + (b"" if stored.scales is None else stored.scales.astype(np.float32).tobytes())
-    header = json.dumps({"version": VERSION, "key": stored.key.digest.hex(), "token_ids": list(stored.key.token_ids),
-                         "fingerprint": fp, "payload_bytes": len(payload),
-                         "sha256": hashlib.sha256(payload).hexdigest()}, sort_keys=True).encode()
-    return MAGIC + struct.pack("<I", len(header)) + header + payload
+def encode_block(fp: dict[str, Any], stored: StoredBlock, checksum: bool = True) -> bytes:
+    """The stored value of a block (format in the module docstring); the payload is copied once,
+    into the value. ``checksum=False``: no sha256 (for trusted stores only, see there)."""
+    parts = [np.ascontiguousarray(stored.data)]
+    if stored.scales is not None:
+        parts.append(np.ascontiguousarray(stored.scales, dtype=np.float32))
+    return _value(fp, stored.key, [p.data.cast("B") for p in parts], checksum)
 
 
-def decode_block(pool: KVPool, key: BlockKey, raw: bytes | None) -> StoredBlock | None:
+def encode_pool_block(pool: KVPool, block: int, key: BlockKey, fp: dict[str, Any] | None = None,
+                      checksum: bool = True) -> bytes:
+    """``encode_block(fp, read_block(pool, block, key), checksum)``, the same bytes, with each element
+    of the block copied once, from the pool straight into the value (``fp``: the pool's
+    :func:`fingerprint`, if the caller has it)."""
+    s = pool.strides
+    runs = [(pool.host, block_base(layer, kv, block, s), s.block_stride)
+            for layer in range(s.num_layers) for kv in (K, V)]
+    if pool.scales is not None:
+        run = s.block_size * s.num_kv_heads
+        runs += [(pool.host_scales, block_scale_base(layer, kv, block, s), run)
+                 for layer in range(s.num_layers) for kv in (K, V)]
+    views = [array[at:at + n].data.cast("B") for array, at, n in runs]
+    return _value(fingerprint(pool) if fp is None else fp, key, views, checksum)
+
+
+def _value(fp: dict[str, Any], key: BlockKey, views: list[memoryview], checksum: bool) -> bytes:
+    """The value of a block whose payload is the bytes of ``views``, in order."""
+    digest = hashlib.sha256() if checksum else None
+    if digest is not None:
+        for v in views:
+            digest.update(v)
+    header = json.dumps({"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
+                         "fingerprint": fp, "payload_bytes": sum(v.nbytes for v in views),
+                         "sha256": None if digest is None else digest.hexdigest()}, sort_keys=True).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *views])
+
+
+def decode_block(pool: KVPool, key: BlockKey, raw: bytes | None, fp: dict[str, Any] | None = None,
+                 verify: bool = True) -> StoredBlock | None:
     """The block in ``raw`` if it is whole, is ``key``'s (digest and token ids) and was written by
-    a pool like ``pool``; else None (a miss: truncated, corrupted, another model's or format's)."""
+    a pool like ``pool`` (``fp``: its :func:`fingerprint`, if the caller has it); else None (a miss:
+    truncated, corrupted, another model's or format's). ``verify=False`` (a trusted store's value)
+    skips the checksum; with ``verify`` a value without one is a miss. The arrays returned are
+    views of ``raw``."""
     if raw is None or len(raw) < 8 or raw[:4] != MAGIC:
         return None
     (n,) = struct.unpack("<I", raw[4:8])
@@ -115,13 +154,13 @@ def decode_block(pool: KVPool, key: BlockKey, raw: bytes | None) -> StoredBlock 
         header = json.loads(raw[8:8 + n])
     except ValueError:
         return None
-    payload = raw[8 + n:]
+    payload = memoryview(raw)[8 + n:]  # no copy
     if not isinstance(header, dict):
         return None
     expected = {"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
-                "fingerprint": fingerprint(pool), "payload_bytes": len(payload)}
+                "fingerprint": fingerprint(pool) if fp is None else fp, "payload_bytes": payload.nbytes}
     if any(header.get(name) != value for name, value in expected.items()) \
-            or header.get("sha256") != hashlib.sha256(payload).hexdigest():
+            or (verify and header.get("sha256") != hashlib.sha256(payload).hexdigest()):
         return None
     s, dtype = pool.strides, pool.config.storage_dtype
     n_data = s.num_layers * 2 * s.block_stride
@@ -136,6 +175,9 @@ class BlockStore(Protocol):
     """A tier that keeps stored blocks (bytes) by key, in batches."""
 
     name: str
+    #: optional (False if absent): values never leave this process's memory, so they are stored
+    #: and served without a checksum
+    trusted: bool
 
     def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
         """How many of ``keys``, from the first, the store holds (it may still fail to serve one)."""
@@ -173,9 +215,11 @@ class _Counts:
 
 
 class HostStore(_Counts):
-    """Blocks in host memory, at most ``max_bytes`` of them; the least recently used go first."""
+    """Blocks in host memory, at most ``max_bytes`` of them; the least recently used go first.
+    Trusted: its values (immutable ``bytes``) never leave the process, so no checksum."""
 
     name = "host"
+    trusted = True
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__()
@@ -220,6 +264,7 @@ class DirectoryStore(_Counts):
     longest ago (by modification time, which a read renews) are removed first."""
 
     name = "disk"
+    trusted = False
 
     def __init__(self, path: str | os.PathLike, max_bytes: int) -> None:
         super().__init__()
@@ -309,6 +354,7 @@ class RedisStore(_Counts):
     server's memory policy evicts it). A server that fails warns and counts as a miss."""
 
     name = "redis"
+    trusted = False
 
     def __init__(self, client: Any, namespace: str, *, ttl: int | None = None) -> None:
         super().__init__()

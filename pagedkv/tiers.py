@@ -22,7 +22,12 @@ from .events import BlockRemoved, BlockStored, EventLog
 from .manager import BlockManager
 from .pool import KVPool
 from .prefix_key import BlockKey
-from .stores import BlockStore, StoredBlock, decode_block, encode_block, fingerprint, read_block, write_block
+from .stores import BlockStore, StoredBlock, decode_block, encode_pool_block, fingerprint, write_block
+
+
+def _trusted(store: BlockStore) -> bool:
+    """Whether ``store`` keeps values in this process's memory (see :mod:`pagedkv.stores`)."""
+    return getattr(store, "trusted", False) is True
 
 
 class Tiers:
@@ -37,6 +42,12 @@ class Tiers:
         self.known: dict[bytes, BlockKey] = {}  # write-back: the keys of blocks cached in the pool
         self.evicted: list[tuple[BlockKey, bytes]] = []  # write-back: values read as they left the pool
         self.tokens = {"pool": 0, **{s.name: 0 for s in self.stores}}  # prompt tokens served per tier
+        #: values carry a checksum unless every store is trusted (keeps them in this process's memory)
+        self.checksum = not all(_trusted(s) for s in self.stores)
+
+    def _encode(self, fp: dict[str, object], block: int, key: BlockKey) -> bytes:
+        """Block ``block``'s value, read from the pool now."""
+        return encode_pool_block(self.pool, block, key, fp, self.checksum)
 
     def _on_event(self, e: object) -> None:
         """Write-back: remember cached keys; read a block's value as it leaves the pool (called
@@ -47,15 +58,15 @@ class Tiers:
             self.known[e.block_hash] = BlockKey(e.block_hash, e.token_ids)
         elif isinstance(e, BlockRemoved) and e.block_hash in self.known:
             key = self.known.pop(e.block_hash)
-            self.evicted.append((key, encode_block(fingerprint(self.pool), read_block(self.pool, e.block_id, key))))
+            self.evicted.append((key, self._encode(fingerprint(self.pool), e.block_id, key)))
 
     def write_back_all(self) -> int:
         """Write-back: store every block the pool still caches (before a reset forgets them)."""
-        namespace = self.manager.prefix_cache.namespace
+        namespace, fp = self.manager.prefix_cache.namespace, fingerprint(self.pool)
         for key, block in self.manager.block_pool.cached_keys(namespace).items():
             if isinstance(key, BlockKey) and key.digest in self.known:
                 del self.known[key.digest]
-                self.evicted.append((key, encode_block(fingerprint(self.pool), read_block(self.pool, block, key))))
+                self.evicted.append((key, self._encode(fp, block, key)))
         return self.flush()
 
     def flush(self) -> int:
@@ -63,13 +74,15 @@ class Tiers:
         to every store; returns how many."""
         namespace = self.manager.prefix_cache.namespace
         items, self.evicted = self.evicted, []
+        fp: dict[str, object] | None = None
         for e in self.log.take():
             if not isinstance(e, BlockStored) or e.namespace != namespace or e.block_hash in self.loaded:
                 continue
             key = BlockKey(e.block_hash, e.token_ids)
             if self.manager.block_pool.lookup(namespace, key) != e.block_id:
                 continue  # evicted or re-cached since: its contents may be another block's now
-            items.append((key, encode_block(fingerprint(self.pool), read_block(self.pool, e.block_id, key))))
+            fp = fingerprint(self.pool) if fp is None else fp  # once a flush (fp8 scales may change between)
+            items.append((key, self._encode(fp, e.block_id, key)))
         for store in self.stores:
             store.put(items)
         return len(items)
@@ -87,13 +100,13 @@ class Tiers:
         for j in range(wanted):
             keys.append(prefix_key.block_key(keys[-1] if keys else None, token_ids[j * bs:(j + 1) * bs],
                                              () if j else extras))
-        loaded = 0
+        loaded, fp = 0, fingerprint(self.pool)
         for store in self.stores:
             start = have // bs
             n = store.longest_prefix(keys[start:])
             valid: list[StoredBlock] = []
             for k, v in zip(keys[start:start + n], store.get(keys[start:start + n]), strict=True):
-                stored = decode_block(self.pool, k, v)
+                stored = decode_block(self.pool, k, v, fp, verify=not _trusted(store))
                 if stored is None:  # not whole, not this key's, another pool's: a miss from here on
                     break
                 valid.append(stored)

@@ -3,9 +3,11 @@
 from them, in this process and in another one."""
 
 import errno
+import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,7 +18,16 @@ import pytest
 import pagedkv
 from pagedkv import PagedKVCache, prefix_key
 from pagedkv.model import ModelConfig, TinyLlama, generate_dense, generate_paged
-from pagedkv.stores import DirectoryStore, HostStore, RedisStore, decode_block, encode_block, fingerprint, read_block
+from pagedkv.stores import (
+    DirectoryStore,
+    HostStore,
+    RedisStore,
+    decode_block,
+    encode_block,
+    encode_pool_block,
+    fingerprint,
+    read_block,
+)
 from pagedkv.testing.strategies import filled_pool
 
 TINY = ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, hidden_dim=32)
@@ -84,6 +95,7 @@ def test_a_stored_block_round_trips_and_a_damaged_one_is_a_miss(dtype):
     pool = filled_pool(config, seed=1)
     key = _keys(1)[0]
     raw = encode_block(fingerprint(pool), read_block(pool, 3, key))
+    assert encode_pool_block(pool, 3, key) == raw  # straight from the pool: the same bytes
     back = decode_block(pool, key, raw)
     assert back is not None
     np.testing.assert_array_equal(back.data, read_block(pool, 3, key).data)
@@ -137,6 +149,38 @@ def _serve(stores, prompts, new_tokens=3):
         cached.append({tier: after[tier] - before[tier] for tier in after})
     cache.close()  # ends the last step: its blocks are written through
     return out, cached, cache
+
+
+def test_a_value_without_its_checksum_is_served_only_by_a_trusted_store(tmp_path):
+    config = pagedkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, dtype="int8")
+    pool = filled_pool(config, seed=2)
+    key = _keys(1)[0]
+    unsummed = encode_block(fingerprint(pool), read_block(pool, 1, key), checksum=False)
+    back = decode_block(pool, key, unsummed, verify=False)
+    assert back is not None
+    np.testing.assert_array_equal(back.data, read_block(pool, 1, key).data)
+    np.testing.assert_array_equal(back.scales, read_block(pool, 1, key).scales)
+    assert decode_block(pool, key, unsummed) is None  # verified: no checksum, a miss
+    assert decode_block(pool, key, unsummed[:-1], verify=False) is None  # lengths are still checked
+    assert decode_block(pool, _keys(2)[1], unsummed, verify=False) is None  # and the key
+    summed = encode_block(fingerprint(pool), read_block(pool, 1, key))
+    for value, served in ((unsummed, 0), (summed, 2)):  # an untrusted store never serves an unsummed value
+        disk = DirectoryStore(tmp_path / f"blocks-{served}", max_bytes=1 << 20)
+        disk.put([(key, value)])
+        with pagedkv.PagedKVCache(config, stores=[disk]) as cache:
+            assert cache.add_sequence(prompt_token_ids=[0, 1, 2]).num_cached_tokens == served
+
+
+def test_values_are_checksummed_unless_every_store_is_trusted(tmp_path):
+    model = TinyLlama(TINY)
+    for with_disk, summed in ((False, False), (True, True)):
+        host, disk = HostStore(max_bytes=1 << 20), DirectoryStore(tmp_path / f"blocks-{summed}", max_bytes=1 << 20)
+        stores = [host, disk] if with_disk else [host]
+        with pagedkv.PagedKVCache(model.cache_config(16, block_size=4), stores=stores) as cache:
+            assert cache.tiers.checksum is summed
+            generate_paged(model, cache, PREFIX + [1], 1)
+        (value,) = host.get([prefix_key.block_key(None, PREFIX[:4], prefix_key.salt_extras(None))])
+        assert (json.loads(value[8:8 + struct.unpack("<I", value[4:8])[0]])["sha256"] is not None) is summed
 
 
 def test_a_new_pool_loads_shared_prefixes_from_each_tier(tmp_path, redis_url):
