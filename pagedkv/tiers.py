@@ -22,7 +22,8 @@ from .events import BlockRemoved, BlockStored, EventLog
 from .manager import BlockManager
 from .pool import KVPool
 from .prefix_key import BlockKey
-from .stores import BlockStore, StoredBlock, decode_block, encode_pool_block, fingerprint, write_block
+from .stored_block import StoredBlock, decode_block, encode_pool_block, fingerprint, write_block
+from .stores import BlockStore
 
 
 def _trusted(store: BlockStore) -> bool:

@@ -21,11 +21,12 @@ RANKS = {
     "validate": 5, "plan": 6, "backends._host": 7, "backends.reference": 8, "backends.numba_cpu": 8,
     "backends.cuda_kernels": 7, "backends.cuda_format_kernels": 7.5, "backends.cuda": 8, "backends": 9,
     "prefix_key": 10, "block_table": 10, "block_pool": 10, "retention": 9, "manager_views": 11.5,
-    "prefix_cache": 11, "sequence": 11, "manager": 12, "stores": 11, "tiers": 12.5,
+    "prefix_cache": 11, "sequence": 11, "manager": 12, "stored_block": 10.5, "stores": 11, "tiers": 12.5,
     "cache": 13, "model": 14, "testing.tolerance": 14, "testing.strategies": 15, "testing.checkers": 16,
     "testing.compare": 15.5, "testing.verify": 16.5, "testing.manager_check": 15.5, "testing": 17, "demo": 15,
     "bench": 15, "cli": 18, "__main__": 19, "": 20,
-    "integrations": 14, "integrations.transformers": 14, "integrations.generate": 15,
+    "integrations": 14, "integrations.transformers": 14, "integrations.hf_attention": 14.5,
+    "integrations.generate": 15,
 }
 NAMEDTUPLE_API = {"_replace", "_fields", "_asdict", "_make"}
 

@@ -25,6 +25,10 @@ models). A narrower pool (``dtype="fp8_e4m3"``, ``"int8"``...) trades exactness
 for memory. Outside the pool there is one layer's gathered keys and values, in two
 buffers every layer reuses (handed to the model as strided views, never copied again).
 
+With ``attn_implementation="pagedkv"`` (:mod:`pagedkv.integrations.hf_attention`), ``update``
+stores nothing and gathers nothing: it hands the new K/V to that attention function, which
+writes the real tokens (padding skipped) and runs pagedkv's kernels over the pool.
+
 Beam search and ``num_return_sequences > 1`` fork sequences: beams share their
 blocks until one diverges inside a block (copy-on-write), instead of the copies
 ``DynamicCache`` makes at every reordering. ``crop`` (assisted decoding) rolls
@@ -54,6 +58,8 @@ from ..config import CacheConfig, LayerGroup
 from ..errors import ArgumentError, ConfigError
 from ..layout import cdiv, window_start_block
 
+#: the attention implementation that runs pagedkv's kernels over the pool (see :mod:`.hf_attention`)
+ATTENTION = "pagedkv"
 #: the pool format that stores a model's K/V exactly, by torch dtype
 EXACT_FORMATS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -107,6 +113,8 @@ class PagedLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if getattr(self.cache.config, "_attn_implementation", None) == ATTENTION:
+            return self.cache.defer(self, key_states, value_states)
         return self.cache.store(self, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -167,6 +175,7 @@ class PagedCache(Cache):
         self.seq_ids: list = []  # the pagedkv sequence of each batch row
         self.step: Step | None = None
         self.written: set[int] = set()  # layers that stored this step's tokens
+        self.padding: list[int] = []  # attn "pagedkv": padding tokens of each row, not stored
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # gathered keys and values (see _gathered)
         self.groups = _layer_groups(text, num_layers, self.num_blocks * block_size)
         windows = {layer: g.sliding_window for g in self.groups or () for layer in g.layers}
@@ -189,13 +198,8 @@ class PagedCache(Cache):
         b, h, t, d = key_states.shape
         kv = self._pool_for(key_states)
         if self.step is None or layer.layer_idx in self.written:  # the first layer of a forward pass
-            if not self.seq_ids:
-                self._add_sequences(b)
-            if self.step is None and len(self.seq_ids) != b and b % len(self.seq_ids) == 0:
-                self.batch_repeat_interleave(b // len(self.seq_ids))  # generate expanded the prompts (beams)
-            if len(self.seq_ids) != b:
-                raise ArgumentError(f"this cache holds {len(self.seq_ids)} sequences; the model passed {b}")
-            self.step, self.written = kv.begin_step(self.seq_ids, [t] * b), set()
+            self.begin_pass(b, [t] * b)
+        assert self.step is not None
         if self.step.num_new_tokens[0] != t:
             raise ArgumentError(f"layer {layer.layer_idx} stores {t} tokens; this step has "
                                 f"{int(self.step.num_new_tokens[0])}")
@@ -222,6 +226,32 @@ class PagedCache(Cache):
             capacity = max(rows, 2 * self._buffers[0].shape[0] if self._buffers is not None else 0)
             self._buffers = (np.empty((capacity, h, d), np.float32), np.empty((capacity, h, d), np.float32))
         return self._buffers[0][:rows], self._buffers[1][:rows]
+
+    def begin_pass(self, rows: int, new_tokens: Sequence[int]) -> Step:
+        """The first layer of a forward pass: sequences for the ``rows`` batch rows (made, or
+        repeated where generate expanded the prompts), and a step of ``new_tokens`` per row."""
+        assert self.kv is not None
+        if not self.seq_ids:
+            self._add_sequences(rows)
+        if self.step is None and len(self.seq_ids) != rows and rows % len(self.seq_ids) == 0:
+            self.batch_repeat_interleave(rows // len(self.seq_ids))  # generate expanded the prompts (beams)
+        if len(self.seq_ids) != rows:
+            raise ArgumentError(f"this cache holds {len(self.seq_ids)} sequences; the model passed {rows}")
+        self.step, self.written = self.kv.begin_step(self.seq_ids, list(new_tokens)), set()
+        return self.step
+
+    def defer(self, layer: PagedLayer, key_states: torch.Tensor,
+              value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``attn_implementation="pagedkv"``: hand the new K/V on to the attention function,
+        which writes them (skipping padding, which only the mask shows) and attends over the pool."""
+        if self.groups is not None or self.prompt_ids is not None:
+            raise ConfigError('attn_implementation="pagedkv" serves models of full-attention layers without '
+                              "prompt_ids for now; use the model's own attention (sdpa, eager) with PagedCache")
+        self._pool_for(key_states)
+        layer.num_tokens += key_states.shape[2]  # the model's view: padding counted, as in its masks
+        key, value = key_states.view(key_states.shape), value_states.view(value_states.shape)
+        key.pagedkv_layer = value.pagedkv_layer = layer  # type: ignore[attr-defined]
+        return key, value
 
     def _pool_for(self, key_states: torch.Tensor) -> PagedKVCache:
         if self.kv is None:
@@ -279,6 +309,8 @@ class PagedCache(Cache):
     def _reselect(self, rows: Sequence[int]) -> None:
         if list(rows) == list(range(len(self.seq_ids))) or self.kv is None or not self.seq_ids:
             return
+        if self.padding:
+            self.padding = [self.padding[j] for j in rows]
         old, kept, new = self.seq_ids, set(), []
         for j in rows:
             if j in kept:  # another row continues it too: a fork, sharing every block
@@ -298,8 +330,8 @@ class PagedCache(Cache):
         keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
         if keep == length or self.kv is None:
             return
-        for seq in self.seq_ids:
-            self.kv.truncate(seq, max(keep, 0))
+        for row, seq in enumerate(self.seq_ids):
+            self.kv.truncate(seq, max(keep - (self.padding[row] if self.padding else 0), 0))
         for layer in self.paged_layers:
             layer.num_tokens = max(keep, 0)
         self._new_pass()
@@ -309,7 +341,7 @@ class PagedCache(Cache):
         if self.kv is not None:
             for seq in self.seq_ids:
                 self.kv.free(seq)
-        self.seq_ids = []
+        self.seq_ids, self.padding = [], []
         for layer in self.layers:
             layer.reset()
         self._new_pass()

@@ -1,0 +1,99 @@
+"""pagedkv's attention kernels as a transformers attention implementation: ``attn_implementation="pagedkv"``.
+
+::
+
+    from pagedkv.integrations.hf_attention import register
+    from pagedkv.integrations.transformers import PagedCache
+
+    register()                                             # once: "pagedkv" joins transformers' registry
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pagedkv")
+    out = model.generate(**inputs, past_key_values=PagedCache(model.config), max_new_tokens=32)
+
+With the model's own attention (sdpa, eager), :class:`~pagedkv.integrations.transformers.PagedCache`
+gathers every layer's keys and values out of the pool at every step, and the model reads that
+copy. Here nothing is gathered: each layer's new K/V are written into the pool and the
+layer's attention runs pagedkv's kernel over the blocks (decode and prefill, grouped- and
+multi-query heads, soft-capping), so a decode step reads the context once.
+
+Padding. transformers hands the cache every row's padding tokens (left padding of unequal
+prompts); only the attention mask says which they are. The mask of a token against itself is
+its padding bit, so the function reads that diagonal, writes only real tokens and runs
+attention for their queries; a padding row's output is zero (the model never reads it: no
+real token attends to padding). Each row's sequence therefore holds its real tokens only, so
+unequal prompts take only the blocks they need.
+
+Numbers: attention in float32 (the kernels' own, :mod:`pagedkv.testing.tolerance`), not
+the bit-for-bit copy of transformers' attention the gathering path gives; greedy tokens agree
+with transformers' sdpa in the tests, and the logits within ``1e-4`` there. Not served yet:
+sliding-window layers and ``PagedCache(prompt_ids=...)`` (a ConfigError says so; both run
+with the model's own attention). Needs the ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from ..errors import ArgumentError, ConfigError
+from .transformers import ATTENTION, PagedLayer, _to_numpy
+
+
+def register() -> None:
+    """Add ``"pagedkv"`` to transformers' attention and mask registries (its masks are sdpa's,
+    read only for padding). Idempotent."""
+    AttentionInterface.register(ATTENTION, pagedkv_attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def _real_tokens(mask: torch.Tensor | None, rows: int, new: int) -> np.ndarray:
+    """bool ``[rows, new]``: which of the new tokens are real (not padding), from the layer's 4-D
+    mask ``[rows, 1, new, keys]`` (bool: True attends; float: 0 attends), or all without one."""
+    if mask is None:
+        return np.ones((rows, new), dtype=bool)
+    if mask.dim() != 4 or mask.shape[0] != rows or mask.shape[2] != new:
+        raise ArgumentError(f"pagedkv attention needs a [B, 1, T, S] mask for B={rows}, T={new}; "
+                            f"got {tuple(mask.shape)}")
+    keys = mask.shape[3]
+    diagonal = mask[:, 0, torch.arange(new), keys - new + torch.arange(new)]  # each token against itself
+    allowed = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    return allowed.numpy()
+
+
+def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                              scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract (``query [B, Hq, T, D]`` and what the cache's
+    ``update`` returned; the output ``[B, T, Hq, D]``), over a PagedCache's pool."""
+    layer = getattr(key, "pagedkv_layer", None)
+    if not isinstance(layer, PagedLayer):
+        raise ConfigError('attn_implementation="pagedkv" needs a PagedCache as the cache: '
+                          "generate(..., past_key_values=PagedCache(model.config))")
+    if kwargs.get("sliding_window") is not None:
+        raise ConfigError('attn_implementation="pagedkv" does not serve sliding-window layers yet')
+    if dropout:
+        raise ArgumentError("pagedkv attention is for inference: dropout must be 0")
+    cache = layer.cache
+    b, hq, t, d = query.shape
+    real = _real_tokens(attention_mask, b, t)
+    if cache.step is None or layer.layer_idx in cache.written:  # the first layer of this forward pass
+        cache.begin_pass(b, real.sum(axis=1).tolist())
+        if not cache.padding:
+            cache.padding = [0] * b
+        cache.padding = [p + t - int(n) for p, n in zip(cache.padding, real.sum(axis=1), strict=True)]
+    step, kv = cache.step, cache.kv
+    assert step is not None and kv is not None
+    if not np.array_equal(step.num_new_tokens, real.sum(axis=1)):
+        raise ArgumentError(f"layer {layer.layer_idx}'s mask marks other tokens as padding than the first layer's")
+    rows = np.flatnonzero(real.reshape(-1))  # the real tokens, in (row, position) order
+    kv.write(layer.layer_idx, _to_numpy(key)[rows], _to_numpy(value)[rows], step)
+    cache.written.add(layer.layer_idx)
+    q = query.detach().transpose(1, 2).reshape(b * t, hq, d)[torch.from_numpy(rows)].float().numpy()
+    softcap = kwargs.get("softcap")
+    out = kv.attention(layer.layer_idx, q, step, scale=scaling, soft_cap=softcap if softcap else None)
+    full = torch.zeros((b * t, hq, d), dtype=query.dtype)
+    full[torch.from_numpy(rows)] = torch.from_numpy(np.asarray(out)).to(query.dtype)
+    return full.view(b, t, hq, d), None

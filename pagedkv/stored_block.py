@@ -1,0 +1,159 @@
+"""The stored-block format: one block of a pool (every layer's K and V, and int8's scales) as a
+self-describing value that another process or machine can check before loading it.
+
+A full block is stored under its portable key (:mod:`pagedkv.prefix_key`: a
+sha256 chained over every token before it, the same in every process and on
+every machine) as one self-describing value::
+
+    b"PKVB" | header length (uint32 LE) | header (UTF-8 JSON) | payload
+
+    header  = {"version": 1, "key": hex digest, "token_ids": [...],
+               "fingerprint": the pool's geometry, layout, storage format and
+                              fp8 k/v scales (see :func:`fingerprint`),
+               "payload_bytes": n, "sha256": hex digest of the payload, or null}
+    payload = the block's stored elements of every layer, K then V
+              (``[layers, 2, block_stride]`` in the storage dtype), then, for int8,
+              its scales (``[layers, 2, block_size * H]`` float32)
+
+:func:`decode_block` serves a value only if it is whole (lengths and checksum),
+written for the same key and tokens, and by a pool of the same fingerprint; anything
+else is a miss, never loaded. A store whose values never leave this process's memory
+(``trusted = True``: :class:`HostStore`) has nothing that could tear or flip their bytes,
+so its values are stored and served without the checksum (``"sha256": null``; hashing
+runs at about a tenth of a memory copy's speed); a value without one is never served from
+any other store.
+
+:mod:`pagedkv.stores` keeps such values in its tiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .layout import K, V, block_base, block_scale_base
+from .pool import KVPool
+from .prefix_key import BlockKey
+
+MAGIC = b"PKVB"
+VERSION = 1
+
+
+class StoredBlock(NamedTuple):
+    """One block's K/V as a store keeps them: ``data`` the stored elements ``[layers, 2,
+    block_stride]`` (the pool's storage dtype), ``scales`` int8's ``[layers, 2, block_size * H]``."""
+
+    key: BlockKey
+    data: np.ndarray
+    scales: np.ndarray | None = None
+
+
+def fingerprint(pool: KVPool) -> dict[str, Any]:
+    """What must match for a stored block to be loaded into ``pool``: geometry, layout, format,
+    and fp8's per-layer k/v scales (a block encoded with other scales would decode wrong)."""
+    c = pool.config
+    kv_scales = pool.kv_scales
+    return {"num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+            "block_size": c.block_size, "layout": c.layout, "dtype": c.dtype,
+            "kv_scales": None if kv_scales is None else kv_scales.tolist()}
+
+
+def read_block(pool: KVPool, block: int, key: BlockKey) -> StoredBlock:
+    """Copy block ``block`` of a CPU pool (every layer, K and V, and its int8 scales), each
+    element once."""
+    s = pool.strides
+    data = np.empty((s.num_layers, 2, s.block_stride), dtype=pool.host.dtype)
+    run = s.block_size * s.num_kv_heads
+    scales = None if pool.scales is None else np.empty((s.num_layers, 2, run), dtype=np.float32)
+    for layer in range(s.num_layers):
+        for kv in (K, V):
+            at = block_base(layer, kv, block, s)
+            data[layer, kv] = pool.host[at:at + s.block_stride]
+            if scales is not None:
+                at = block_scale_base(layer, kv, block, s)
+                scales[layer, kv] = pool.host_scales[at:at + run]
+    return StoredBlock(key, data, scales)
+
+
+def write_block(pool: KVPool, block: int, stored: StoredBlock) -> None:
+    """Put a stored block's elements (and scales) into block ``block`` of a CPU pool."""
+    s = pool.strides
+    for layer in range(s.num_layers):
+        for kv in (K, V):
+            at = block_base(layer, kv, block, s)
+            pool.host[at:at + s.block_stride] = stored.data[layer, kv]
+            if stored.scales is not None:
+                at = block_scale_base(layer, kv, block, s)
+                pool.host_scales[at:at + stored.scales.shape[-1]] = stored.scales[layer, kv]
+
+
+def encode_block(fp: dict[str, Any], stored: StoredBlock, checksum: bool = True) -> bytes:
+    """The stored value of a block (format in the module docstring); the payload is copied once,
+    into the value. ``checksum=False``: no sha256 (for trusted stores only, see there)."""
+    parts = [np.ascontiguousarray(stored.data)]
+    if stored.scales is not None:
+        parts.append(np.ascontiguousarray(stored.scales, dtype=np.float32))
+    return _value(fp, stored.key, [p.data.cast("B") for p in parts], checksum)
+
+
+def encode_pool_block(pool: KVPool, block: int, key: BlockKey, fp: dict[str, Any] | None = None,
+                      checksum: bool = True) -> bytes:
+    """``encode_block(fp, read_block(pool, block, key), checksum)``, the same bytes, with each element
+    of the block copied once, from the pool straight into the value (``fp``: the pool's
+    :func:`fingerprint`, if the caller has it)."""
+    s = pool.strides
+    runs = [(pool.host, block_base(layer, kv, block, s), s.block_stride)
+            for layer in range(s.num_layers) for kv in (K, V)]
+    if pool.scales is not None:
+        run = s.block_size * s.num_kv_heads
+        runs += [(pool.host_scales, block_scale_base(layer, kv, block, s), run)
+                 for layer in range(s.num_layers) for kv in (K, V)]
+    views = [array[at:at + n].data.cast("B") for array, at, n in runs]
+    return _value(fingerprint(pool) if fp is None else fp, key, views, checksum)
+
+
+def _value(fp: dict[str, Any], key: BlockKey, views: list[memoryview], checksum: bool) -> bytes:
+    """The value of a block whose payload is the bytes of ``views``, in order."""
+    digest = hashlib.sha256() if checksum else None
+    if digest is not None:
+        for v in views:
+            digest.update(v)
+    header = json.dumps({"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
+                         "fingerprint": fp, "payload_bytes": sum(v.nbytes for v in views),
+                         "sha256": None if digest is None else digest.hexdigest()}, sort_keys=True).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *views])
+
+
+def decode_block(pool: KVPool, key: BlockKey, raw: bytes | None, fp: dict[str, Any] | None = None,
+                 verify: bool = True) -> StoredBlock | None:
+    """The block in ``raw`` if it is whole, is ``key``'s (digest and token ids) and was written by
+    a pool like ``pool`` (``fp``: its :func:`fingerprint`, if the caller has it); else None (a miss:
+    truncated, corrupted, another model's or format's). ``verify=False`` (a trusted store's value)
+    skips the checksum; with ``verify`` a value without one is a miss. The arrays returned are
+    views of ``raw``."""
+    if raw is None or len(raw) < 8 or raw[:4] != MAGIC:
+        return None
+    (n,) = struct.unpack("<I", raw[4:8])
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError:
+        return None
+    payload = memoryview(raw)[8 + n:]  # no copy
+    if not isinstance(header, dict):
+        return None
+    expected = {"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
+                "fingerprint": fingerprint(pool) if fp is None else fp, "payload_bytes": payload.nbytes}
+    if any(header.get(name) != value for name, value in expected.items()) \
+            or (verify and header.get("sha256") != hashlib.sha256(payload).hexdigest()):
+        return None
+    s, dtype = pool.strides, pool.config.storage_dtype
+    n_data = s.num_layers * 2 * s.block_stride
+    data = np.frombuffer(payload, dtype=dtype, count=n_data).reshape(s.num_layers, 2, s.block_stride)
+    scales = None
+    if pool.scales is not None:
+        scales = np.frombuffer(payload, dtype=np.float32, offset=n_data * dtype.itemsize).reshape(s.num_layers, 2, -1)
+    return StoredBlock(key, data, scales)

@@ -1,0 +1,110 @@
+"""attn_implementation="pagedkv": pagedkv's kernels as a transformers model's attention, over the pool.
+
+Tiny random models built from configs (nothing downloaded). Attention runs in float32 in
+pagedkv's kernels instead of torch's, so these tests ask for transformers' own tokens (greedy
+and beam search, against sdpa with the default cache) and logits within 1e-4: the kernels'
+sums are reassociated (float32 rounding, a few ulp of values of order 1), which two layers of a
+64-wide model keep well below that.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import numpy as np  # noqa: E402
+
+import pagedkv  # noqa: E402
+from pagedkv.integrations.hf_attention import register  # noqa: E402
+from pagedkv.integrations.transformers import PagedCache  # noqa: E402
+
+LOGITS_ATOL = 1e-4
+
+register()
+
+
+def llama(kv_heads=2, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                                      attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def prompts():
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left-padded rows
+    mask[2, :9] = 0
+    return ids, mask
+
+
+def both(model, ids, mask, **kw):
+    """transformers' generate (sdpa, default cache) and pagedkv's (its attention over a PagedCache)."""
+    kw = {"max_new_tokens": 12, "pad_token_id": 0, "do_sample": False, "output_logits": True,
+          "return_dict_in_generate": True, **kw}
+    model.set_attn_implementation("sdpa")
+    want = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    model.set_attn_implementation("pagedkv")
+    cache = PagedCache(model.config, block_size=4)
+    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+    model.set_attn_implementation("sdpa")
+    return want, got, cache
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query
+def test_greedy_tokens_are_transformers_own_and_padding_is_not_stored(kv_heads):
+    want, got, cache = both(llama(kv_heads), *prompts())
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for a, b in zip(want.logits, got.logits, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
+    assert cache.padding == [0, 4, 9]
+    lens = [cache.kv.manager.context_len(s) for s in cache.seq_ids]
+    assert lens == [11 + 11, 7 + 11, 2 + 11]  # the real tokens only (the last new token is not stored yet)
+    memory = cache.memory()
+    assert memory["used_bytes"] < memory["dense_bytes"]  # unequal prompts take only the blocks they need
+    cache.kv.manager.check()
+
+
+def test_beam_search_is_transformers_own():
+    want, got, cache = both(llama(), *prompts(), num_beams=3, output_logits=False)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    cache.kv.manager.check()
+
+
+def test_soft_capping_follows_the_model():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       attn_logit_softcapping=0.05, layer_types=["full_attention"] * 2,
+                                       attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    ids, mask = prompts()
+    kw = {"max_new_tokens": 8, "pad_token_id": 0, "do_sample": False, "output_logits": True,
+          "return_dict_in_generate": True}
+    want = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    model.set_attn_implementation("pagedkv")
+    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=PagedCache(model.config), **kw)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for a, b in zip(want.logits, got.logits, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
+
+
+def test_crop_rolls_back_each_rows_real_tokens():
+    model = llama()
+    _, _, cache = both(model, *prompts(), max_new_tokens=4, output_logits=False)
+    cache.crop(-2)
+    assert [cache.kv.manager.context_len(s) for s in cache.seq_ids] == [11 + 3 - 2, 7 + 3 - 2, 2 + 3 - 2]
+    assert cache.get_seq_length() == 11 + 3 - 2
+
+
+def test_what_it_cannot_serve_is_refused_before_anything_is_stored():
+    model = llama()
+    model.set_attn_implementation("pagedkv")
+    ids, mask = prompts()
+    with pytest.raises(pagedkv.ConfigError, match="needs a PagedCache"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    cache = PagedCache(model.config, prompt_ids=ids)
+    with pytest.raises(pagedkv.ConfigError, match="prompt_ids"):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+    assert cache.kv is None or cache.kv.stats()["blocks_used"] == 0
