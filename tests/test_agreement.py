@@ -7,6 +7,7 @@ Results are compared as bytes, so a NaN must be the same NaN.
 """
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,6 +54,24 @@ def test_write(fast_backend, data, seed):
     key, value = _tokens(config, len(slots), seed + 1)
     ref.write(expected, layer, key, value, slots)
     fast_backend.write(actual, layer, key, value, slots)
+    np.testing.assert_array_equal(pool_bytes(actual), pool_bytes(expected))
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8_e4m3", "int8"])
+def test_a_long_write_of_consecutive_and_scattered_slots(layout, dtype):
+    """A write longer than the drawn cases (70 tokens: a prefill's consecutive slots across
+    several blocks, a shuffled stretch and padding), every layout and kind of format."""
+    config = pagedkv.CacheConfig(num_layers=2, num_kv_heads=3, head_dim=8, num_blocks=12, block_size=8,
+                                 layout=layout, dtype=dtype)
+    rng = np.random.default_rng(5)
+    slots = np.concatenate([np.arange(3, 43), rng.permutation(np.arange(50, 70)), [-1] * 10])
+    slots = slots.astype(np.int64)
+    key, value = _tokens(config, slots.size, 6)
+    expected = pst.filled_pool(config, 7)
+    actual = pst.filled_pool(config, 7)
+    ref.write(expected, 1, key, value, slots)
+    pagedkv.get_backend("numba").write(actual, 1, key, value, slots)
     np.testing.assert_array_equal(pool_bytes(actual), pool_bytes(expected))
 
 

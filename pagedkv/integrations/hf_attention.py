@@ -39,7 +39,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from ..errors import ArgumentError, ConfigError
-from .transformers import ATTENTION, PagedLayer, _to_numpy
+from .transformers import ATTENTION, LAYER_TAG, PagedLayer, _to_numpy
 
 
 def register() -> None:
@@ -68,7 +68,7 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                               scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract (``query [B, Hq, T, D]`` and what the cache's
     ``update`` returned; the output ``[B, T, Hq, D]``), over a PagedCache's pool."""
-    layer = getattr(key, "pagedkv_layer", None)
+    layer = getattr(key, LAYER_TAG, None)
     if not isinstance(layer, PagedLayer):
         raise ConfigError('attn_implementation="pagedkv" needs a PagedCache as the cache: '
                           "generate(..., past_key_values=PagedCache(model.config))")

@@ -60,6 +60,8 @@ from ..layout import cdiv, window_start_block
 
 #: the attention implementation that runs pagedkv's kernels over the pool (see :mod:`.hf_attention`)
 ATTENTION = "pagedkv"
+#: the attribute of the K/V tensors ``update`` hands that attention function: their PagedLayer
+LAYER_TAG = "pagedkv_layer"
 #: the pool format that stores a model's K/V exactly, by torch dtype
 EXACT_FORMATS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -250,7 +252,8 @@ class PagedCache(Cache):
         self._pool_for(key_states)
         layer.num_tokens += key_states.shape[2]  # the model's view: padding counted, as in its masks
         key, value = key_states.view(key_states.shape), value_states.view(value_states.shape)
-        key.pagedkv_layer = value.pagedkv_layer = layer  # type: ignore[attr-defined]
+        setattr(key, LAYER_TAG, layer)
+        setattr(value, LAYER_TAG, layer)
         return key, value
 
     def _pool_for(self, key_states: torch.Tensor) -> PagedKVCache:
