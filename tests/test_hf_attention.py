@@ -90,6 +90,28 @@ def test_soft_capping_follows_the_model():
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
 
 
+def test_sliding_windows_follow_the_model_and_free_blocks():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                       attn_logit_softcapping=0.05, attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    assert "sliding_attention" in config.layer_types
+    ids, mask = prompts()
+    kw = {"max_new_tokens": 14, "pad_token_id": 0, "do_sample": False, "output_logits": True,
+          "return_dict_in_generate": True}
+    want = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    model.set_attn_implementation("pagedkv")
+    cache = PagedCache(model.config, block_size=4)
+    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for a, b in zip(want.logits, got.logits, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
+    sliding, full = cache.kv.stats()["blocks_per_group"]
+    assert sliding < full  # the sliding layers gave back what left their window
+    cache.kv.manager.check()
+
+
 def test_crop_rolls_back_each_rows_real_tokens():
     model = llama()
     _, _, cache = both(model, *prompts(), max_new_tokens=4, output_logits=False)

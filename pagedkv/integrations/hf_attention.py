@@ -13,7 +13,7 @@ With the model's own attention (sdpa, eager), :class:`~pagedkv.integrations.tran
 gathers every layer's keys and values out of the pool at every step, and the model reads that
 copy. Here nothing is gathered: each layer's new K/V are written into the pool and the
 layer's attention runs pagedkv's kernel over the blocks (decode and prefill, grouped- and
-multi-query heads, soft-capping), so a decode step reads the context once.
+multi-query heads, sliding windows, soft-capping), so a decode step reads the context once.
 
 Padding. transformers hands the cache every row's padding tokens (left padding of unequal
 prompts); only the attention mask says which they are. The mask of a token against itself is
@@ -22,11 +22,16 @@ attention for their queries; a padding row's output is zero (the model never rea
 real token attends to padding). Each row's sequence therefore holds its real tokens only, so
 unequal prompts take only the blocks they need.
 
+Sliding-window layers (Gemma 2/3, gpt-oss): the cache's sliding layer groups free the blocks
+that leave the window, and the kernel attends to the window's positions. Left padding comes
+before every real token of a row, so the window over the padded positions the model's mask
+uses holds the same real tokens as pagedkv's window over the stored ones.
+
 Numbers: attention in float32 (the kernels' own, :mod:`pagedkv.testing.tolerance`), not
 the bit-for-bit copy of transformers' attention the gathering path gives; greedy tokens agree
-with transformers' sdpa in the tests, and the logits within ``1e-4`` there. Not served yet:
-sliding-window layers and ``PagedCache(prompt_ids=...)`` (a ConfigError says so; both run
-with the model's own attention). Needs the ``hf`` extra.
+with transformers' own in the tests, and the logits within ``1e-4`` there. Not served yet:
+``PagedCache(prompt_ids=...)`` (a ConfigError says so; it runs with the model's own
+attention). Needs the ``hf`` extra.
 """
 
 from __future__ import annotations
@@ -72,8 +77,6 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if not isinstance(layer, PagedLayer):
         raise ConfigError('attn_implementation="pagedkv" needs a PagedCache as the cache: '
                           "generate(..., past_key_values=PagedCache(model.config))")
-    if kwargs.get("sliding_window") is not None:
-        raise ConfigError('attn_implementation="pagedkv" does not serve sliding-window layers yet')
     if dropout:
         raise ArgumentError("pagedkv attention is for inference: dropout must be 0")
     cache = layer.cache
@@ -92,8 +95,11 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     kv.write(layer.layer_idx, _to_numpy(key)[rows], _to_numpy(value)[rows], step)
     cache.written.add(layer.layer_idx)
     q = query.detach().transpose(1, 2).reshape(b * t, hq, d)[torch.from_numpy(rows)].float().numpy()
-    softcap = kwargs.get("softcap")
-    out = kv.attention(layer.layer_idx, q, step, scale=scaling, soft_cap=softcap if softcap else None)
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    options: dict[str, Any] = {"scale": scaling, "soft_cap": softcap if softcap else None}
+    if window is not None:  # the last `window` positions, itself included: pagedkv's rule, over real tokens
+        options["sliding_window"] = int(window)
+    out = kv.attention(layer.layer_idx, q, step, **options)
     full = torch.zeros((b * t, hq, d), dtype=query.dtype)
     full[torch.from_numpy(rows)] = torch.from_numpy(np.asarray(out)).to(query.dtype)
     return full.view(b, t, hq, d), None
