@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(FORMATS), default=None,
                    help="how the pool stores K/V (default: the model's dtype, exact)")
     g.add_argument("--num-beams", type=_positive, default=1, help="beam search width (default 1: greedy)")
+    g.add_argument("--attention", choices=["pagedkv", "sdpa", "eager"], default=None,
+                   help="the model's attention: pagedkv (its kernels over the pool, nothing gathered) or the "
+                        "model's own, sdpa or eager, over gathered K/V (default: the checkpoint's)")
     v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
@@ -141,7 +144,8 @@ def _generate(args) -> int:
             return 2
     else:
         prompts = [args.prompt]
-    generate(args.model, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype, num_beams=args.num_beams)
+    generate(args.model, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype, num_beams=args.num_beams,
+             attention=args.attention)
     return 0
 
 

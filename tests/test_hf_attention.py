@@ -112,6 +112,22 @@ def test_sliding_windows_follow_the_model_and_free_blocks():
     cache.kv.manager.check()
 
 
+def test_a_second_generate_reuses_the_cached_prefix():
+    model = llama()
+    first = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(3))
+    second = torch.cat([first[:, :16], torch.tensor([[5, 6, 7]])], dim=1)  # shares four blocks of 4
+    kw = {"max_new_tokens": 6, "pad_token_id": 0, "do_sample": False}
+    want = [model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw).tolist() for x in (first, second)]
+    model.set_attn_implementation("pagedkv")
+    cache = PagedCache(model.config, block_size=4, prompt_ids=first)
+    got = [model.generate(input_ids=first, attention_mask=torch.ones_like(first), past_key_values=cache, **kw)]
+    cache.reset()
+    reuse = cache.new_cache(second)
+    assert reuse.cached_tokens == 16
+    got.append(model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=reuse, **kw))
+    assert [g.tolist() for g in got] == want
+
+
 def test_crop_rolls_back_each_rows_real_tokens():
     model = llama()
     _, _, cache = both(model, *prompts(), max_new_tokens=4, output_logits=False)

@@ -228,6 +228,10 @@ def test_the_generate_command_streams_the_models_own_tokens(checkpoint, capsys):
     assert main(["generate", "--model", checkpoint, "--prompt", "w3 w4 w5", "--max-new-tokens", "5",
                  "--num-beams", "2"]) == 0
     assert _continuation(checkpoint, "w3 w4 w5", max_new_tokens=5, num_beams=2).strip() in capsys.readouterr().out
+    assert main(["generate", "--model", checkpoint, "--prompt", "w3 w4 w5", "--max-new-tokens", "6",
+                 "--attention", "pagedkv"]) == 0  # pagedkv's kernels as the attention: the same tokens here
+    out = capsys.readouterr().out
+    assert _continuation(checkpoint, "w3 w4 w5", max_new_tokens=6).strip() in out and "attention: pagedkv" in out
 
 
 def test_a_batch_of_prompts_computes_a_shared_prefix_once(checkpoint, tmp_path, capsys):

@@ -16,7 +16,8 @@ import torch
 import transformers
 
 from ..pool import human_bytes
-from .transformers import PagedCache
+from .hf_attention import register
+from .transformers import ATTENTION, PagedCache
 
 
 def load(model_path: str) -> tuple[Any, Any]:
@@ -27,10 +28,16 @@ def load(model_path: str) -> tuple[Any, Any]:
 
 
 def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, dtype: str | None = None,
-             num_beams: int = 1, block_size: int = 16) -> dict[str, float]:
+             num_beams: int = 1, block_size: int = 16, attention: str | None = None) -> dict[str, float]:
     """Generate a continuation of each prompt (greedy, or beam search), printing it (streamed
-    as it comes, without beams); returns the run's totals, also printed."""
+    as it comes, without beams); returns the run's totals, also printed. ``attention``:
+    ``"pagedkv"`` runs pagedkv's kernels over the pool as the model's attention
+    (:mod:`.hf_attention`); by default the model's own attention reads gathered K/V."""
     tokenizer, model = load(model_path)
+    if attention is not None:
+        if attention == ATTENTION:
+            register()
+        model.set_attn_implementation(attention)
     cache: PagedCache | None = None
     new_tokens = cached = peak_used = peak_dense = 0
     start = time.perf_counter()
@@ -58,7 +65,8 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, d
     seconds = time.perf_counter() - start
     assert cache is not None and cache.kv is not None
     stats = cache.kv.stats()
-    print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s, model load excluded); "
+    print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s, model load excluded, "
+          f"attention: {model.config._attn_implementation}); "
           f"KV cache ({cache.kv.config.dtype}): {human_bytes(peak_used)} in use at most, a dense cache "
           f"{human_bytes(peak_dense)}; prefix cache: {cached} prompt tokens not computed "
           f"({int(stats['prefix_hits'])} block hits)")

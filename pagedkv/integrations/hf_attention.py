@@ -27,11 +27,14 @@ that leave the window, and the kernel attends to the window's positions. Left pa
 before every real token of a row, so the window over the padded positions the model's mask
 uses holds the same real tokens as pagedkv's window over the stored ones.
 
+Prefix reuse (``PagedCache(prompt_ids=...)``, ``new_cache``) works for unpadded prompts (one
+prompt per call, as ``pagedkv generate`` runs them); padded prompts with ``prompt_ids`` get a
+ConfigError before anything is stored (their cached prefixes would be keyed on padding).
+
 Numbers: attention in float32 (the kernels' own, :mod:`pagedkv.testing.tolerance`), not
 the bit-for-bit copy of transformers' attention the gathering path gives; greedy tokens agree
-with transformers' own in the tests, and the logits within ``1e-4`` there. Not served yet:
-``PagedCache(prompt_ids=...)`` (a ConfigError says so; it runs with the model's own
-attention). Needs the ``hf`` extra.
+with transformers' own in the tests, and the logits within ``1e-4`` there. Needs the ``hf``
+extra.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     b, hq, t, d = query.shape
     real = _real_tokens(attention_mask, b, t)
     if cache.step is None or layer.layer_idx in cache.written:  # the first layer of this forward pass
+        if cache.prompt_ids is not None and not real.all():
+            raise ConfigError('attn_implementation="pagedkv" reuses prefixes (prompt_ids) of unpadded prompts only; '
+                              "use the model's own attention (sdpa, eager) for padded ones")
         cache.begin_pass(b, real.sum(axis=1).tolist())
         if not cache.padding:
             cache.padding = [0] * b
@@ -94,6 +100,7 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     rows = np.flatnonzero(real.reshape(-1))  # the real tokens, in (row, position) order
     kv.write(layer.layer_idx, _to_numpy(key)[rows], _to_numpy(value)[rows], step)
     cache.written.add(layer.layer_idx)
+    layer.num_tokens += t  # the model's view: padding counted, as in its masks
     q = query.detach().transpose(1, 2).reshape(b * t, hq, d)[torch.from_numpy(rows)].float().numpy()
     softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
     options: dict[str, Any] = {"scale": scaling, "soft_cap": softcap if softcap else None}

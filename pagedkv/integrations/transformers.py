@@ -246,11 +246,7 @@ class PagedCache(Cache):
               value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``attn_implementation="pagedkv"``: hand the new K/V on to the attention function,
         which writes them (skipping padding, which only the mask shows) and attends over the pool."""
-        if self.prompt_ids is not None:
-            raise ConfigError('attn_implementation="pagedkv" does not take prompt_ids (prefix reuse) yet; use the '
-                              "model's own attention (sdpa, eager) with PagedCache for that")
         self._pool_for(key_states)
-        layer.num_tokens += key_states.shape[2]  # the model's view: padding counted, as in its masks
         key, value = key_states.view(key_states.shape), value_states.view(value_states.shape)
         setattr(key, LAYER_TAG, layer)
         setattr(value, LAYER_TAG, layer)
