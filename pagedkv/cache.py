@@ -111,7 +111,7 @@ class PagedKVCache:
         stores: slower tiers behind the prefix cache (:mod:`pagedkv.stores`: host memory,
             a directory, Redis), in lookup order: full prompt blocks are written through
             to them when their step ends, and a new prompt's next blocks are loaded from
-            them after the pool's own hits (:mod:`pagedkv.tiers`; a CPU pool).
+            them after the pool's own hits (:mod:`pagedkv.tiers`; a pool on the host or a GPU).
         write_back: write a block to the stores only when it leaves the pool (evicted, or at
             ``reset`` / ``close``) instead of as soon as it is cached.
     """
@@ -134,8 +134,6 @@ class PagedKVCache:
         self._open: Step | None = None  # the step between begin_step and end_step
         self.tiers: Tiers | None = None
         if stores:
-            if self.pool.device != "cpu":
-                raise ConfigError("stores work with a CPU pool for now")
             if not enable_prefix_caching:
                 raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
             if len(self.managers) > 1:

@@ -62,33 +62,53 @@ def fingerprint(pool: KVPool) -> dict[str, Any]:
             "kv_scales": None if kv_scales is None else kv_scales.tolist()}
 
 
-def read_block(pool: KVPool, block: int, key: BlockKey) -> StoredBlock:
-    """Copy block ``block`` of a CPU pool (every layer, K and V, and its int8 scales), each
-    element once."""
+def _runs(pool: KVPool, block: int) -> list[tuple[Any, int, int]]:
+    """``(array, offset, length)`` of every run of block ``block`` in payload order: each layer's K
+    and V elements (one contiguous run each), then int8's scales."""
     s = pool.strides
-    data = np.empty((s.num_layers, 2, s.block_stride), dtype=pool.host.dtype)
-    run = s.block_size * s.num_kv_heads
-    scales = None if pool.scales is None else np.empty((s.num_layers, 2, run), dtype=np.float32)
-    for layer in range(s.num_layers):
-        for kv in (K, V):
-            at = block_base(layer, kv, block, s)
-            data[layer, kv] = pool.host[at:at + s.block_stride]
-            if scales is not None:
-                at = block_scale_base(layer, kv, block, s)
-                scales[layer, kv] = pool.host_scales[at:at + run]
+    runs = [(pool.data, block_base(layer, kv, block, s), s.block_stride)
+            for layer in range(s.num_layers) for kv in (K, V)]
+    if pool.scales is not None:
+        run = s.block_size * s.num_kv_heads
+        runs += [(pool.scales, block_scale_base(layer, kv, block, s), run)
+                 for layer in range(s.num_layers) for kv in (K, V)]
+    return runs
+
+
+def _on_host(array: Any, at: int, n: int) -> np.ndarray:
+    """``array[at:at + n]``: a view of a host array, a copy from a device one."""
+    piece = array[at:at + n]
+    return piece if isinstance(piece, np.ndarray) else piece.copy_to_host()
+
+
+def _put(array: Any, at: int, values: np.ndarray) -> None:
+    """``array[at:at + len(values)] = values``, on the host or on a device."""
+    if isinstance(array, np.ndarray):
+        array[at:at + values.size] = values
+    else:
+        array[at:at + values.size].copy_to_device(np.ascontiguousarray(values))
+
+
+def read_block(pool: KVPool, block: int, key: BlockKey) -> StoredBlock:
+    """Copy block ``block`` of a pool, on the host or a GPU (every layer, K and V, and its int8
+    scales), each element once."""
+    s = pool.strides
+    runs = [_on_host(*r) for r in _runs(pool, block)]
+    data = np.stack(runs[:2 * s.num_layers]).reshape(s.num_layers, 2, s.block_stride)
+    scales = None
+    if pool.scales is not None:
+        scales = np.stack(runs[2 * s.num_layers:]).reshape(s.num_layers, 2, -1)
     return StoredBlock(key, data, scales)
 
 
 def write_block(pool: KVPool, block: int, stored: StoredBlock) -> None:
-    """Put a stored block's elements (and scales) into block ``block`` of a CPU pool."""
+    """Put a stored block's elements (and scales) into block ``block`` of a pool, on the host or a GPU."""
     s = pool.strides
-    for layer in range(s.num_layers):
-        for kv in (K, V):
-            at = block_base(layer, kv, block, s)
-            pool.host[at:at + s.block_stride] = stored.data[layer, kv]
-            if stored.scales is not None:
-                at = block_scale_base(layer, kv, block, s)
-                pool.host_scales[at:at + stored.scales.shape[-1]] = stored.scales[layer, kv]
+    values = [stored.data[layer, kv] for layer in range(s.num_layers) for kv in (K, V)]
+    if stored.scales is not None:
+        values += [stored.scales[layer, kv] for layer in range(s.num_layers) for kv in (K, V)]
+    for (array, at, _), x in zip(_runs(pool, block), values, strict=True):
+        _put(array, at, x)
 
 
 def encode_block(fp: dict[str, Any], stored: StoredBlock, checksum: bool = True) -> bytes:
@@ -103,16 +123,9 @@ def encode_block(fp: dict[str, Any], stored: StoredBlock, checksum: bool = True)
 def encode_pool_block(pool: KVPool, block: int, key: BlockKey, fp: dict[str, Any] | None = None,
                       checksum: bool = True) -> bytes:
     """``encode_block(fp, read_block(pool, block, key), checksum)``, the same bytes, with each element
-    of the block copied once, from the pool straight into the value (``fp``: the pool's
-    :func:`fingerprint`, if the caller has it)."""
-    s = pool.strides
-    runs = [(pool.host, block_base(layer, kv, block, s), s.block_stride)
-            for layer in range(s.num_layers) for kv in (K, V)]
-    if pool.scales is not None:
-        run = s.block_size * s.num_kv_heads
-        runs += [(pool.host_scales, block_scale_base(layer, kv, block, s), run)
-                 for layer in range(s.num_layers) for kv in (K, V)]
-    views = [array[at:at + n].data.cast("B") for array, at, n in runs]
+    of a CPU pool's block copied once, from the pool straight into the value (a GPU pool's runs
+    come over to the host first); ``fp``: the pool's :func:`fingerprint`, if the caller has it."""
+    views = [_on_host(*r).data.cast("B") for r in _runs(pool, block)]
     return _value(fingerprint(pool) if fp is None else fp, key, views, checksum)
 
 

@@ -32,7 +32,8 @@ def _trusted(store: BlockStore) -> bool:
 
 
 class Tiers:
-    """The stores behind one manager's prefix cache, over a CPU pool."""
+    """The stores behind one manager's prefix cache, over a pool on the host or a GPU (whose blocks
+    come over to the host, a run per layer and K or V, to be stored, and go back when loaded)."""
 
     def __init__(self, pool: KVPool, manager: BlockManager, stores: Sequence[BlockStore], *,
                  write_back: bool = False) -> None:

@@ -151,6 +151,24 @@ def _serve(stores, prompts, new_tokens=3):
     return out, cached, cache
 
 
+def test_a_pool_on_any_backend_stores_and_loads_prefixes(backend, tmp_path):
+    """A GPU pool (the simulator's here) too: its blocks come over to the host to be stored, and
+    loaded blocks go back to the device."""
+    model = TinyLlama(TINY)
+    prompt, other = PREFIX + [1, 2, 3], PREFIX + [7, 7]
+    want = generate_dense(model, other, 3)[0]
+    store = DirectoryStore(tmp_path / "blocks", max_bytes=1 << 20)
+    with PagedKVCache(model.cache_config(16, block_size=4), backend=backend.NAME, stores=[store]) as a:
+        generate_paged(model, a, prompt, 2)
+    assert store.stats()["puts"] >= 4  # the prompt's four full blocks (and any the new tokens fill)
+    with PagedKVCache(model.cache_config(16, block_size=4, dtype="int8"), backend=backend.NAME,
+                      stores=[store]) as other_format:  # another format's blocks: never loaded
+        assert other_format.add_sequence(prompt_token_ids=other).num_cached_tokens == 0
+    with PagedKVCache(model.cache_config(16, block_size=4), backend=backend.NAME, stores=[store]) as b:
+        got, _ = generate_paged(model, b, other, 3)
+        assert got == want and b.stats()["tiers"]["tokens"]["disk"] == 16
+
+
 def test_a_value_without_its_checksum_is_served_only_by_a_trusted_store(tmp_path):
     config = pagedkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, dtype="int8")
     pool = filled_pool(config, seed=2)
