@@ -136,9 +136,8 @@ class PagedKVCache:
         if stores:
             if not enable_prefix_caching:
                 raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
-            if len(self.managers) > 1:
-                raise ConfigError("stores work with one layer group for now")
-            self.tiers = Tiers(self.pool, self.manager, stores, write_back=write_back)
+            self.tiers = Tiers(self.pool, self.managers, stores, write_back=write_back,
+                               layers=[g.layers for g in config.layer_groups])
 
     def __repr__(self) -> str:
         return f"PagedKVCache(backend={self.backend.NAME!r}, {self.pool!r})"

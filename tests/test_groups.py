@@ -198,10 +198,12 @@ def test_truncate_is_checked_in_every_group_before_any_moves():
     assert [m.context_len(a) for m in cache.managers] == [11, 11]
 
 
-def test_stores_need_one_group():
+def test_stores_back_every_group():
     c = config(layer_groups=[((0, 2), 4), ((1, 3), None)])
-    with pytest.raises(pagedkv.ConfigError, match="one layer group"):
-        PagedKVCache(c, backend="numpy", stores=[pagedkv.stores.HostStore(1 << 20)])
+    with PagedKVCache(c, backend="numpy", stores=[pagedkv.stores.HostStore(1 << 20)]) as cache:
+        assert len(cache.tiers.groups) == 2  # a side per group (tests/test_stores.py loads through them)
+        keys = [g.store_key(pagedkv.prefix_key.block_key(None, [1, 2, 3, 4])) for g in cache.tiers.groups]
+        assert keys[0].digest != keys[1].digest and keys[0].token_ids == keys[1].token_ids
 
 
 def test_kv_events_name_the_layer_group():

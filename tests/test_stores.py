@@ -169,6 +169,40 @@ def test_a_pool_on_any_backend_stores_and_loads_prefixes(backend, tmp_path):
         assert got == want and b.stats()["tiers"]["tokens"]["disk"] == 16
 
 
+def test_layer_groups_store_and_load_each_groups_blocks(tmp_path):
+    """A sliding-window model: each group keeps its own copy of a prompt block under its own key;
+    a new pool loads a prefix only where every group finds it."""
+    model = TinyLlama(ModelConfig(vocab_size=32, dim=16, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=4,
+                                  hidden_dim=32, sliding_window=6))
+    config = model.cache_config(32, block_size=4)
+    assert len(config.layer_groups) == 2
+    prompt, other = PREFIX + [1, 2], PREFIX + [7, 7]
+    want = generate_dense(model, other, 3)[0]
+    store = HostStore(max_bytes=1 << 20)
+    with PagedKVCache(config, stores=[store]) as a:
+        generate_paged(model, a, prompt, 1)
+    assert store.stats()["puts"] == 2 * 4  # four full prompt blocks, one copy per group
+    with PagedKVCache(config, stores=[store]) as b:
+        got, _ = generate_paged(model, b, other, 3)
+        assert got == want and b.stats()["tiers"]["tokens"]["host"] == 16
+        b.manager.check()
+    flat = TinyLlama(TINY)  # one group, the same geometry: a grouped cache's blocks are not its own
+    with PagedKVCache(flat.cache_config(32, block_size=4), stores=[store]) as c:
+        assert c.add_sequence(prompt_token_ids=other).num_cached_tokens == 0
+    store.delete(_group_keys(b, PREFIX, 0)[2:])  # the sliding group lost its last two blocks: only two load
+    with PagedKVCache(config, stores=[store]) as d:
+        assert d.add_sequence(prompt_token_ids=other).num_cached_tokens == 8
+        assert d.stats()["blocks_per_group"] == [2, 2]
+
+
+def _group_keys(cache, tokens, group):
+    keys = []
+    for j in range(len(tokens) // 4):
+        keys.append(prefix_key.block_key(keys[-1] if keys else None, tokens[j * 4:(j + 1) * 4],
+                                         () if j else prefix_key.salt_extras(None)))
+    return [cache.tiers.groups[group].store_key(k) for k in keys]
+
+
 def test_a_value_without_its_checksum_is_served_only_by_a_trusted_store(tmp_path):
     config = pagedkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, dtype="int8")
     pool = filled_pool(config, seed=2)

@@ -66,7 +66,7 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, d
     assert cache is not None and cache.kv is not None
     stats = cache.kv.stats()
     print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s, model load excluded, "
-          f"attention: {model.config._attn_implementation}); "
+          f"attention: {attention or getattr(model.config, '_attn_implementation', None) or 'default'}); "
           f"KV cache ({cache.kv.config.dtype}): {human_bytes(peak_used)} in use at most, a dense cache "
           f"{human_bytes(peak_dense)}; prefix cache: {cached} prompt tokens not computed "
           f"({int(stats['prefix_hits'])} block hits)")
