@@ -9,7 +9,7 @@
     print(cache.memory())                                # pool bytes beside a dense cache's
 
 Needs ``pip install "pagedkv[hf]"`` (transformers 5.x and torch; tested with
-transformers 5.23 and torch 2.13, on the CPU). ``import pagedkv`` does not import
+transformers 5.23 and 5.24 and torch 2.13, on the CPU). ``import pagedkv`` does not import
 this module, nor transformers.
 
 How it works. transformers calls ``update(key_states, value_states, layer_idx)``
