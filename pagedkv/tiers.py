@@ -171,13 +171,14 @@ class Tiers:
             good = min(len(r) for r in runs)
             if not good:
                 continue
-            if not self._append_everywhere(seq_id, have, good * bs):
-                break  # no room: the model computes them
-            for g, run in zip(self.groups, runs, strict=True):
-                table = g.manager.block_table(seq_id)
-                for j, stored in enumerate(run[:good]):
-                    write_block(self.pool, table[start + j], stored)
-                    g.loaded.add(keys[start + j].digest)
+            with self.manager.block_pool.lock:  # no other manager finds the blocks before their K/V are in
+                if not self._append_everywhere(seq_id, have, good * bs):
+                    break  # no room: the model computes them
+                for g, run in zip(self.groups, runs, strict=True):
+                    table = g.manager.block_table(seq_id)
+                    for j, stored in enumerate(run[:good]):
+                        write_block(self.pool, table[start + j], stored)
+                        g.loaded.add(keys[start + j].digest)
             self.tokens[store.name] += good * bs
             have += good * bs
             loaded += good * bs
