@@ -142,6 +142,11 @@ def test_what_it_cannot_serve_is_refused_before_anything_is_stored():
     ids, mask = prompts()
     with pytest.raises(pagedkv.ConfigError, match="needs a PagedCache"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))  # gpt-oss's attention sinks
+    with pytest.raises(pagedkv.ConfigError, match="sinks"):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=PagedCache(model.config),
+                       max_new_tokens=2, pad_token_id=0)
+    del model.model.layers[0].self_attn.sinks
     cache = PagedCache(model.config, prompt_ids=ids)
     with pytest.raises(pagedkv.ConfigError, match="prompt_ids"):
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, pad_token_id=0)

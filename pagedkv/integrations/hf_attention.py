@@ -33,8 +33,8 @@ ConfigError before anything is stored (their cached prefixes would be keyed on p
 
 Numbers: attention in float32 (the kernels' own, :mod:`pagedkv.testing.tolerance`), not
 the bit-for-bit copy of transformers' attention the gathering path gives; greedy tokens agree
-with transformers' own in the tests, and the logits within ``1e-4`` there. Needs the ``hf``
-extra.
+with transformers' own in the tests, and the logits within ``1e-4`` there. Refused with a
+ConfigError: attention sinks (gpt-oss) and non-causal attention. Needs the ``hf`` extra.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                           "generate(..., past_key_values=PagedCache(model.config))")
     if dropout:
         raise ArgumentError("pagedkv attention is for inference: dropout must be 0")
+    if getattr(module, "sinks", None) is not None or kwargs.get("s_aux") is not None:
+        raise ConfigError('attn_implementation="pagedkv" does not serve attention sinks (gpt-oss) yet; use the '
+                          "model's own attention with PagedCache")
+    if getattr(module, "is_causal", True) is False:
+        raise ConfigError('attn_implementation="pagedkv" serves causal self-attention only')
     cache = layer.cache
     b, hq, t, d = query.shape
     real = _real_tokens(attention_mask, b, t)
