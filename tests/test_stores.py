@@ -40,9 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    """A real Redis (or Valkey) server on a free localhost port, stopped afterwards. Without one
+def _start_redis() -> tuple[subprocess.Popen, str]:
+    """A real Redis (or Valkey) server on a free localhost port, answering, and its URL. Without one
     installed: a skip, except where PAGEDKV_REQUIRE_REDIS=1 (CI), which fails instead."""
     pytest.importorskip("redis")
     server = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -62,7 +61,14 @@ def redis_url():
             break
         except redis.exceptions.ConnectionError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real Redis server for this module's tests, stopped afterwards (see _start_redis)."""
+    proc, url = _start_redis()
+    yield url
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -280,6 +286,29 @@ def test_an_unreachable_server_warns_and_misses(tmp_path):
     with pytest.warns(RuntimeWarning, match="redis store failed"):
         got, cached, _ = _serve([store], [PREFIX + [7, 7]])
     assert got == want and cached[0]["redis"] == 0 and store.stats()["errors"] > 0
+
+
+def test_a_server_killed_mid_run_warns_and_misses():
+    """A cache keeps running when its Redis server dies under it: its writes and lookups warn and
+    count as misses, and a new prompt is computed, giving the dense cache's tokens."""
+    proc, url = _start_redis()
+    try:
+        store = RedisStore(url, "killed")
+        _serve([store], [PREFIX + [1, 2, 3]])  # the server holds the prefix now
+        model = TinyLlama(TINY)
+        with PagedKVCache(model.cache_config(32, block_size=4), backend="numpy", stores=[store]) as cache:
+            proc.kill()
+            proc.wait(timeout=10)
+            with pytest.warns(RuntimeWarning, match="redis store failed"):
+                got, _ = generate_paged(model, cache, PREFIX + [7, 7], 3)  # lookup and write-through fail
+                cache.end_step()
+            assert got == generate_dense(model, PREFIX + [7, 7], 3)[0]
+            assert cache.stats()["tiers"]["tokens"]["redis"] == 0 and store.stats()["errors"] >= 2
+            cache.manager.check()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_damaged_files_and_other_geometries_are_never_served(tmp_path):
