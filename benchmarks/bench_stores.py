@@ -19,19 +19,18 @@ import numpy as np
 
 from pagedkv import CacheConfig, KVPool, prefix_key
 from pagedkv.bench import median_seconds
-from pagedkv.stores import (
-    DirectoryStore,
-    HostStore,
-    RedisStore,
-    decode_block,
-    encode_block,
-    encode_pool_block,
-    fingerprint,
-    read_block,
-    write_block,
-)
+from pagedkv.stored_block import decode_block, encode_block, encode_pool_block, fingerprint, read_block, write_block
+from pagedkv.stores import DirectoryStore, HostStore, RedisStore
 
 BLOCKS = 64
+
+
+def _redis_url() -> str:
+    """The Redis server to benchmark against (``PAGEDKV_REDIS_URL``); asv skips the tier without one."""
+    url = os.environ.get("PAGEDKV_REDIS_URL")
+    if not url:
+        raise NotImplementedError("set PAGEDKV_REDIS_URL to a Redis server to benchmark the redis tier")
+    return url
 
 
 def _pool_and_keys():
@@ -80,10 +79,7 @@ class StoreAndLoad:
                     with open(os.path.join(self.dir, "raw", str(j)), "rb") as f:
                         f.read()
         else:
-            url = os.environ.get("PAGEDKV_REDIS_URL")
-            if not url:
-                raise NotImplementedError("set PAGEDKV_REDIS_URL to a Redis server to benchmark the redis tier")
-            store = RedisStore(url, "pagedkv-bench")
+            store = RedisStore(_redis_url(), "pagedkv-bench")
             client = store.client
 
             def raw():
@@ -178,10 +174,7 @@ class TimeToFirstToken:
         elif tier == "disk":
             store = DirectoryStore(os.path.join(self.dir, "store"), max_bytes=1 << 30)
         elif tier == "redis":
-            url = os.environ.get("PAGEDKV_REDIS_URL")
-            if not url:
-                raise NotImplementedError("set PAGEDKV_REDIS_URL to a Redis server to benchmark the redis tier")
-            store = RedisStore(url, "pagedkv-bench-ttft")
+            store = RedisStore(_redis_url(), "pagedkv-bench-ttft")
         self.m = measure_ttft(tier, store)
         self.recompute = measure_ttft("recompute")["seconds"] if tier != "recompute" else self.m["seconds"]
 

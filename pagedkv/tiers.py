@@ -27,7 +27,6 @@ import struct
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from . import prefix_key
 from .errors import OutOfBlocksError
 from .events import BlockRemoved, BlockStored, EventLog
 from .manager import BlockManager
@@ -104,11 +103,12 @@ class _Group:
             items.append(self.encode(fp, e.block_id, key))
         return items
 
-    def fetch(self, store: BlockStore, keys: Sequence[BlockKey]) -> list[StoredBlock]:
-        """The longest run of ``keys``' blocks, from the first, that ``store`` serves whole for this group."""
+    def fetch(self, store: BlockStore, keys: Sequence[BlockKey], fp: dict[str, Any]) -> list[StoredBlock]:
+        """The longest run of ``keys``' blocks, from the first, that ``store`` serves whole for this
+        group (``fp``: its :meth:`fingerprint`)."""
         wanted = [self.store_key(k) for k in keys]
         n = store.longest_prefix(wanted)
-        fp, verify, valid = self.fingerprint(), not _trusted(store), []
+        verify, valid = not _trusted(store), []
         for k, v in zip(wanted[:n], store.get(wanted[:n]), strict=True):
             stored = decode_block(self.tiers.pool, k, v, fp, verify=verify)
             if stored is None:  # not whole, not this key's, another pool's or group's: a miss from here on
@@ -155,19 +155,13 @@ class Tiers:
         """After ``seq_id`` took its pool prefix (the same length in every group): load the next
         full blocks of its prompt found in the stores; returns the tokens loaded."""
         bs = self.manager.block_size
-        token_ids = prefix_key.token_ids(token_ids, "prompt_token_ids")  # as the manager took them: ints
         have = self.manager.context_len(seq_id)
         self.tokens["pool"] += have
-        wanted = (len(token_ids) - 1) // bs  # never the block of the last token: the model computes it
-        keys: list[BlockKey] = []
-        extras = prefix_key.salt_extras(cache_salt)
-        for j in range(wanted):
-            keys.append(prefix_key.block_key(keys[-1] if keys else None, token_ids[j * bs:(j + 1) * bs],
-                                             () if j else extras))
-        loaded = 0
+        keys = self.manager.prompt_keys(token_ids, cache_salt)  # never the last token's block: the model computes it
+        loaded, fps = 0, [g.fingerprint() for g in self.groups]
         for store in self.stores:
             start = have // bs
-            runs = [g.fetch(store, keys[start:]) for g in self.groups]
+            runs = [g.fetch(store, keys[start:], fp) for g, fp in zip(self.groups, fps, strict=True)]
             good = min(len(r) for r in runs)
             if not good:
                 continue

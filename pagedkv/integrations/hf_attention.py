@@ -90,17 +90,16 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     cache = layer.cache
     b, hq, t, d = query.shape
     real = _real_tokens(attention_mask, b, t)
+    counts = real.sum(axis=1)  # real new tokens of each row
     if cache.step is None or layer.layer_idx in cache.written:  # the first layer of this forward pass
         if cache.prompt_ids is not None and not real.all():
             raise ConfigError('attn_implementation="pagedkv" reuses prefixes (prompt_ids) of unpadded prompts only; '
                               "use the model's own attention (sdpa, eager) for padded ones")
-        cache.begin_pass(b, real.sum(axis=1).tolist())
-        if not cache.padding:
-            cache.padding = [0] * b
-        cache.padding = [p + t - int(n) for p, n in zip(cache.padding, real.sum(axis=1), strict=True)]
+        cache.begin_pass(b, counts.tolist())
+        cache.padding = [p + t - int(n) for p, n in zip(cache.padding or [0] * b, counts, strict=True)]
     step, kv = cache.step, cache.kv
     assert step is not None and kv is not None
-    if not np.array_equal(step.num_new_tokens, real.sum(axis=1)):
+    if not np.array_equal(step.num_new_tokens, counts):
         raise ArgumentError(f"layer {layer.layer_idx}'s mask marks other tokens as padding than the first layer's")
     rows = np.flatnonzero(real.reshape(-1))  # the real tokens, in (row, position) order
     kv.write(layer.layer_idx, _to_numpy(key)[rows], _to_numpy(value)[rows], step)
