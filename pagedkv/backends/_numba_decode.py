@@ -13,9 +13,13 @@ K/V head:
     acc[w] += sum_i e[w, i] v_i    two accumulator rows take four value rows per pass, so an
                                    accumulator is loaded and stored once per four rows
 
-A float32 pool's rows are used where they lie; a narrow pool's rows of one head of a block
-are decoded once each into a small buffer (:func:`stage_rows`), never a decoded copy of the
-pool. The first version of this kernel took one query against one key at a time: one chain of
+A float32 pool's rows are used where they lie; a narrow pool's rows of a block (all the
+task's heads) are decoded once each into a small buffer, in the order they lie in memory
+(:func:`stage_heads`), never a decoded copy of the pool: decoding head by head read each head's
+rows a token apart, a new page per row, which the CPU's prefetchers do not follow, and cost
+bfloat16 a fifth of its speed (fp8 a third).
+
+The first version of this kernel took one query against one key at a time: one chain of
 dependent vector additions, bound by their latency, with each key row reloaded per query head;
 here four independent sums keep the vector units busy (about 2x the arithmetic rate on the
 machine this project is measured on). A group's query vectors are padded to an even count
@@ -41,36 +45,46 @@ from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from ..layout import K, V
-from ._numba_codecs import decode_row
+from ._numba_codecs import TOKEN, decode_row
 from ._numba_prefill import FASTMATH, add_four_rows, block_base, dot_2x2, fast_exp, row_scale
 
 # The same pedantic SSA notice as _numba_codecs silences, about the inlined row decoder's locals
-warnings.filterwarnings("ignore", message=r"variable '_stage_rows__locals__", category=NumbaIRAssumptionWarning)
+warnings.filterwarnings("ignore", message=r"variable '_stage_heads__locals__", category=NumbaIRAssumptionWarning)
 
 
-def stage_rows(data, at, n, pos_stride, head_dim, buf, layer, kv, slot0, h, s, codec, kind, tensor_scale, scales,
-               lut):
-    """Where the float32 values of ``n`` rows of one head of a block lie, as ``(array, base,
-    stride)``: row ``i`` is ``array[base + i * stride:][:head_dim]``. A float32 pool's rows are
-    read where they are (``data, at, pos_stride``: no copy); a narrow pool's are decoded, each
-    once, into ``buf`` (``buf, 0, head_dim``), with their scales (fp8's per layer, int8's per row)."""
+def stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
+                scales, lut):
+    """Where the float32 values of ``n`` rows of ``heads`` consecutive heads of a block lie, as
+    ``(array, base, stride)``: head ``h0 + hh``'s row ``i`` is ``array[base + i * stride + hh *
+    head_dim:][:head_dim]``. The heads of a row lie together (layout NHD, or one head alone), so
+    a float32 pool's rows are read where they are (``data, at, pos_stride``: no copy), and a
+    narrow pool's are decoded, each once, into ``buf`` in the order they lie in memory (one
+    sequential stream, which the CPU's prefetchers follow; head by head, the rows of a head lie
+    a token apart and each row starts a new page), with their scales (fp8's per layer, int8's
+    per row): ``(buf, 0, heads * head_dim)``."""
 
 
-@overload(stage_rows, inline="always")
-def _stage_rows(data, at, n, pos_stride, head_dim, buf, layer, kv, slot0, h, s, codec, kind, tensor_scale, scales,
-                lut):
+@overload(stage_heads, inline="always")
+def _stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
+                 scales, lut):
     if data.dtype == types.float32:
-        def in_place(data, at, n, pos_stride, head_dim, buf, layer, kv, slot0, h, s, codec, kind, tensor_scale,
-                     scales, lut):
+        def in_place(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind,
+                     tensor_scale, scales, lut):
             return data, np.int64(at), np.int64(pos_stride)
         return in_place
 
-    def decoded(data, at, n, pos_stride, head_dim, buf, layer, kv, slot0, h, s, codec, kind, tensor_scale, scales,
-                lut):
-        for i in range(n):
-            decode_row(data, at + i * pos_stride, head_dim, buf, i * head_dim, codec, kind,
-                       row_scale(layer, kv, slot0 + i, h, s, kind, tensor_scale, scales), lut)
-        return buf, np.int64(0), np.int64(head_dim)
+    def decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
+                scales, lut):
+        width = heads * head_dim
+        if kind != TOKEN and pos_stride == width:  # the n rows are one run: decoded in one pass
+            decode_row(data, at, n * width, buf, 0, codec, kind, tensor_scale, lut)
+        else:
+            for i in range(n):
+                for hh in range(heads):
+                    decode_row(data, at + i * pos_stride + hh * head_dim, head_dim, buf, i * width + hh * head_dim,
+                               codec, kind, row_scale(layer, kv, slot0 + i, h0 + hh, s, kind, tensor_scale, scales),
+                               lut)
+        return buf, np.int64(0), np.int64(width)
     return decoded
 
 
@@ -145,7 +159,8 @@ def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, windo
         denom = np.zeros(width, dtype=np.float32)  # running sum of the weights
         acc = np.zeros((width, head_dim), dtype=np.float32)
         scores = np.zeros((width, block_size), dtype=np.float32)
-        buf = np.empty(block_size * head_dim, dtype=np.float32)  # one head's decoded rows (narrow formats)
+        # the task's heads' decoded rows of one block (narrow formats; a float32 pool's are used in place)
+        buf = np.empty(block_size * heads_per_task * head_dim, dtype=np.float32)
         for j in range(start // block_size, pos // block_size + 1):
             first = j * block_size
             p0 = max(start, first)
@@ -155,10 +170,10 @@ def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, windo
             k_base = block_base(layer, K, block, s) + skip
             v_base = block_base(layer, V, block, s) + skip
             slot0 = block * block_size + p0 - first  # the slot of position p0
+            src, base0, stride = stage_heads(data, k_base + h0 * head_stride, n, heads_per_task, pos_stride, head_dim,
+                                             buf, layer, K, slot0, h0, s, codec, kind, k_scale, scales, k_lut)
             for hh in range(heads_per_task):  # scores: each K row once, for every query head reading it
-                h, w0 = h0 + hh, hh * gpad
-                src, base, stride = stage_rows(data, k_base + h * head_stride, n, pos_stride, head_dim, buf, layer,
-                                               K, slot0, h, s, codec, kind, k_scale, scales, k_lut)
+                w0, base = hh * gpad, base0 + hh * head_dim
                 i = 0
                 while i + 1 < n:
                     at = base + i * stride
@@ -186,10 +201,10 @@ def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, windo
                 denom[w] = denom[w] * correction + total
                 m[w] = m_new
                 acc[w, :] *= correction
+            src, base0, stride = stage_heads(data, v_base + h0 * head_stride, n, heads_per_task, pos_stride, head_dim,
+                                             buf, layer, V, slot0, h0, s, codec, kind, v_scale, scales, v_lut)
             for hh in range(heads_per_task):  # weighted values: each V row once
-                h, w0 = h0 + hh, hh * gpad
-                src, base, stride = stage_rows(data, v_base + h * head_stride, n, pos_stride, head_dim, buf, layer,
-                                               V, slot0, h, s, codec, kind, v_scale, scales, v_lut)
+                w0, base = hh * gpad, base0 + hh * head_dim
                 i = 0
                 while i + 3 < n:
                     at = base + i * stride
