@@ -35,21 +35,24 @@ def scan_slots(slots, num_slots, unique):
 def scan_tables(tables, lens, block_size, num_blocks, nulls):
     """Lengths in ``0..max_blocks * block_size``; the entries a sequence uses are real blocks,
     except that sequence b's first ``nulls[b]`` entries may be -1 (null: freed out of a
-    sliding window; ``nulls`` empty: none may)."""
+    sliding window; ``nulls`` empty: none may). The fourth value is the lengths' total (int64;
+    0 after an error), which the callers need and would otherwise sum again."""
     capacity = tables.shape[1] * block_size
+    total = 0
     for b in range(lens.shape[0]):
         n = lens[b]
         if n < 0:
-            return LEN_NEGATIVE, b, 0
+            return LEN_NEGATIVE, b, 0, 0
         if n > capacity:
-            return LEN_TOO_LONG, b, 0
+            return LEN_TOO_LONG, b, 0, 0
+        total += np.int64(n)
         skip = nulls[b] if nulls.shape[0] else 0
         for j in range(cdiv(n, block_size)):
             if j < skip and tables[b, j] == -1:
                 continue
             if tables[b, j] < 0 or tables[b, j] >= num_blocks:
-                return TABLE_ENTRY_BAD, b, j
-    return 0, 0, 0
+                return TABLE_ENTRY_BAD, b, j, 0
+    return 0, 0, 0, total
 
 
 def scan_copies(src, dst, num_src_blocks, num_dst_blocks, same_pool):

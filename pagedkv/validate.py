@@ -117,7 +117,8 @@ def slot_mapping(p: KVPool, slots, num_tokens: int | None, *, unique: bool) -> n
     return slots
 
 
-def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def block_tables_total(p: KVPool, tables, lens,
+                       nulls: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Check int32 ``block_tables [B, max_blocks]`` and ``context_lens [B]``.
 
     Each length must lie in ``0..max_blocks * block_size``, and the blocks a
@@ -126,6 +127,7 @@ def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tu
     may appear in several tables, or twice in one (shared prefixes do this).
     ``nulls`` (int64 ``[B]``, attention under a sliding window): sequence b's first
     ``nulls[b]`` entries lie wholly before its window and may be -1 (freed).
+    Returns the checked arrays and the lengths' total (the packed row count).
     """
     tables = index_array(tables, "block_tables", INT32, 2)
     lens = index_array(lens, "context_lens", INT32, 1)
@@ -134,8 +136,8 @@ def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tu
             f"context_lens has {lens.shape[0]} entries for {tables.shape[0]} block-table rows"
         )
     c = p.config
-    code, b, j = _scan.scan_tables(tables, lens, c.block_size, c.num_blocks,
-                                   _NO_NULLS if nulls is None else nulls)
+    code, b, j, total = _scan.scan_tables(tables, lens, c.block_size, c.num_blocks,
+                                          _NO_NULLS if nulls is None else nulls)
     if code == _scan.LEN_NEGATIVE:
         raise ContextLengthError(f"context_lens[{b}] = {lens[b]} is negative")
     if code == _scan.LEN_TOO_LONG:
@@ -143,8 +145,8 @@ def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tu
             f"context_lens[{b}] = {lens[b]} needs more than the {tables.shape[1]} "
             f"blocks of its block-table row ({tables.shape[1] * c.block_size} tokens)"
         )
-    if code == 0 and lens.sum(dtype=np.int64) > INT32_MAX:  # packed outputs are indexed in int32
-        raise ContextLengthError(f"context_lens add up to {int(lens.sum(dtype=np.int64))}, more than int32 holds")
+    if code == 0 and total > INT32_MAX:  # packed outputs are indexed in int32
+        raise ContextLengthError(f"context_lens add up to {int(total)}, more than int32 holds")
     if code == _scan.TABLE_ENTRY_BAD:
         if tables[b, j] == -1:
             raise BlockIndexError(
@@ -156,6 +158,12 @@ def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tu
             f"block_tables[{b}, {j}] = {tables[b, j]} is not a block "
             f"(0..{c.num_blocks - 1}) but sequence {b} uses it"
         )
+    return tables, lens, int(total)
+
+
+def block_tables(p: KVPool, tables, lens, nulls: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`block_tables_total` without the total: the checked ``(block_tables, context_lens)``."""
+    tables, lens, _ = block_tables_total(p, tables, lens, nulls)
     return tables, lens
 
 
@@ -217,8 +225,14 @@ def outputs(p: KVPool, out, num_tokens: int) -> None:
         return
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ShapeError(f"out must be a pair (key, value) of arrays, got {type(out).__name__}")
+    c = p.config
+    expected = (num_tokens, c.num_kv_heads, c.head_dim)
     for i in (0, 1):
-        tokens(p, f"out[{i}]", out[i], num_tokens)
+        a = out[i]
+        # a decode step passes its out= per layer: a right numpy array passes the checks of
+        # tokens() in a few attribute reads, and anything else takes them one by one
+        if not (type(a) is np.ndarray and a.dtype == FLOAT32 and a.shape == expected and a.flags.c_contiguous):
+            tokens(p, f"out[{i}]", a, num_tokens)
         if isinstance(out[i], np.ndarray) and not out[i].flags.writeable:
             raise ArgumentError(f"out[{i}] is read-only; the results are written into it")
         if overlap(out[i], p.data) or (p.scales is not None and overlap(out[i], p.scales)):
@@ -246,8 +260,8 @@ def gather_args(p, layer_, tables, lens, out, device: str) -> tuple[int, np.ndar
     """Everything :func:`gather` needs checked; returns ``(layer, block_tables, context_lens)``."""
     pool(p, device)
     layer_ = layer(p, layer_)
-    tables, lens = block_tables(p, tables, lens)
-    outputs(p, out, int(lens.sum(dtype=np.int64)))
+    tables, lens, total = block_tables_total(p, tables, lens)
+    outputs(p, out, total)
     return layer_, tables, lens
 
 
