@@ -27,11 +27,12 @@ from pagedkv import KVPool  # noqa: E402
 
 
 def pytest_configure(config):
-    # The notice pagedkv.backends._numba_codecs silences for users (pytest resets filters per
-    # test). Added here, not in pyproject.toml: naming the warning class imports numba, which
-    # must wait until NUMBA_ENABLE_CUDASIM is set above.
+    # The notice pagedkv.backends._numba_codecs and _numba_decode silence for users (pytest resets
+    # filters per test). Added here, not in pyproject.toml: naming the warning class imports
+    # numba, which must wait until NUMBA_ENABLE_CUDASIM is set above.
     config.addinivalue_line(
-        "filterwarnings", "ignore:variable '_(store|decode)_row__locals__:numba.core.errors.NumbaIRAssumptionWarning")
+        "filterwarnings",
+        "ignore:variable '_((store|decode)_row|stage_heads)__locals__:numba.core.errors.NumbaIRAssumptionWarning")
 
 
 # deadline=None: a first call compiles a kernel, which takes far longer than 200 ms.
