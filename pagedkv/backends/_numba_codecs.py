@@ -85,18 +85,24 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
         return store_float32
     if data.dtype == types.int8:
         def store_int8(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
-            src, dst = x[off:off + n], data[at:at + n]
-            absmax = np.float32(0.0)
+            src, bits, dst = x[off:off + n], x_bits[off:off + n], data[at:at + n]
+            # absmax on the bit patterns: with the sign cleared, the integer order of float32 bits
+            # is the order of the numbers, and every NaN lies above inf; an integer max vectorises
+            # (a float max that keeps NaNs does not: 2.8x on a row of 128)
+            top = np.uint32(0)
             for d in range(n):
-                a = abs(src[d])
-                if absmax == absmax and (a != a or a > absmax):  # keeps a NaN, as numpy's max does
-                    absmax = a
+                top = max(top, bits[d] & np.uint32(0x7FFFFFFF))
+            if top > np.uint32(0x7F800000):  # a NaN: keep the first one, as numpy's max does
+                for d in range(n):
+                    if src[d] != src[d]:
+                        top = bits[d] & np.uint32(0x7FFFFFFF)
+                        break
+            absmax = as_float32(top)
             s = absmax / np.float32(127.0) if absmax > 0 or absmax != absmax else np.float32(1.0)
             scales[scale_at] = s
             for d in range(n):
                 q = np.rint(src[d] / s)
-                if q != q:
-                    q = np.float32(0.0)
+                q = np.float32(0.0) if q != q else q
                 dst[d] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
         return store_int8
 
@@ -177,28 +183,40 @@ def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
     the format's normal numbers: rebias the exponent and round the mantissa to nearest,
     ties to even, in one add-and-shift (a carry into the exponent, up to inf, is right;
     past e4m3fn's 448, which has no inf, NaN). The rest (zero, subnormals, overflow, inf,
-    NaN) are marked and then take the general codec, one by one."""
+    NaN) are marked and then take the general codec, one by one.
+
+    Numbers below the format's normal range take a shortcut too: a subnormal's stored bits are
+    its count of the format's smallest step ``2^(1 - bias - man_bits)``, so ``|x|`` times
+    ``2^(bias + man_bits - 1)`` (exact: a power of two) rounded by ``rint`` (to nearest, ties to
+    even) is the stored magnitude, and a count that rounds up to ``2^man_bits`` is, rightly, the
+    smallest normal number's bits. Before this, every zero and subnormal took the general codec
+    (1-2% of normally distributed K/V in fp8), which cost fp8 writes three quarters of their time.
+    Only overflow, inf and NaN are left to it."""
     base = 23 - man_bits
     top = (1 << exp_bits) - 1
     nan = (top << man_bits) | ((1 << man_bits) - 1)
     highest = top if finite_only else top - 1  # the highest exponent of a normal number
     rebias = (127 - bias) << 23
+    steps = as_float32(np.uint32((127 + bias + man_bits - 1) << 23))  # 2^(bias + man_bits - 1)
     others = 0
     for d in range(n):
         b = np.int64(bits[d])
         a = b & 0x7FFFFFFF
         e = (a >> 23) - (127 - bias)
         normal = (e >= 1) & (e <= highest)
+        below = e < 1  # zero, or under the format's smallest normal number
         h = (a - rebias + (1 << (base - 1)) - 1 + ((a >> base) & 1)) >> base
         if finite_only:
             h = min(h, nan)
-        dst[d] = (((b >> 31) << (exp_bits + man_bits)) | h) if normal else 0
-        others += not normal
+        h_sub = np.int64(np.rint(as_float32(np.uint32(a)) * steps))
+        h = h if normal else (h_sub if below else 0)
+        dst[d] = ((b >> 31) << (exp_bits + man_bits)) | h
+        others += not (normal | below)
     if others:
         for d in range(n):
             b = np.int64(bits[d])
             e = ((b & 0x7FFFFFFF) >> 23) - (127 - bias)
-            if not ((e >= 1) & (e <= highest)):
+            if e > highest:
                 dst[d] = encode_bits(b, codec)
 
 
