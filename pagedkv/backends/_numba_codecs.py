@@ -182,16 +182,15 @@ def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
     :func:`pagedkv.formats.encode_bits` with a shortcut for the numbers that land among
     the format's normal numbers: rebias the exponent and round the mantissa to nearest,
     ties to even, in one add-and-shift (a carry into the exponent, up to inf, is right;
-    past e4m3fn's 448, which has no inf, NaN). The rest (zero, subnormals, overflow, inf,
-    NaN) are marked and then take the general codec, one by one.
+    past e4m3fn's 448, which has no inf, NaN). Overflow, inf and NaN are marked and then
+    take the general codec, one by one.
 
     Numbers below the format's normal range take a shortcut too: a subnormal's stored bits are
     its count of the format's smallest step ``2^(1 - bias - man_bits)``, so ``|x|`` times
     ``2^(bias + man_bits - 1)`` (exact: a power of two) rounded by ``rint`` (to nearest, ties to
     even) is the stored magnitude, and a count that rounds up to ``2^man_bits`` is, rightly, the
     smallest normal number's bits. Before this, every zero and subnormal took the general codec
-    (1-2% of normally distributed K/V in fp8), which cost fp8 writes three quarters of their time.
-    Only overflow, inf and NaN are left to it."""
+    (1-2% of normally distributed K/V in fp8), which cost fp8 writes half their time."""
     base = 23 - man_bits
     top = (1 << exp_bits) - 1
     nan = (top << man_bits) | ((1 << man_bits) - 1)
