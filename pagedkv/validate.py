@@ -80,6 +80,12 @@ def index_array(a, name: str, dtype: np.dtype, ndim: int) -> np.ndarray:
 def tokens(p: KVPool, name: str, a, num_tokens: int | None = None) -> int:
     """Check a ``[T, H, D]`` float32 C-contiguous array of this pool's heads; return T."""
     c = p.config
+    # the common case, a right numpy array (a decode step passes several per layer), in a few
+    # attribute reads; anything else takes the checks one by one, for their messages
+    if type(a) is np.ndarray and a.dtype == FLOAT32 and a.ndim == 3 and a.shape[1] == c.num_kv_heads \
+            and a.shape[2] == c.head_dim and (num_tokens is None or a.shape[0] == num_tokens) \
+            and a.flags.c_contiguous:
+        return a.shape[0]
     dtype = getattr(a, "dtype", None)
     if dtype is None or not hasattr(a, "shape"):
         raise DTypeError(f"{name} must be an array of float32, got {type(a).__name__}")
@@ -225,14 +231,8 @@ def outputs(p: KVPool, out, num_tokens: int) -> None:
         return
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ShapeError(f"out must be a pair (key, value) of arrays, got {type(out).__name__}")
-    c = p.config
-    expected = (num_tokens, c.num_kv_heads, c.head_dim)
     for i in (0, 1):
-        a = out[i]
-        # a decode step passes its out= per layer: a right numpy array passes the checks of
-        # tokens() in a few attribute reads, and anything else takes them one by one
-        if not (type(a) is np.ndarray and a.dtype == FLOAT32 and a.shape == expected and a.flags.c_contiguous):
-            tokens(p, f"out[{i}]", a, num_tokens)
+        tokens(p, f"out[{i}]", out[i], num_tokens)
         if isinstance(out[i], np.ndarray) and not out[i].flags.writeable:
             raise ArgumentError(f"out[{i}] is read-only; the results are written into it")
         if overlap(out[i], p.data) or (p.scales is not None and overlap(out[i], p.scales)):
