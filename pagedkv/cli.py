@@ -205,7 +205,7 @@ def _info(args) -> int:
     except (ImportError, ValueError):
         pass
     print(f"numba threads {numba.get_num_threads()}, threading layer {layer}")
-    print(f"storage formats: {', '.join(FORMATS)} (numpy and numba backends; cuda: float32)")
+    print(f"storage formats: {', '.join(FORMATS)} (every backend)")
     gpu = "none"
     if available_backends()["cuda"] is None:
         from numba import cuda
