@@ -119,3 +119,32 @@ def test_gpu_attention_benchmark_runs(gpu):
     out = bench.attention_call(gpu, bench.on_gpu_attention(cpu))()
     expected = pagedkv.get_backend("numpy").paged_attention(cpu.q, cpu.pool, 0, cpu.tables, cpu.lens)
     assert_attention_close(host(out), expected, 5, 4, float(np.abs(cpu.pool.data).max()))
+
+
+@pytest.mark.parametrize("split_positions, max_group", [(3, 32), (10**9, 32), (2, 2), (10**9, 1)])
+def test_attention_paths_agree_with_the_reference(gpu, monkeypatch, split_positions, max_group):
+    """Split-K or one pass; a group of query heads served by one CUDA block, or cut into parts of
+    ``max_group`` heads (the last one short): attention within the float32 tolerance of the reference,
+    a padding row of zeros, windows and caps included."""
+    from pagedkv.testing.tolerance import assert_attention_close, score_bound
+
+    monkeypatch.setattr(gpu, "SPLIT_POSITIONS", split_positions)
+    monkeypatch.setattr(gpu, "GROUP_HEADS", max_group)
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=3, num_blocks=8, block_size=2)
+    host_pool = pst.filled_pool(config, 7)
+    tables = np.array([[3, 0, 6, 1], [2, 5, 7, 4]], np.int32)
+    rng = np.random.default_rng(3)
+    for lens, query_lens, window, cap in [([7, 4], None, None, None), ([0, 6], None, 2, None), ([8, 1], [3, 0], 3, 5.0),
+                                          ([5, 6], [2, 4], None, None)]:
+        lens = np.array(lens, np.int32)
+        qlens = None if query_lens is None else np.array(query_lens, np.int32)
+        rows = len(lens) if qlens is None else int(qlens.sum())
+        q = rng.standard_normal((rows, 6, 3)).astype(np.float32)  # 3 query heads per K/V head
+        options = dict(query_lens=qlens, sliding_window=window, soft_cap=cap)
+        expected = ref.paged_attention(q, host_pool, 0, tables, lens, **options)
+        actual = host(gpu.paged_attention(q, on_device(host_pool, gpu), 0, tables, lens, **options))
+        if lens[0] == 0:
+            assert not actual[0].any()  # a sequence with no context: a padding row of zeros
+        largest = float(max(np.abs(host_pool.k(0)).max(), np.abs(host_pool.v(0)).max()))
+        assert_attention_close(actual, expected, int(lens.max()), 3, largest,
+                               score_bound(3, 1 / np.sqrt(3), float(np.abs(q).max()), largest))

@@ -33,7 +33,8 @@ from .conftest import SIMULATED, shrink_cuda_launches
 pytestmark = pytest.mark.cuda
 
 #: the modules that hold pagedkv's CUDA kernels
-KERNEL_MODULES = ("pagedkv.backends.cuda_kernels", "pagedkv.backends.cuda_format_kernels", "pagedkv._cuda_fill")
+KERNEL_MODULES = ("pagedkv.backends.cuda_kernels", "pagedkv.backends.cuda_attention",
+                  "pagedkv.backends.cuda_format_kernels", "pagedkv._cuda_fill")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,6 +97,7 @@ def _every_routine(gpu, dtype: str, layout: str) -> None:
     gpu.swap_blocks(pool, new_pool("cuda"), np.array([1]), np.array([0]))
     q = rng.standard_normal((2, 4, 4)).astype(np.float32)
     gpu.paged_attention(q, pool, 1, tables, lens)
+    gpu.paged_attention(q[:1], pool, 1, tables[:1], np.array([4], np.int32))  # split-K (over SPLIT_POSITIONS)
     gpu.paged_attention(rng.standard_normal((5, 4, 4)).astype(np.float32), pool, 1, tables, lens,
                         query_lens=np.array([3, 2], np.int32), sliding_window=2, soft_cap=5.0)
 

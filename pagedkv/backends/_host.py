@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the CPU backends (the reference and numba)."""
+"""Host-side helpers shared by the backends: the CPU ones' outputs and raw reads, the offsets
+the cuda backend's host-device swaps pack."""
 
 from __future__ import annotations
 
@@ -54,3 +55,19 @@ def read_raw(pool: KVPool, layer: int, slots: np.ndarray) -> RawKV:
             sc[real] = scale
             scales.append(sc)
     return RawKV(*elements, *scales)
+
+
+def block_offsets(s: Strides, blocks: np.ndarray) -> np.ndarray:
+    """Flat offsets ``[N, layers, 2, block_stride]`` of whole blocks (every layer, K and V)."""
+    layers = np.arange(s.num_layers)[None, :, None, None]
+    kv = np.arange(2)[None, None, :, None]
+    return layout.block_base(layers, kv, blocks.astype(np.int64)[:, None, None, None], s) + np.arange(s.block_stride)
+
+
+def block_scale_offsets(p: KVPool, blocks: np.ndarray) -> np.ndarray:
+    """Flat indices ``[N * layers * 2 * block_size * H]`` of whole blocks' int8 scales."""
+    s = p.strides
+    layers = np.arange(s.num_layers)[None, :, None, None]
+    kv = np.arange(2)[None, None, :, None]
+    run = np.arange(s.block_size * s.num_kv_heads)
+    return (layout.block_scale_base(layers, kv, blocks.astype(np.int64)[:, None, None, None], s) + run).reshape(-1)

@@ -15,9 +15,12 @@ Index arrays are validated on the host before any kernel runs: a device
 index array is copied to the host for that (it is small), then used as is.
 A step's :func:`plan` keeps its index arrays on the GPU for every layer.
 
-The kernels are in :mod:`pagedkv.backends.cuda_kernels`. Launch sizes come
-from :data:`THREADS_PER_BLOCK` and :data:`ATTENTION_THREADS` (tests shrink
-them so that the CUDA simulator covers several blocks with tiny data).
+The kernels are in :mod:`pagedkv.backends.cuda_kernels` (data movement) and
+:mod:`pagedkv.backends.cuda_attention` (one CUDA block per query row and K/V
+head, split-K for long contexts). Launch sizes come from
+:data:`THREADS_PER_BLOCK`, :data:`ATTENTION_THREADS`, :data:`LANES` and the
+split-K thresholds (tests shrink them so that the CUDA simulator covers
+several blocks, warps and splits with tiny data).
 
 Without numba-cuda (``pip install "pagedkv[gpu]"``) or without a GPU (and
 without ``NUMBA_ENABLE_CUDASIM=1``) :func:`pagedkv.get_backend` raises a
@@ -37,15 +40,13 @@ from ..formats import FORMATS, RawKV
 from ..layout import K, V
 from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
+from . import cuda_attention as att
 from . import cuda_format_kernels as fmt_kernels
-from ._host import element_index, scale_index
+from ._host import block_offsets, block_scale_offsets, element_index, scale_index
 from .cuda_kernels import (
     AS_IS,
     INT8,
-    MAX_HEAD_DIM,
-    MAX_TILE,
     TABLE,
-    attention_kernel,
     gather_kernel,
     move_blocks_kernel,
     pack_blocks_kernel,
@@ -59,8 +60,18 @@ DEVICE = "cuda"
 
 #: threads per CUDA block of every launch
 THREADS_PER_BLOCK = 256
-#: threads per CUDA block of paged_attention (one block per query row and head); at most MAX_TILE
+#: threads per CUDA block of paged_attention (one block per query row and K/V head); a multiple of
+#: LANES, at most cuda_attention.MAX_THREADS
 ATTENTION_THREADS = 128
+#: the most query heads one attention block serves (at most cuda_attention.MAX_GROUP; tests shrink it)
+GROUP_HEADS = att.MAX_GROUP
+#: the lanes attention's warp reductions span: a warp (tests shrink it under the simulator)
+LANES = 32
+#: split-K: a row's positions are cut into parts of at least this many ...
+SPLIT_POSITIONS = 512
+#: ... when a step has fewer than this many (row, K/V head) CUDA blocks: twice the 132
+#: multiprocessors of an H100 or H200, so that a small batch of long contexts still fills one
+SPLIT_BELOW_BLOCKS = 264
 
 
 def check_available() -> None:
@@ -107,10 +118,10 @@ def _decode_table(name: str, scale: float):
     return _upload(formats.to_float32(fmt, patterns, np.float32(scale) if fmt.scale == "tensor" else None))
 
 
-@functools.lru_cache(maxsize=1)
-def _unused():
-    """A one-element device array for the kernel arguments a format does not use (never read)."""
-    return cuda.device_array(1, dtype=np.float32)
+@functools.lru_cache(maxsize=2)
+def _unused(ndim: int = 1):
+    """A one-element device array for the kernel arguments a launch does not use (never read)."""
+    return cuda.device_array((1,) * ndim, dtype=np.float32)
 
 
 def _decoding(pool: KVPool, layer: int) -> tuple:
@@ -256,14 +267,29 @@ def attention_step(q, pool: KVPool, layer: int, plan: Plan, *, scale=None, slidi
     opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
     check_window(a, opt.window)
     c = pool.config
-    if c.head_dim > MAX_HEAD_DIM:
-        raise ArgumentError(f"the cuda backend's attention handles head_dim up to {MAX_HEAD_DIM}, got {c.head_dim}")
-    threads = min(ATTENTION_THREADS, MAX_TILE)
+    if c.head_dim > att.MAX_GROUP_DIM:
+        raise ArgumentError(f"the cuda backend's attention takes head_dim up to {att.MAX_GROUP_DIM}, got {c.head_dim}")
     out = cuda.device_array(tuple(q.shape), dtype=np.float32)
-    if q.shape[0]:
-        attention_kernel[(q.shape[0], q.shape[1]), threads](
-            pool.data, layer, _to_device(q), a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
-            np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides, *_decoding(pool, layer))
+    rows, heads = q.shape[0], q.shape[1]
+    if not rows:
+        return out
+    per_head = heads // c.num_kv_heads
+    group = min(per_head, GROUP_HEADS, att.MAX_GROUP, att.MAX_GROUP_DIM // c.head_dim)  # query heads per CUDA block
+    parts = -(-per_head // group)
+    threads, lanes = min(ATTENTION_THREADS, att.MAX_THREADS), min(LANES, ATTENTION_THREADS)
+    splits, split_len = att.split_positions(a.row_pos, opt.window, rows * c.num_kv_heads * parts, SPLIT_POSITIONS,
+                                        SPLIT_BELOW_BLOCKS)
+    args = (pool.data, layer, _to_device(q), a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, opt.window,
+            np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides, *_decoding(pool, layer), group, lanes,
+            split_len, out)
+    grid = (rows, c.num_kv_heads * parts, splits)
+    if splits == 1:
+        att.attention_kernel[grid, threads](*args, _unused(4), _unused(4))
+        return out
+    part_acc = cuda.device_array((rows, splits, heads, c.head_dim), dtype=np.float32)
+    part_ml = cuda.device_array((rows, splits, heads, 2), dtype=np.float32)
+    att.attention_kernel[grid, threads](*args, part_acc, part_ml)
+    att.combine_splits_kernel[(rows, heads), min(threads, c.head_dim)](part_acc, part_ml, a.kernel_row_pos, out)
     return out
 
 
@@ -324,7 +350,7 @@ def _move_on_device(src_pool: KVPool, dst_pool: KVPool, src, dst, s_host: np.nda
     move_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, dst_pool.data, _device_index(src, s_host),
                                                       _device_index(dst, d_host), s)
     if src_pool.scales is not None:  # int8: the scales go with their blocks
-        at, to = _scale_offsets(src_pool, s_host), _scale_offsets(dst_pool, d_host)
+        at, to = block_scale_offsets(src_pool, s_host), block_scale_offsets(dst_pool, d_host)
         fmt_kernels.move_indexed_kernel[_blocks(at.size), THREADS_PER_BLOCK](
             src_pool.scales, _upload(at), dst_pool.scales, _upload(to))
 
@@ -347,45 +373,20 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
         _move_on_device(src_pool, dst_pool, src, dst, s_host, d_host)
         return
     if src_pool.device == "cpu":  # reload: pack on the host, one transfer, unpack on the GPU
-        packed = _pack_host(src_pool, s_host)
+        packed = src_pool.host[block_offsets(src_pool.strides, s_host)].reshape(-1)
         unpack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](
             _upload(packed), dst_pool.data, _device_index(dst, d_host), s)
     else:  # offload: pack on the GPU, one transfer, unpack on the host
         packed = cuda.device_array(n, dtype=src_pool.config.storage_dtype)
         pack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, _device_index(src, s_host), packed, s)
-        _unpack_host(dst_pool, d_host, packed.copy_to_host())
+        dst_pool.host[block_offsets(dst_pool.strides, d_host).reshape(-1)] = packed.copy_to_host()
     if src_pool.scales is not None:  # int8: the blocks' scales, one more transfer
-        at, to = _scale_offsets(src_pool, s_host), _scale_offsets(dst_pool, d_host)
+        at, to = block_scale_offsets(src_pool, s_host), block_scale_offsets(dst_pool, d_host)
         if src_pool.device == "cpu":
             fmt_kernels.put_kernel[_blocks(to.size), THREADS_PER_BLOCK](
                 _upload(src_pool.host_scales[at]), _upload(to), dst_pool.scales)
         else:
             dst_pool.host_scales[to] = _take(src_pool.scales, at, np.float32).copy_to_host()
-
-
-def _scale_offsets(p: KVPool, blocks: np.ndarray) -> np.ndarray:
-    """Flat indices ``[N, layers, 2, block_size * H]`` of whole blocks' int8 scales."""
-    s = p.strides
-    layers = np.arange(s.num_layers)[None, :, None, None]
-    kv = np.arange(2)[None, None, :, None]
-    run = np.arange(s.block_size * s.num_kv_heads)
-    return (layout.block_scale_base(layers, kv, blocks.astype(np.int64)[:, None, None, None], s) + run).reshape(-1)
-
-
-def _block_offsets(p: KVPool, blocks: np.ndarray) -> np.ndarray:
-    """Flat offsets ``[N, layers, 2, block_stride]`` of whole blocks (host side of a swap)."""
-    s = p.strides
-    layers = np.arange(s.num_layers)[None, :, None, None]
-    kv = np.arange(2)[None, None, :, None]
-    return layout.block_base(layers, kv, blocks[:, None, None, None], s) + np.arange(s.block_stride)
-
-
-def _pack_host(p: KVPool, blocks: np.ndarray) -> np.ndarray:
-    return p.host[_block_offsets(p, blocks)].reshape(-1)
-
-
-def _unpack_host(p: KVPool, blocks: np.ndarray, packed: np.ndarray) -> None:
-    p.host[_block_offsets(p, blocks).reshape(-1)] = packed
 
 
 def paged_attention(q, pool: KVPool, layer: int, block_tables, context_lens, *, scale=None,

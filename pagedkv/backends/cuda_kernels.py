@@ -1,4 +1,5 @@
-"""The numba.cuda kernels of the cuda backend (:mod:`pagedkv.backends.cuda` launches them).
+"""The numba.cuda data-movement kernels of the cuda backend (:mod:`pagedkv.backends.cuda` launches
+them), and the device helpers that attention (:mod:`pagedkv.backends.cuda_attention`) shares.
 
 Each data-movement kernel gives one thread one number, consecutive threads
 consecutive ``d``, so loads and stores are coalesced in both layouts; the
@@ -6,16 +7,10 @@ offset arithmetic is :mod:`pagedkv.layout`'s, compiled as device functions,
 with the pool's :class:`~pagedkv.layout.Strides` passed as one argument ``s``.
 """
 
-import math
-
 from numba import cuda, float32, int64
 
 from .. import layout
 from ..layout import K, V
-
-MAX_TILE = 256  # positions scored at once by attention; sizes a shared array, so it is a constant
-MAX_HEAD_DIM = 512  # sizes attention's shared accumulator
-
 
 # ---- device helpers: the layout arithmetic, compiled for the GPU ------------------------------
 
@@ -150,77 +145,3 @@ def unpack_blocks_kernel(packed, data, blocks, s):
     i = cuda.grid(1)
     if i < packed.shape[0]:
         data[_packed_offset(i, blocks, s)] = packed[i]
-
-
-@cuda.jit
-def attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, s, decode, k_table, v_table,
-                     scales):
-    """One CUDA block per (query row, query head): online softmax over tiles of positions.
-    A narrow pool's elements are decoded on the fly (:func:`load_value`).
-
-    Per tile of ``blockDim.x`` positions: each thread scores one position
-    (a dot product over D); thread 0 folds the tile into the running max and
-    sum (in shared memory) and turns the scores into weights; then each
-    thread updates its share of the D accumulators (consecutive threads,
-    consecutive d: coalesced reads of V).
-    """
-    r = cuda.blockIdx.x
-    hq = cuda.blockIdx.y
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    head_dim = s.head_dim
-    h = hq // (q.shape[1] // s.num_kv_heads)
-    weights = cuda.shared.array(MAX_TILE, float32)
-    acc = cuda.shared.array(MAX_HEAD_DIM, float32)
-    state = cuda.shared.array(3, float32)  # running max, running sum, this tile's correction
-    for d in range(t, head_dim, threads):
-        acc[d] = 0.0
-    if t == 0:
-        state[0] = -math.inf
-        state[1] = 0.0
-    cuda.syncthreads()
-    pos = row_pos[r]
-    if pos >= 0:  # the same for the whole block, so the barriers inside are safe
-        b = row_seq[r]
-        start = 0
-        if window > 0:
-            start = max(0, pos - window + 1)
-        for tile in range(start, pos + 1, threads):
-            n = min(threads, pos + 1 - tile)
-            x = -math.inf
-            if t < n:
-                slot = table_slot(tables, b, tile + t, s.block_size)
-                at = token_base(layer, K, slot, s) + h * s.head_stride
-                si = scale_index(layer, K, slot, h, s)
-                dot = float32(0.0)
-                for d in range(head_dim):
-                    dot += q[r, hq, d] * load_value(data, at + d, decode, k_table, scales, si)
-                x = dot * scale
-                if cap > 0:
-                    x = cap * math.tanh(x / cap)
-            weights[t] = x
-            cuda.syncthreads()
-            if t == 0:
-                m_new = state[0]
-                for i in range(n):
-                    m_new = max(m_new, weights[i])
-                total = float32(0.0)
-                for i in range(n):
-                    e = math.exp(weights[i] - m_new)
-                    weights[i] = e
-                    total += e
-                correction = math.exp(state[0] - m_new)
-                state[1] = state[1] * correction + total
-                state[0] = m_new
-                state[2] = correction
-            cuda.syncthreads()
-            for d in range(t, head_dim, threads):
-                a = acc[d] * state[2]
-                for i in range(n):
-                    slot = table_slot(tables, b, tile + i, s.block_size)
-                    at = token_base(layer, V, slot, s) + h * s.head_stride + d
-                    a += weights[i] * load_value(data, at, decode, v_table, scales, scale_index(layer, V, slot, h, s))
-                acc[d] = a
-            cuda.syncthreads()
-    for d in range(t, head_dim, threads):
-        out[r, hq, d] = acc[d] / state[1] if pos >= 0 else 0.0
