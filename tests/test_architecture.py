@@ -19,7 +19,7 @@ RANKS = {
     "_scan": 4, "conventions": 5, "backends._numba_codecs": 7, "backends._numba_prefill": 7.5,
     "backends._numba_decode": 7.75,
     "validate": 5, "plan": 6, "backends._host": 7, "backends.reference": 8, "backends.numba_cpu": 8,
-    "backends.cuda_kernels": 7, "backends.cuda_attention": 7.25,
+    "backends.cuda_kernels": 7, "backends.cuda_attention": 7.25, "backends.cuda_words": 7.25,
     "backends.cuda_format_kernels": 7.5, "backends.cuda": 8, "backends": 9,
     "prefix_key": 10, "block_table": 10, "block_pool": 10, "retention": 9, "manager_views": 11.5,
     "prefix_cache": 11, "sequence": 11, "manager": 12, "stored_block": 10.5, "stores": 11, "tiers": 12.5,

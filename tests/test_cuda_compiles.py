@@ -33,7 +33,7 @@ from .conftest import SIMULATED, shrink_cuda_launches
 pytestmark = pytest.mark.cuda
 
 #: the modules that hold pagedkv's CUDA kernels
-KERNEL_MODULES = ("pagedkv.backends.cuda_kernels", "pagedkv.backends.cuda_attention",
+KERNEL_MODULES = ("pagedkv.backends.cuda_kernels", "pagedkv.backends.cuda_attention", "pagedkv.backends.cuda_words",
                   "pagedkv.backends.cuda_format_kernels", "pagedkv._cuda_fill")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +64,12 @@ def _recording(monkeypatch) -> list:
     return seen
 
 
-def _every_routine(gpu, dtype: str, layout: str) -> None:
-    """Each routine of the cuda backend once, in the ways that launch different kernels."""
+def _every_routine(gpu, dtype: str, layout: str, head_dim: int) -> None:
+    """Each routine of the cuda backend once, in the ways that launch different kernels (an even
+    ``head_dim`` moves float32 rows, and blocks, in 8-byte words; an odd one number by number)."""
     from numba import cuda
 
-    config = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=2, dtype=dtype,
+    config = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=head_dim, num_blocks=4, block_size=2, dtype=dtype,
                          layout=layout)
     def new_pool(device):
         p = KVPool(config, device=device)
@@ -78,7 +79,7 @@ def _every_routine(gpu, dtype: str, layout: str) -> None:
 
     pool = new_pool("cuda")
     rng = np.random.default_rng(0)
-    key, value = (rng.standard_normal((3, 2, 4)).astype(np.float32) for _ in range(2))
+    key, value = (rng.standard_normal((3, 2, head_dim)).astype(np.float32) for _ in range(2))
     slots = np.array([0, 3, -1])
     for layer in (0, 1):
         gpu.write(pool, layer, key, value, slots)
@@ -95,10 +96,10 @@ def _every_routine(gpu, dtype: str, layout: str) -> None:
     gpu.swap_blocks(pool, host_pool, np.array([1]), np.array([0]))
     gpu.swap_blocks(host_pool, pool, np.array([0]), np.array([1]))
     gpu.swap_blocks(pool, new_pool("cuda"), np.array([1]), np.array([0]))
-    q = rng.standard_normal((2, 4, 4)).astype(np.float32)
+    q = rng.standard_normal((2, 4, head_dim)).astype(np.float32)
     gpu.paged_attention(q, pool, 1, tables, lens)
     gpu.paged_attention(q[:1], pool, 1, tables[:1], np.array([4], np.int32))  # split-K (over SPLIT_POSITIONS)
-    gpu.paged_attention(rng.standard_normal((5, 4, 4)).astype(np.float32), pool, 1, tables, lens,
+    gpu.paged_attention(rng.standard_normal((5, 4, head_dim)).astype(np.float32), pool, 1, tables, lens,
                         query_lens=np.array([3, 2], np.int32), sliding_window=2, soft_cap=5.0)
 
 
@@ -113,7 +114,8 @@ def compiled(tmp_path_factory):
         seen = _recording(monkeypatch)
         for dtype in FORMATS:
             for layout in ("NHD", "HND"):
-                _every_routine(gpu, dtype, layout)
+                for head_dim in (4, 3):
+                    _every_routine(gpu, dtype, layout, head_dim)
     finally:
         monkeypatch.undo()
     launches = sorted(set(seen), key=str)

@@ -29,24 +29,20 @@ without ``NUMBA_ENABLE_CUDASIM=1``) :func:`pagedkv.get_backend` raises a
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from numba import cuda
 
 from .. import device, formats, layout, validate
 from ..errors import ArgumentError, DTypeError, PoolMismatchError
-from ..formats import FORMATS, RawKV
+from ..formats import RawKV
 from ..layout import K, V
 from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from . import cuda_attention as att
 from . import cuda_format_kernels as fmt_kernels
+from . import cuda_words as words
 from ._host import block_offsets, block_scale_offsets, element_index, scale_index
 from .cuda_kernels import (
-    AS_IS,
-    INT8,
-    TABLE,
     gather_kernel,
     move_blocks_kernel,
     pack_blocks_kernel,
@@ -109,38 +105,14 @@ def _flat(x):
     return x.reshape(x.size)
 
 
-@functools.lru_cache(maxsize=64)
-def _decode_table(name: str, scale: float):
-    """On the GPU: the float32 value of every stored pattern of minifloat format ``name``,
-    times fp8's ``scale`` (the reference's values, bit for bit); uploaded once per format and scale."""
-    fmt = FORMATS[name]
-    patterns = np.arange(1 << (8 * fmt.itemsize), dtype=np.int64).astype(fmt.storage)
-    return _upload(formats.to_float32(fmt, patterns, np.float32(scale) if fmt.scale == "tensor" else None))
-
-
-@functools.lru_cache(maxsize=2)
-def _unused(ndim: int = 1):
-    """A one-element device array for the kernel arguments a launch does not use (never read)."""
-    return cuda.device_array((1,) * ndim, dtype=np.float32)
-
-
-def _decoding(pool: KVPool, layer: int) -> tuple:
-    """``(decode, k_table, v_table, scales)``: how the kernels turn ``layer``'s stored
-    elements into float32 (see ``cuda_kernels.load_value``)."""
-    fmt, none = pool.config.format, _unused()
-    if fmt.is_float32:
-        return AS_IS, none, none, none
-    if fmt.scale == "token":
-        return INT8, none, none, pool.scales
-    k_scale, v_scale = pool.kv_scales[layer] if pool.kv_scales is not None else (1.0, 1.0)
-    return TABLE, _decode_table(fmt.name, float(k_scale)), _decode_table(fmt.name, float(v_scale)), none
-
-
 def _write(pool: KVPool, layer: int, key, value, slots) -> None:
     """Launch the write of the flat float32 device ``key``/``value`` in the pool's format."""
     fmt, s = pool.config.format, pool.strides
     if fmt.is_float32:
-        write_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](pool.data, layer, key, value, slots, s)
+        data, ws = pool.data, _row_words(pool, key, value)
+        if ws is not None:  # two numbers a thread, in 8-byte words
+            data, key, value, s = words.as_words(data), words.as_words(key), words.as_words(value), ws
+        write_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](data, layer, key, value, slots, s)
         return
     if fmt.scale == "token":
         rows = key.shape[0] // s.head_dim
@@ -152,6 +124,14 @@ def _write(pool: KVPool, layer: int, key, value, slots) -> None:
         key, value = _divided(key, k_scale), _divided(value, v_scale)
     fmt_kernels.write_minifloat_kernel[_blocks(key.shape[0]), THREADS_PER_BLOCK](
         pool.data, layer, key.view(np.uint32), value.view(np.uint32), slots, s, fmt.codec)
+
+
+def _row_words(pool: KVPool, *arrays):
+    """The strides in 8-byte words if ``pool`` is float32 and its rows and ``arrays`` can move as
+    words (:mod:`pagedkv.backends.cuda_words`), else None."""
+    if not pool.config.format.is_float32 or not words.aligned(*arrays):
+        return None
+    return words.word_strides(pool.strides, 4, rows=True)
 
 
 def _divided(x, scale):
@@ -280,11 +260,11 @@ def attention_step(q, pool: KVPool, layer: int, plan: Plan, *, scale=None, slidi
     splits, split_len = att.split_positions(a.row_pos, opt.window, rows * c.num_kv_heads * parts, SPLIT_POSITIONS,
                                         SPLIT_BELOW_BLOCKS)
     args = (pool.data, layer, _to_device(q), a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, opt.window,
-            np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides, *_decoding(pool, layer), group, lanes,
-            split_len, out)
+            np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides, *fmt_kernels.decoding(pool, layer), group,
+            lanes, split_len, out)
     grid = (rows, c.num_kv_heads * parts, splits)
     if splits == 1:
-        att.attention_kernel[grid, threads](*args, _unused(4), _unused(4))
+        att.attention_kernel[grid, threads](*args, fmt_kernels.unused(4), fmt_kernels.unused(4))
         return out
     part_acc = cuda.device_array((rows, splits, heads, c.head_dim), dtype=np.float32)
     part_ml = cuda.device_array((rows, splits, heads, 2), dtype=np.float32)
@@ -310,9 +290,15 @@ def read(pool: KVPool, layer: int, slot_mapping, *, out=None, raw: bool = False)
         return _read_raw(pool, layer, slots)
     out_k, out_v = new_outputs(pool, slots.shape[0], out)
     if slots.shape[0]:
-        fk, fv = _flat(out_k), _flat(out_v)
-        read_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
-            pool.data, layer, _device_index(slot_mapping, slots), fk, fv, pool.strides, *_decoding(pool, layer))
+        fk, fv, at = _flat(out_k), _flat(out_v), _device_index(slot_mapping, slots)
+        ws = _row_words(pool, fk, fv)
+        if ws is not None:
+            fk, fv = words.as_words(fk), words.as_words(fv)
+            words.read_words_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
+                words.as_words(pool.data), layer, at, fk, fv, ws)
+        else:
+            read_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](pool.data, layer, at, fk, fv, pool.strides,
+                                                                 *fmt_kernels.decoding(pool, layer))
     return out_k, out_v
 
 
@@ -330,10 +316,15 @@ def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None, ra
         return _read_raw(pool, layer, layout.gather_slots(tables, lens, pool.config.block_size)), cu
     out_k, out_v = new_outputs(pool, int(cu[-1]), out)
     if cu[-1]:
-        fk, fv = _flat(out_k), _flat(out_v)
-        gather_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
-            pool.data, layer, _device_index(block_tables, tables), _upload(cu), fk, fv, pool.strides,
-            *_decoding(pool, layer))
+        fk, fv, at = _flat(out_k), _flat(out_v), _device_index(block_tables, tables)
+        ws = _row_words(pool, fk, fv)
+        if ws is not None:
+            fk, fv = words.as_words(fk), words.as_words(fv)
+            words.gather_words_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](
+                words.as_words(pool.data), layer, at, _upload(cu), fk, fv, ws)
+        else:
+            gather_kernel[_blocks(fk.shape[0]), THREADS_PER_BLOCK](pool.data, layer, at, _upload(cu), fk, fv,
+                                                                   pool.strides, *fmt_kernels.decoding(pool, layer))
     return out_k, out_v, cu
 
 
@@ -344,11 +335,19 @@ def copy_blocks(pool: KVPool, src, dst) -> None:
         _move_on_device(pool, pool, src, dst, s_host, d_host)
 
 
+def _block_words(p: KVPool, blocks: int):
+    """``(as_array, strides, elements)`` for moving ``blocks`` whole blocks of ``p``: in 8-byte
+    words where a block is a whole number of them (any format), else number by number."""
+    s = p.strides
+    ws = words.word_strides(s, p.config.storage_dtype.itemsize, rows=False)
+    view, s = (words.as_words, ws) if ws is not None else ((lambda x: x), s)
+    return view, s, blocks * s.num_layers * 2 * s.block_stride
+
+
 def _move_on_device(src_pool: KVPool, dst_pool: KVPool, src, dst, s_host: np.ndarray, d_host: np.ndarray) -> None:
-    s = src_pool.strides
-    n = s_host.size * s.num_layers * 2 * s.block_stride
-    move_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, dst_pool.data, _device_index(src, s_host),
-                                                      _device_index(dst, d_host), s)
+    view, s, n = _block_words(src_pool, s_host.size)
+    move_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](view(src_pool.data), view(dst_pool.data),
+                                                      _device_index(src, s_host), _device_index(dst, d_host), s)
     if src_pool.scales is not None:  # int8: the scales go with their blocks
         at, to = block_scale_offsets(src_pool, s_host), block_scale_offsets(dst_pool, d_host)
         fmt_kernels.move_indexed_kernel[_blocks(at.size), THREADS_PER_BLOCK](
@@ -367,19 +366,20 @@ def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst) -> None:
     s_host, d_host = validate.copy_args(src_pool, dst_pool, src, dst, src_pool.device, dst_pool.device)
     if not s_host.size:
         return
-    s = src_pool.strides
-    n = s_host.size * s.num_layers * 2 * s.block_stride
     if src_pool.device == dst_pool.device:
         _move_on_device(src_pool, dst_pool, src, dst, s_host, d_host)
         return
+    view, s, n = _block_words(src_pool, s_host.size)
     if src_pool.device == "cpu":  # reload: pack on the host, one transfer, unpack on the GPU
         packed = src_pool.host[block_offsets(src_pool.strides, s_host)].reshape(-1)
         unpack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](
-            _upload(packed), dst_pool.data, _device_index(dst, d_host), s)
+            _upload(view(packed)), view(dst_pool.data), _device_index(dst, d_host), s)
     else:  # offload: pack on the GPU, one transfer, unpack on the host
-        packed = cuda.device_array(n, dtype=src_pool.config.storage_dtype)
-        pack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](src_pool.data, _device_index(src, s_host), packed, s)
-        dst_pool.host[block_offsets(dst_pool.strides, d_host).reshape(-1)] = packed.copy_to_host()
+        t = src_pool.strides
+        packed = view(cuda.device_array(s_host.size * t.num_layers * 2 * t.block_stride, src_pool.config.storage_dtype))
+        pack_blocks_kernel[_blocks(n), THREADS_PER_BLOCK](view(src_pool.data), _device_index(src, s_host), packed, s)
+        dst_pool.host[block_offsets(dst_pool.strides, d_host).reshape(-1)] = \
+            packed.copy_to_host().view(src_pool.config.storage_dtype)
     if src_pool.scales is not None:  # int8: the blocks' scales, one more transfer
         at, to = block_scale_offsets(src_pool, s_host), block_scale_offsets(dst_pool, d_host)
         if src_pool.device == "cpu":

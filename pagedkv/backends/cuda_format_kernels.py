@@ -17,19 +17,24 @@ and under the CUDA simulator, because they run the reference's own rules.
   a zero row), round half to even, as :func:`pagedkv.formats.quantize_int8`; it
   reads back as ``float32(q) * scale``.
 
-These kernels aim at exactness and coverage; bandwidth-shaped GPU kernels are the
-business of the kernels issue (#16). The attention kernel of
-:mod:`pagedkv.backends.cuda_kernels`, and its read and gather kernels, decode through its
-``load_value``.
+Attention (:mod:`pagedkv.backends.cuda_attention`) and the read and gather kernels
+of :mod:`pagedkv.backends.cuda_kernels` decode through ``load_value``, given the
+arguments :func:`decoding` says.
 """
 
+from __future__ import annotations
+
+import functools
 import math
 
+import numpy as np
 from numba import cuda, float32, int64, uint32
 
 from .. import formats
+from ..formats import FORMATS
 from ..layout import K, V
-from .cuda_kernels import scale_index, split_element, token_base
+from ..pool import KVPool
+from .cuda_kernels import AS_IS, INT8, TABLE, scale_index, split_element, token_base
 
 encode_bits = cuda.jit(device=True)(formats.encode_bits)
 
@@ -134,3 +139,32 @@ def widen_float16_kernel(x, out):
     i = cuda.grid(1)
     if i < x.shape[0]:
         out[i] = float32(x[i])
+
+
+# ---- on the host: what the kernels that decode are given ---------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def decode_table(name: str, scale: float):
+    """On the GPU: the float32 value of every stored pattern of minifloat format ``name``,
+    times fp8's ``scale`` (the reference's values, bit for bit); uploaded once per format and scale."""
+    fmt = FORMATS[name]
+    patterns = np.arange(1 << (8 * fmt.itemsize), dtype=np.int64).astype(fmt.storage)
+    return cuda.to_device(formats.to_float32(fmt, patterns, np.float32(scale) if fmt.scale == "tensor" else None))
+
+
+@functools.lru_cache(maxsize=2)
+def unused(ndim: int = 1):
+    """A one-element device array for the kernel arguments a launch does not use (never read)."""
+    return cuda.device_array((1,) * ndim, dtype=np.float32)
+
+
+def decoding(pool: KVPool, layer: int) -> tuple:
+    """``(decode, k_table, v_table, scales)``: how the kernels turn ``layer``'s stored
+    elements into float32 (see ``cuda_kernels.load_value``)."""
+    fmt, none = pool.config.format, unused()
+    if fmt.is_float32:
+        return AS_IS, none, none, none
+    if fmt.scale == "token":
+        return INT8, none, none, pool.scales
+    k_scale, v_scale = pool.kv_scales[layer] if pool.kv_scales is not None else (1.0, 1.0)
+    return TABLE, decode_table(fmt.name, float(k_scale)), decode_table(fmt.name, float(v_scale)), none

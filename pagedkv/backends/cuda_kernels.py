@@ -36,7 +36,7 @@ def load_value(data, at, decode, table, scales, si):
 
 
 @cuda.jit(device=True)
-def _sequence_of(cu, i):
+def sequence_of(cu, i):
     """The b with ``cu[b] <= i < cu[b + 1]`` (binary search; skips empty sequences)."""
     lo = 0
     hi = cu.shape[0] - 1
@@ -107,7 +107,7 @@ def gather_kernel(data, layer, tables, cu, out_k, out_v, s, decode, k_table, v_t
     if i >= out_k.shape[0]:
         return
     r, h, d = split_element(i, s)
-    b = _sequence_of(cu, r)
+    b = sequence_of(cu, r)
     _load_pair(data, layer, table_slot(tables, b, r - cu[b], s.block_size), h, d, out_k, out_v, i, s, decode,
                k_table, v_table, scales)
 
