@@ -93,3 +93,24 @@ class GpuAttention:
     def time_device_copy_of_kv(self, *_):
         self.copy()
         B.gpu_sync()
+
+
+class GpuStepOverhead:
+    """Issue 16, item 7: the host's cost of one layer's calls in a decode step, beside numba-cuda's
+    launch of an empty kernel of one argument. The step is tiny (2 sequences, 16 tokens, one block
+    each) so that the GPU has nothing to do and the time is the call's own: checks, argument
+    marshalling (numba-cuda converts every argument on every launch) and the launch. Each layer
+    launches two kernels (``tests/test_cuda.py`` counts them): write and attention."""
+
+    params = [["write_step", "attention_step", "empty_launch"]]
+    param_names = ["call"]
+
+    def setup(self, call):
+        self.call = B.step_overhead_calls(_gpu())[call]
+        self.call()
+        B.gpu_sync()
+
+    def time_call(self, call):
+        for _ in range(100):
+            self.call()
+        B.gpu_sync()

@@ -213,6 +213,28 @@ def device_copy(nbytes: int) -> Callable[[], None]:
     return lambda: dst.copy_to_device(src)
 
 
+def step_overhead_calls(backend) -> dict[str, Callable[[], object]]:
+    """A tiny decode step on the GPU (2 sequences, 16 tokens, one block each: no work to speak of)
+    and its per-layer calls, beside an empty numba-cuda launch of one argument: what each costs is
+    the host's checks, numba-cuda's argument marshalling and the launch (issue 16, item 7)."""
+    from numba import cuda
+
+    config = CacheConfig(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=2, block_size=16)
+    pool = KVPool(config, device="cuda")
+    step = backend.plan(pool, slot_mapping=np.array([15, 31]), block_tables=np.array([[0], [1]], np.int32),
+                        context_lens=np.array([16, 16], np.int32))
+    key = cuda.to_device(np.ones((2, 8, 128), np.float32))
+    q = cuda.to_device(np.ones((2, 32, 128), np.float32))
+
+    @cuda.jit
+    def empty(x):
+        pass
+
+    return {"write_step": lambda: backend.write_step(pool, 0, key, key, step),
+            "attention_step": lambda: backend.attention_step(q, pool, 0, step),
+            "empty_launch": lambda: empty[1, 1](key)}
+
+
 def gpu_peer(w: Workload, routine: str, library: str) -> Callable[[], object] | None:
     """The routine with CuPy (``library="cupy"``) or torch CUDA fancy indexing on the device
     pool's own memory; None when that library is missing."""
