@@ -64,9 +64,9 @@ def _backend(request, monkeypatch):
 def shrink_cuda_launches(backend, monkeypatch) -> None:
     """Tiny CUDA blocks (restored after the test), so that tiny cases still span several of them."""
     monkeypatch.setattr(backend, "THREADS_PER_BLOCK", 32)
-    monkeypatch.setattr(backend, "ATTENTION_THREADS", 4)
-    monkeypatch.setattr(backend, "LANES", 2)  # two "warps" of two lanes: the reductions and the warps' turns
-    monkeypatch.setattr(backend, "SPLIT_POSITIONS", 3)  # contexts over 3 positions take the split-K path
+    monkeypatch.setattr(backend, "ATTENTION_THREADS", 8)
+    monkeypatch.setattr(backend, "LANES", 2)  # four "warps" of two lanes: the reductions and the warps' turns
+    monkeypatch.setattr(backend, "SPLIT_POSITIONS", 8)  # contexts over 8 positions take the split-K path
     monkeypatch.setattr(backend, "SPLIT_BELOW_BLOCKS", 10**9)
 
 

@@ -121,7 +121,7 @@ def test_gpu_attention_benchmark_runs(gpu):
     assert_attention_close(host(out), expected, 5, 4, float(np.abs(cpu.pool.data).max()))
 
 
-@pytest.mark.parametrize("split_positions, max_group", [(3, 32), (10**9, 32), (2, 2), (10**9, 1)])
+@pytest.mark.parametrize("split_positions, max_group", [(3, 32), (2, 2), (10**9, 1)])
 def test_attention_paths_agree_with_the_reference(gpu, monkeypatch, split_positions, max_group):
     """Split-K or one pass; a group of query heads served by one CUDA block, or cut into parts of
     ``max_group`` heads (the last one short): attention within the float32 tolerance of the reference,
