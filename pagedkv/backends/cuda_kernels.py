@@ -1,8 +1,10 @@
 """The numba.cuda data-movement kernels of the cuda backend (:mod:`pagedkv.backends.cuda` launches
 them), and the device helpers that attention (:mod:`pagedkv.backends.cuda_attention`) shares.
 
-Each data-movement kernel gives one thread one number, consecutive threads
-consecutive ``d``, so loads and stores are coalesced in both layouts; the
+Each data-movement kernel gives one thread one element, consecutive threads
+consecutive ``d``, so loads and stores are coalesced in both layouts (an element
+is one stored number, or an 8-byte word of them where
+:mod:`pagedkv.backends.cuda_words` moves words); the
 offset arithmetic is :mod:`pagedkv.layout`'s, compiled as device functions,
 with the pool's :class:`~pagedkv.layout.Strides` passed as one argument ``s``.
 """
