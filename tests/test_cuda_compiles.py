@@ -99,7 +99,7 @@ def _every_routine(gpu, dtype: str, layout: str, head_dim: int) -> None:
     gpu.swap_blocks(pool, new_pool("cuda"), np.array([1]), np.array([0]))
     q = rng.standard_normal((2, 4, head_dim)).astype(np.float32)
     gpu.paged_attention(q, pool, 1, tables, lens)
-    gpu.paged_attention(q[:1], pool, 1, tables[:1], np.array([4], np.int32))  # split-K (over SPLIT_POSITIONS)
+    gpu.paged_attention(q[:1], pool, 1, tables[:1], np.array([4], np.int32))  # split-K
     gpu.paged_attention(rng.standard_normal((5, 4, head_dim)).astype(np.float32), pool, 1, tables, lens,
                         query_lens=np.array([3, 2], np.int32), sliding_window=2, soft_cap=5.0)
 
@@ -112,6 +112,7 @@ def compiled(tmp_path_factory):
     try:
         gpu = pagedkv.get_backend("cuda")
         shrink_cuda_launches(gpu, monkeypatch)
+        monkeypatch.setattr(gpu, "SPLIT_POSITIONS", 3)  # the 4-position call below takes split-K
         seen = _recording(monkeypatch)
         for dtype in FORMATS:  # a layout changes no argument type (its strides are the same tuple), so NHD only
             for head_dim in (4, 3):
