@@ -66,7 +66,7 @@ def shrink_cuda_launches(backend, monkeypatch) -> None:
     monkeypatch.setattr(backend, "THREADS_PER_BLOCK", 32)
     monkeypatch.setattr(backend, "ATTENTION_THREADS", 8)
     monkeypatch.setattr(backend, "LANES", 2)  # four "warps" of two lanes: the reductions and the warps' turns
-    monkeypatch.setattr(backend, "SPLIT_POSITIONS", 8)  # contexts over 8 positions take the split-K path
+    monkeypatch.setattr(backend, "SPLIT_POSITIONS", 16)  # contexts over 16 positions take the split-K path
     monkeypatch.setattr(backend, "SPLIT_BELOW_BLOCKS", 10**9)
 
 

@@ -48,9 +48,11 @@ def attention_case(draw, config):
 
 
 @given(st.data(), st.integers(0, 2**32 - 1))
-def test_backends_agree_with_the_reference(fast_backend, data, seed):
+def test_backends_agree_with_the_reference(fast_backend, monkeypatch, data, seed):
     """In every storage format: both sides decode the same exact values, so the float32
-    tolerance holds unchanged."""
+    tolerance holds unchanged. On cuda, split-K cuts some cases' contexts and not others."""
+    if fast_backend.NAME == "cuda":
+        monkeypatch.setattr(fast_backend, "SPLIT_POSITIONS", data.draw(st.integers(4, 12), label="split_positions"))
     config = data.draw(pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4,
                                    dtypes=formats_of(fast_backend)), label="config")
     host_pool = pst.filled_pool(config, seed)
