@@ -61,6 +61,26 @@ def _backend(request, monkeypatch):
     return backend
 
 
+def record_launches(monkeypatch) -> list:
+    """From now on (until the monkeypatch is undone), every CUDA kernel launch under the simulator
+    as (module, kernel name, argument types), in order."""
+    import numba
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    from numba.cuda.simulator.kernel import FakeCUDAKernel, _get_kernel_context
+
+    seen: list = []
+    launch = FakeCUDAKernel.__call__
+
+    def recorded(self, *args):
+        if not self._device and _get_kernel_context() is None:
+            types = tuple(numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a) for a in args)
+            seen.append((self.fn.__module__, self.fn.__name__, types))
+        return launch(self, *args)
+
+    monkeypatch.setattr(FakeCUDAKernel, "__call__", recorded)
+    return seen
+
+
 def shrink_cuda_launches(backend, monkeypatch) -> None:
     """Tiny CUDA blocks (restored after the test), so that tiny cases still span several of them."""
     monkeypatch.setattr(backend, "THREADS_PER_BLOCK", 32)

@@ -17,7 +17,7 @@ import pagedkv
 from pagedkv import KVPool
 from pagedkv.testing import strategies as pst
 
-from .conftest import SIMULATED, host, on_device, shrink_cuda_launches
+from .conftest import SIMULATED, host, on_device, record_launches, shrink_cuda_launches
 
 pytestmark = pytest.mark.cuda
 ref = pagedkv.get_backend("numpy")
@@ -154,16 +154,6 @@ def test_attention_paths_agree_with_the_reference(gpu, monkeypatch, split_positi
 def test_a_decode_step_launches_two_kernels_a_layer(gpu, monkeypatch, split):
     """Launches per decode step (issue 16, item 7), counted: planning the step launches nothing;
     each layer launches one write and one attention kernel (three with split-K: the combine)."""
-    from numba.cuda.simulator.kernel import FakeCUDAKernel, _get_kernel_context
-
-    launched: list = []
-    launch = FakeCUDAKernel.__call__
-
-    def counted(self, *args):
-        if not self._device and _get_kernel_context() is None:
-            launched.append(self.fn.__name__)
-        return launch(self, *args)
-
     monkeypatch.setattr(gpu, "SPLIT_POSITIONS", 3 if split else 10**9)
     layers = 3
     config = pagedkv.CacheConfig(num_layers=layers, num_kv_heads=2, head_dim=4, num_blocks=6, block_size=2)
@@ -172,11 +162,11 @@ def test_a_decode_step_launches_two_kernels_a_layer(gpu, monkeypatch, split):
     slots = np.array([4, 7])  # each sequence's newest token
     key, value = pst.token_arrays(config, 2, 0)
     q = np.random.default_rng(0).standard_normal((2, 4, 4)).astype(np.float32)
-    monkeypatch.setattr(FakeCUDAKernel, "__call__", counted)
+    launched = record_launches(monkeypatch)
     step = gpu.plan(pool, slot_mapping=slots, block_tables=tables, context_lens=lens)
     assert launched == []
     for layer in range(layers):
         gpu.write_step(pool, layer, key, value, step)
         gpu.attention_step(q, pool, layer, step)
     per_layer = ["write_kernel", "attention_kernel"] + (["combine_splits_kernel"] if split else [])
-    assert launched == per_layer * layers
+    assert [name for _, name, _ in launched] == per_layer * layers

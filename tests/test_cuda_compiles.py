@@ -21,7 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
@@ -29,7 +28,7 @@ import pagedkv
 from pagedkv import CacheConfig, KVPool
 from pagedkv.formats import FORMATS
 
-from .conftest import SIMULATED, shrink_cuda_launches
+from .conftest import SIMULATED, record_launches, shrink_cuda_launches
 
 pytestmark = pytest.mark.cuda
 
@@ -45,24 +44,6 @@ def _kernels(module) -> dict:
 
     return {name: k for name, k in vars(module).items()
             if isinstance(k, FakeCUDAKernel) and not k._device and k.fn.__module__ == module.__name__}
-
-
-def _recording(monkeypatch) -> list:
-    """Record (module, name, argument types) of every kernel launch from now on."""
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-    from numba.cuda.simulator.kernel import FakeCUDAKernel, _get_kernel_context
-
-    seen: list = []
-    launch = FakeCUDAKernel.__call__
-
-    def recorded(self, *args):
-        if not self._device and _get_kernel_context() is None:
-            types = tuple(numba.typeof(a._ary if isinstance(a, FakeCUDAArray) else a) for a in args)
-            seen.append((self.fn.__module__, self.fn.__name__, types))
-        return launch(self, *args)
-
-    monkeypatch.setattr(FakeCUDAKernel, "__call__", recorded)
-    return seen
 
 
 def _every_routine(gpu, dtype: str, layout: str, head_dim: int) -> None:
@@ -116,7 +97,7 @@ def compiled(tmp_path_factory):
         gpu = pagedkv.get_backend("cuda")
         shrink_cuda_launches(gpu, monkeypatch)
         monkeypatch.setattr(gpu, "SPLIT_POSITIONS", 3)  # the 4-position call below takes split-K
-        seen = _recording(monkeypatch)
+        seen = record_launches(monkeypatch)
         for dtype in FORMATS:  # a layout changes no argument type (its strides are the same tuple), so NHD only
             for head_dim in (4, 3):
                 _every_routine(gpu, dtype, "NHD", head_dim)

@@ -51,6 +51,14 @@ def as_words(x):
     return x.view(WORD)
 
 
+@cuda.jit(device=True)
+def _copy_pair(data, layer, slot, h, d, out_k, out_v, i, s):
+    """Word i of the outputs: word d of head h of the token at ``slot``, K and V, as stored."""
+    within = h * s.head_stride + d
+    out_k[i] = data[token_base(layer, K, slot, s) + within]
+    out_v[i] = data[token_base(layer, V, slot, s) + within]
+
+
 @cuda.jit
 def read_words_kernel(data, layer, slots, out_k, out_v, s):
     """Word i of the flat outputs is (token t, head h, word d) of slot ``slots[t]``; 0 for padding
@@ -64,9 +72,7 @@ def read_words_kernel(data, layer, slots, out_k, out_v, s):
         out_k[i] = 0
         out_v[i] = 0
         return
-    within = h * s.head_stride + d
-    out_k[i] = data[token_base(layer, K, slot, s) + within]
-    out_v[i] = data[token_base(layer, V, slot, s) + within]
+    _copy_pair(data, layer, slot, h, d, out_k, out_v, i, s)
 
 
 @cuda.jit
@@ -77,7 +83,4 @@ def gather_words_kernel(data, layer, tables, cu, out_k, out_v, s):
         return
     r, h, d = split_element(i, s)
     b = sequence_of(cu, r)
-    slot = table_slot(tables, b, r - cu[b], s.block_size)
-    within = h * s.head_stride + d
-    out_k[i] = data[token_base(layer, K, slot, s) + within]
-    out_v[i] = data[token_base(layer, V, slot, s) + within]
+    _copy_pair(data, layer, table_slot(tables, b, r - cu[b], s.block_size), h, d, out_k, out_v, i, s)
