@@ -77,6 +77,18 @@ def decode_row(data, at, n, out, off, codec, kind, scale, lut):
     pattern's value (the scale folded in), looked up instead (fp8)."""
 
 
+def decode_narrow(data, at, n, out, off, codec, kind, scale, lut):
+    """:func:`decode_row` for a pool of a narrow format: a function of its own (see below)."""
+
+
+# A float32 pool's row is one slice copy, inlined into the kernels (a call for each row of 128
+# numbers would cost a tenth of the copy); a narrow format's decoder is a call of its own
+# (decode_narrow). Inlining those too, as this module first did, had numba type each copy of
+# their branches anew at every call site, in every pass of its type inference: a bfloat16
+# attention kernel took 24 s to compile instead of 12, for no gain at run time beyond this
+# machine's noise (the callers decode a block's rows in one call, or a row's loop costs far
+# more than the call). store_row stays inlined: the write kernel calls it per row, and calls a
+# narrow format's token (all its heads) as a function of its own instead (numba_cpu).
 @overload(store_row, inline="always")
 def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
     if data.dtype == types.float32:
@@ -106,32 +118,56 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
                 dst[d] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
         return store_int8
 
-    def store_minifloat(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
-        dst = data[at:at + n]
-        bits = x_bits[off:off + n]
-        if kind == TENSOR:  # fp8: stored = encode(x / scale)
-            src = x[off:off + n]
-            for d in range(n):
-                scratch[d] = src[d] / scale
-            bits = scratch_bits[:n]
-        # each format its own loop, its parameters constants in it: so the loop vectorises
-        if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
-            for d in range(n):
-                b = np.int64(bits[d])
-                if b & 0x7FFFFFFF > 0x7F800000:  # NaN: the quiet one, with its sign
-                    dst[d] = ((b >> 16) & 0x8000) | 0x7FC0
-                else:  # a carry past the mantissa bumps the exponent, up to inf: rightly
-                    dst[d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        elif codec.exp_bits == 5 and codec.man_bits == 10 and not codec.finite_only:
-            encode_loop(bits, dst, n, 5, 10, 15, False, codec)  # float16
-        elif codec.exp_bits == 4 and codec.man_bits == 3 and codec.finite_only:
+    # each format its own loop, its parameters constants in it, so that the loop vectorises; and
+    # only the formats of the pool's element type compiled into its kernel
+    if data.dtype == types.uint16:
+        def store_16_bits(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+            dst, bits = data[at:at + n], x_bits[off:off + n]
+            if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
+                for d in range(n):
+                    b = np.int64(bits[d])
+                    if b & 0x7FFFFFFF > 0x7F800000:  # NaN: the quiet one, with its sign
+                        dst[d] = ((b >> 16) & 0x8000) | 0x7FC0
+                    else:  # a carry past the mantissa bumps the exponent, up to inf: rightly
+                        dst[d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            elif codec.exp_bits == 5 and codec.man_bits == 10 and not codec.finite_only:
+                encode_loop(bits, dst, n, 5, 10, 15, False, codec)  # float16
+            else:
+                encode_each(bits, dst, n, codec)
+        return store_16_bits
+
+    def store_fp8(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+        dst, src = data[at:at + n], x[off:off + n]
+        for d in range(n):  # stored = encode(x / scale)
+            scratch[d] = src[d] / scale
+        bits = scratch_bits[:n]
+        if codec.exp_bits == 4 and codec.man_bits == 3 and codec.finite_only:
             encode_loop(bits, dst, n, 4, 3, 7, True, codec)  # fp8_e4m3 (fn)
         elif codec.exp_bits == 5 and codec.man_bits == 2 and not codec.finite_only:
             encode_loop(bits, dst, n, 5, 2, 15, False, codec)  # fp8_e5m2
         else:
-            for d in range(n):
-                dst[d] = encode_bits(np.int64(bits[d]), codec)
-    return store_minifloat
+            encode_each(bits, dst, n, codec)
+    return store_fp8
+
+
+@njit(cache=True)
+def encode_each(bits, dst, n, codec):
+    """``dst[:n]`` = float32 bits ``bits[:n]`` encoded one by one by the reference's codec: a
+    format with no loop of its own."""
+    for d in range(n):
+        dst[d] = encode_bits(np.int64(bits[d]), codec)
+
+
+@overload(decode_row, inline="always")
+def _decode_row(data, at, n, out, off, codec, kind, scale, lut):
+    if data.dtype == types.float32:
+        def decode_float32(data, at, n, out, off, codec, kind, scale, lut):
+            out[off:off + n] = data[at:at + n]
+        return decode_float32
+
+    def decode_call(data, at, n, out, off, codec, kind, scale, lut):
+        decode_narrow(data, at, n, out, off, codec, kind, scale, lut)
+    return decode_call
 
 
 @intrinsic
@@ -219,12 +255,8 @@ def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
                 dst[d] = encode_bits(b, codec)
 
 
-@overload(decode_row, inline="always")
-def _decode_row(data, at, n, out, off, codec, kind, scale, lut):
-    if data.dtype == types.float32:
-        def decode_float32(data, at, n, out, off, codec, kind, scale, lut):
-            out[off:off + n] = data[at:at + n]
-        return decode_float32
+@overload(decode_narrow)
+def _decode_narrow(data, at, n, out, off, codec, kind, scale, lut):
     if data.dtype == types.int8:
         def decode_int8(data, at, n, out, off, codec, kind, scale, lut):
             src, dst = data[at:at + n], out[off:off + n]
@@ -232,25 +264,30 @@ def _decode_row(data, at, n, out, off, codec, kind, scale, lut):
                 dst[d] = np.float32(src[d]) * scale
         return decode_int8
 
-    def decode_minifloat(data, at, n, out, off, codec, kind, scale, lut):
+    # each format its own loop, its parameters constants in it (so that the loop vectorises), and
+    # only the formats of the pool's element type compiled into its kernel
+    if data.dtype == types.uint16:
+        def decode_16_bits(data, at, n, out, off, codec, kind, scale, lut):
+            src, dst = data[at:at + n], out[off:off + n]
+            if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: the top half of a float32, exactly
+                for d in range(n):
+                    dst[d] = as_float32(np.uint32(src[d]) << np.uint32(16))
+            elif codec.exp_bits == 5 and codec.man_bits == 10 and codec.nan_payload_decode:  # float16
+                decode_loop(src, dst, n, 5, 10, 15, False, True)
+            else:  # any other codec: the reference's scalar decoding
+                for d in range(n):
+                    dst[d] = as_float32(np.uint32(decode_bits(np.int64(src[d]), codec)))
+        return decode_16_bits
+
+    def decode_fp8(data, at, n, out, off, codec, kind, scale, lut):
         src, dst = data[at:at + n], out[off:off + n]
-        # each format its own loop, its parameters constants in it: so the loop vectorises
-        if lut.shape[0] > 1:  # fp8: a 1 KiB table of every pattern's value (scale folded in)
+        if lut.shape[0] > 1:  # a 1 KiB table of every pattern's value (the layer's scale folded in)
             for d in range(n):
                 dst[d] = lut[np.int64(src[d])]
-            return
-        if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: the top half of a float32, exactly
+        else:  # without one: the reference's scalar decoding, read = decode(stored) * scale
             for d in range(n):
-                dst[d] = as_float32(np.uint32(src[d]) << np.uint32(16))
-        elif codec.exp_bits == 5 and codec.man_bits == 10 and codec.nan_payload_decode:  # float16
-            decode_loop(src, dst, n, 5, 10, 15, False, True)
-        else:  # any other codec: the reference's scalar decoding
-            for d in range(n):
-                dst[d] = as_float32(np.uint32(decode_bits(np.int64(src[d]), codec)))
-            if kind == TENSOR:  # fp8: read = decode(stored) * scale
-                for d in range(n):
-                    dst[d] = dst[d] * scale
-    return decode_minifloat
+                dst[d] = as_float32(np.uint32(decode_bits(np.int64(src[d]), codec))) * scale
+    return decode_fp8
 
 
 def load_row(data, at, n, buf, codec, kind, scale, lut):

@@ -37,19 +37,13 @@ after editing a helper it inlines (``_numba_codecs``, ``_numba_prefill``), delet
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from numba import njit, prange, types
-from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from ..layout import K, V
 from ._numba_codecs import TOKEN, decode_row
 from ._numba_prefill import FASTMATH, add_four_rows, block_base, dot_2x2, fast_exp, row_scale
-
-# The same pedantic SSA notice as _numba_codecs silences, about the inlined row decoder's locals
-warnings.filterwarnings("ignore", message=r"variable '_stage_heads__locals__", category=NumbaIRAssumptionWarning)
 
 
 def stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
@@ -75,17 +69,27 @@ def _stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0
 
     def decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
                 scales, lut):
-        width = heads * head_dim
-        if kind != TOKEN and pos_stride == width:  # the n rows are one run: decoded in one pass
-            decode_row(data, at, n * width, buf, 0, codec, kind, tensor_scale, lut)
-        else:
-            for i in range(n):
-                for hh in range(heads):
-                    decode_row(data, at + i * pos_stride + hh * head_dim, head_dim, buf, i * width + hh * head_dim,
-                               codec, kind, row_scale(layer, kv, slot0 + i, h0 + hh, s, kind, tensor_scale, scales),
-                               lut)
-        return buf, np.int64(0), np.int64(width)
+        # kv as int64, not the literal K or V (each literal would compile a function of its own)
+        stage_decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, np.int64(kv), slot0, h0, s, codec, kind,
+                      tensor_scale, scales, lut)
+        return buf, np.int64(0), np.int64(heads * head_dim)
     return decoded
+
+
+# a call of its own, not inlined: see _numba_codecs on what inlining a narrow format's decoder costs
+@njit(cache=True)
+def stage_decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
+                  scales, lut):
+    """A narrow pool's ``n`` rows of ``heads`` heads decoded into ``buf``, in memory order (see
+    :func:`stage_heads`)."""
+    width = heads * head_dim
+    if kind != TOKEN and pos_stride == width:  # the n rows are one run: decoded in one pass
+        decode_row(data, at, n * width, buf, 0, codec, kind, tensor_scale, lut)
+    else:
+        for i in range(n):
+            for hh in range(heads):
+                decode_row(data, at + i * pos_stride + hh * head_dim, head_dim, buf, i * width + hh * head_dim,
+                           codec, kind, row_scale(layer, kv, slot0 + i, h0 + hh, s, kind, tensor_scale, scales), lut)
 
 
 @njit(inline="always")

@@ -14,7 +14,8 @@ Kernels are compiled on first use (about a second each) and cached on disk
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import formats, layout, validate
 from ..layout import K, V
@@ -50,20 +51,49 @@ def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec,
                  scales, scratch):
     """Store token t of the flat key/value at ``slots[t]`` in the pool's format; negative slots
     are skipped. ``scratch`` is float32 ``[T, D]`` for fp8 (``[1, 1]`` otherwise)."""
-    num_kv_heads, head_dim = s.num_kv_heads, s.head_dim
     for t in prange(slots.shape[0]):
-        slot = slots[t]
-        if slot < 0:  # padding
-            continue
-        row = scratch[np.int64(t) if scratch.shape[0] > 1 else np.int64(0)]
-        row_bits = row.view(np.uint32)
-        k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
-        for h in range(num_kv_heads):
-            src = (t * num_kv_heads + h) * head_dim
-            store_row(data, k_base + h * s.head_stride, key, key_bits, src, head_dim, codec, kind, k_scale,
-                      row, row_bits, scales, scale_index(layer, K, slot, h, s))
-            store_row(data, v_base + h * s.head_stride, value, value_bits, src, head_dim, codec, kind, v_scale,
-                      row, row_bits, scales, scale_index(layer, V, slot, h, s))
+        if slots[t] >= 0:  # else padding (t as int64: numba's parallel loop hands it out as uint64)
+            store_token(data, layer, key, value, key_bits, value_bits, slots, np.int64(t), s, codec, kind, k_scale,
+                        v_scale, scales, scratch)
+
+
+def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
+                 scales, scratch):
+    """Token ``t``'s K and V rows, every head, stored at ``slots[t]``."""
+    slot, num_kv_heads, head_dim = slots[t], s.num_kv_heads, s.head_dim
+    row = scratch[np.int64(t) if scratch.shape[0] > 1 else np.int64(0)]
+    row_bits = row.view(np.uint32)
+    k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
+    for h in range(num_kv_heads):
+        src = (t * num_kv_heads + h) * head_dim
+        store_row(data, k_base + h * s.head_stride, key, key_bits, src, head_dim, codec, kind, k_scale,
+                  row, row_bits, scales, scale_index(layer, K, slot, h, s))
+        store_row(data, v_base + h * s.head_stride, value, value_bits, src, head_dim, codec, kind, v_scale,
+                  row, row_bits, scales, scale_index(layer, V, slot, h, s))
+
+
+# A float32 token (slice copies) is inlined into the kernel; a narrow format's, with its codecs
+# inlined in it, is a call of its own: inlined into the parallel loop, whose body numba types
+# twice, it made the write kernel's compilation twice as long (see _numba_codecs).
+_store_token_call = njit(cache=True)(_store_token)
+
+
+def store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
+                scales, scratch):
+    """:func:`_store_token`, inlined for a float32 pool, called for a narrow one."""
+
+
+@overload(store_token, inline="always")
+def _store_token_overload(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale,
+                          v_scale, scales, scratch):
+    if data.dtype == types.float32:
+        return _store_token
+
+    def call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales,
+             scratch):
+        _store_token_call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
+                          scales, scratch)
+    return call
 
 
 @njit(inline="always")
