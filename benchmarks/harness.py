@@ -74,9 +74,8 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
     s, fmt = w.pool.strides, nb._format_args(w.pool, 0)
     if routine == "write":
         key, value = w.key.reshape(-1), w.value.reshape(-1)
-        scratch = np.empty((1, 1), np.float32)
         return lambda: nb.write_kernel(w.pool.data, 0, key, value, key.view(np.uint32), value.view(np.uint32),
-                                       w.slots, s, *fmt[:5], scratch)
+                                       w.slots, s, *fmt[:5])
     if routine == "gather":
         cu, blocks = nb.gather_offsets(w.lens, BLOCK_SIZE)
         out_k = np.empty(int(cu[-1]) * H * D, np.float32)

@@ -47,6 +47,7 @@ decode_bits = njit(cache=True)(formats.decode_bits)
 
 #: the codec argument of a format without one (float32, int8): never read
 NO_CODEC = formats.Codec(0, 0, 0, 0, 0, 0)
+ONE = np.float32(1.0)  #: the scale of a format without one
 #: the lookup-table argument of a format decoded without one
 NO_LUT = np.zeros(1, np.float32)
 
@@ -65,10 +66,10 @@ def decode_table(name: str, scale: float = 1.0) -> np.ndarray:
     return values
 
 
-def store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+def store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
     """Store float32 ``x[off:off + n]`` (``x_bits``: its uint32 view) at ``data[at:at + n]`` in the
     pool's format: fp8 divides by ``scale`` first; int8 computes its scale and writes it to
-    ``scales[scale_at]``. ``scratch`` (float32, with its uint32 view ``scratch_bits``) holds >= n."""
+    ``scales[scale_at]``."""
 
 
 def decode_row(data, at, n, out, off, codec, kind, scale, lut):
@@ -90,13 +91,13 @@ def decode_narrow(data, at, n, out, off, codec, kind, scale, lut):
 # more than the call). store_row stays inlined: the write kernel calls it per row, and calls a
 # narrow format's token (all its heads) as a function of its own instead (numba_cpu).
 @overload(store_row, inline="always")
-def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
     if data.dtype == types.float32:
-        def store_float32(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+        def store_float32(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
             data[at:at + n] = x[off:off + n]
         return store_float32
     if data.dtype == types.int8:
-        def store_int8(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+        def store_int8(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
             src, bits, dst = x[off:off + n], x_bits[off:off + n], data[at:at + n]
             # absmax on the bit patterns: with the sign cleared, the integer order of float32 bits
             # is the order of the numbers, and every NaN lies above inf; an integer max vectorises
@@ -121,7 +122,7 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
     # each format its own loop, its parameters constants in it, so that the loop vectorises; and
     # only the formats of the pool's element type compiled into its kernel
     if data.dtype == types.uint16:
-        def store_16_bits(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
+        def store_16_bits(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
             dst, bits = data[at:at + n], x_bits[off:off + n]
             if codec.exp_bits == 8 and codec.man_bits == 7:  # bfloat16: round the top half, to nearest even
                 for d in range(n):
@@ -131,31 +132,37 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch
                     else:  # a carry past the mantissa bumps the exponent, up to inf: rightly
                         dst[d] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
             elif codec.exp_bits == 5 and codec.man_bits == 10 and not codec.finite_only:
-                encode_loop(bits, dst, n, 5, 10, 15, False, codec)  # float16
+                encode_loop(x[off:off + n], bits, ONE, False, dst, n, 5, 10, 15, False, codec)  # float16
             else:
-                encode_each(bits, dst, n, codec)
+                encode_each(x[off:off + n], bits, ONE, False, dst, n, codec)
         return store_16_bits
 
-    def store_fp8(data, at, x, x_bits, off, n, codec, kind, scale, scratch, scratch_bits, scales, scale_at):
-        dst, src = data[at:at + n], x[off:off + n]
-        for d in range(n):  # stored = encode(x / scale)
-            scratch[d] = src[d] / scale
-        bits = scratch_bits[:n]
+    def store_fp8(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
+        # stored = encode(x / scale): the division inside each format's loop (a pass of its own into
+        # a buffer, which a write had to allocate per call, cost fp8 writes a third of their time)
+        dst, src, bits = data[at:at + n], x[off:off + n], x_bits[off:off + n]
         if codec.exp_bits == 4 and codec.man_bits == 3 and codec.finite_only:
-            encode_loop(bits, dst, n, 4, 3, 7, True, codec)  # fp8_e4m3 (fn)
+            encode_loop(src, bits, scale, True, dst, n, 4, 3, 7, True, codec)  # fp8_e4m3 (fn)
         elif codec.exp_bits == 5 and codec.man_bits == 2 and not codec.finite_only:
-            encode_loop(bits, dst, n, 5, 2, 15, False, codec)  # fp8_e5m2
+            encode_loop(src, bits, scale, True, dst, n, 5, 2, 15, False, codec)  # fp8_e5m2
         else:
-            encode_each(bits, dst, n, codec)
+            encode_each(src, bits, scale, True, dst, n, codec)
     return store_fp8
 
 
 @njit(cache=True)
-def encode_each(bits, dst, n, codec):
-    """``dst[:n]`` = float32 bits ``bits[:n]`` encoded one by one by the reference's codec: a
-    format with no loop of its own."""
+def encode_each(x, bits, scale, divide, dst, n, codec):
+    """``dst[:n]`` = ``x[:n]`` (divided by ``scale`` if ``divide``, else its bits ``bits[:n]``
+    as they are) encoded one by one by the reference's codec: a format with no loop of its own."""
     for d in range(n):
-        dst[d] = encode_bits(np.int64(bits[d]), codec)
+        dst[d] = encode_bits(input_bits(x, bits, scale, divide, d), codec)
+
+
+@njit(inline="always")
+def input_bits(x, bits, scale, divide, d):
+    """The float32 bits an encoder stores of number ``d``: those of ``x[d] / scale`` (fp8's
+    per-layer scale) if ``divide``, else ``bits[d]`` (``x``'s own, NaN payloads included)."""
+    return np.int64(as_uint32(x[d] / scale)) if divide else np.int64(bits[d])
 
 
 @overload(decode_row, inline="always")
@@ -168,6 +175,14 @@ def _decode_row(data, at, n, out, off, codec, kind, scale, lut):
     def decode_call(data, at, n, out, off, codec, kind, scale, lut):
         decode_narrow(data, at, n, out, off, codec, kind, scale, lut)
     return decode_call
+
+
+@intrinsic
+def as_uint32(typingctx, x):
+    """The bit pattern of the float32 ``x``, as a uint32 (a bit cast, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
 
 
 @intrinsic
@@ -211,9 +226,10 @@ def decode_loop(src, dst, n, exp_bits, man_bits, bias, finite_only, nan_payload)
 
 
 @njit(inline="always")
-def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
-    """``dst[:n]`` = float32 bits ``bits[:n]`` stored in a minifloat format: the format's
-    parameters are constants at each call, so that the first loop vectorises.
+def encode_loop(x, bits, scale, divide, dst, n, exp_bits, man_bits, bias, finite_only, codec):
+    """``dst[:n]`` = float32 ``x[:n]`` (divided by ``scale`` if ``divide``; else its bits
+    ``bits[:n]``, as they are) stored in a minifloat format: the format's parameters (and
+    ``divide``) are constants at each call, so that the first loop vectorises.
 
     :func:`pagedkv.formats.encode_bits` with a shortcut for the numbers that land among
     the format's normal numbers: rebias the exponent and round the mantissa to nearest,
@@ -235,7 +251,7 @@ def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
     steps = as_float32(np.uint32((127 + bias + man_bits - 1) << 23))  # 2^(bias + man_bits - 1)
     others = 0
     for d in range(n):
-        b = np.int64(bits[d])
+        b = input_bits(x, bits, scale, divide, d)
         a = b & 0x7FFFFFFF
         e = (a >> 23) - (127 - bias)
         normal = (e >= 1) & (e <= highest)
@@ -249,7 +265,7 @@ def encode_loop(bits, dst, n, exp_bits, man_bits, bias, finite_only, codec):
         others += not (normal | below)
     if others:
         for d in range(n):
-            b = np.int64(bits[d])
+            b = input_bits(x, bits, scale, divide, d)
             e = ((b & 0x7FFFFFFF) >> 23) - (127 - bias)
             if e > highest:
                 dst[d] = encode_bits(b, codec)

@@ -48,28 +48,26 @@ block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 
 @njit(parallel=True, cache=True)
 def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec, kind, k_scale, v_scale,
-                 scales, scratch):
+                 scales):
     """Store token t of the flat key/value at ``slots[t]`` in the pool's format; negative slots
-    are skipped. ``scratch`` is float32 ``[T, D]`` for fp8 (``[1, 1]`` otherwise)."""
+    are skipped."""
     for t in prange(slots.shape[0]):
         if slots[t] >= 0:  # else padding (t as int64: numba's parallel loop hands it out as uint64)
             store_token(data, layer, key, value, key_bits, value_bits, slots, np.int64(t), s, codec, kind, k_scale,
-                        v_scale, scales, scratch)
+                        v_scale, scales)
 
 
 def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
-                 scales, scratch):
+                 scales):
     """Token ``t``'s K and V rows, every head, stored at ``slots[t]``."""
     slot, num_kv_heads, head_dim = slots[t], s.num_kv_heads, s.head_dim
-    row = scratch[np.int64(t) if scratch.shape[0] > 1 else np.int64(0)]
-    row_bits = row.view(np.uint32)
     k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
     for h in range(num_kv_heads):
         src = (t * num_kv_heads + h) * head_dim
         store_row(data, k_base + h * s.head_stride, key, key_bits, src, head_dim, codec, kind, k_scale,
-                  row, row_bits, scales, scale_index(layer, K, slot, h, s))
+                  scales, scale_index(layer, K, slot, h, s))
         store_row(data, v_base + h * s.head_stride, value, value_bits, src, head_dim, codec, kind, v_scale,
-                  row, row_bits, scales, scale_index(layer, V, slot, h, s))
+                  scales, scale_index(layer, V, slot, h, s))
 
 
 # A float32 token (slice copies) is inlined into the kernel; a narrow format's, with its codecs
@@ -79,20 +77,19 @@ _store_token_call = njit(cache=True)(_store_token)
 
 
 def store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
-                scales, scratch):
+                scales):
     """:func:`_store_token`, inlined for a float32 pool, called for a narrow one."""
 
 
 @overload(store_token, inline="always")
 def _store_token_overload(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale,
-                          v_scale, scales, scratch):
+                          v_scale, scales):
     if data.dtype == types.float32:
         return _store_token
 
-    def call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales,
-             scratch):
+    def call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales):
         _store_token_call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
-                          scales, scratch)
+                          scales)
     return call
 
 
@@ -188,7 +185,6 @@ def move_scales_kernel(src_scales, dst_scales, src, dst, s):
 
 
 _NO_SCALES = np.ones(1, np.float32)
-_NO_SCRATCH = np.empty((1, 1), np.float32)
 
 
 def _format_args(pool: KVPool, layer: int) -> tuple:
@@ -221,10 +217,9 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
     layer, w = check_write(plan, pool, layer)
     validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
     codec, kind, k_scale, v_scale, scales, _, _ = _format_args(pool, layer)
-    scratch = np.empty((key.shape[0], pool.config.head_dim), np.float32) if kind == TENSOR else _NO_SCRATCH
     fk, fv = key.reshape(-1), value.reshape(-1)
     write_kernel(pool.data, layer, fk, fv, fk.view(np.uint32), fv.view(np.uint32), w.kernel_slots, pool.strides,
-                 codec, kind, k_scale, v_scale, scales, scratch)
+                 codec, kind, k_scale, v_scale, scales)
 
 
 def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
