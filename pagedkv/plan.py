@@ -54,6 +54,9 @@ class AttentionPlan(NamedTuple):
         window: the sliding window the tables were checked for (0: none): entries wholly
             before a sequence's window may be null (-1), so attention on this plan must use
             a window of at most this many positions.
+        longest: the most positions a query row attends to (the highest ``row_pos`` plus
+            one; at least 1), before any sliding window: how a backend sizes its work
+            (the cuda backend's split-K) without scanning ``row_pos`` per layer.
     """
 
     block_tables: np.ndarray
@@ -65,6 +68,7 @@ class AttentionPlan(NamedTuple):
     kernel_row_seq: Any
     kernel_row_pos: Any
     window: int = 0
+    longest: int = 1
 
     @property
     def num_rows(self) -> int:
@@ -125,7 +129,8 @@ def make_plan(pool: KVPool, device: str, *, slot_mapping: Any = None, block_tabl
         if write is not None and write.slot_mapping.shape[0] != row_seq.shape[0]:
             raise ShapeError(f"slot_mapping has {write.slot_mapping.shape[0]} entries for "
                              f"{row_seq.shape[0]} query rows")
-        attention = AttentionPlan(tables, lens, qlens, row_seq, row_pos, tables, row_seq, row_pos, window)
+        longest = max(int(row_pos.max(initial=0)) + 1, 1)
+        attention = AttentionPlan(tables, lens, qlens, row_seq, row_pos, tables, row_seq, row_pos, window, longest)
     elif query_lens is not None:
         raise ShapeError("query_lens needs block_tables and context_lens")
     return Plan(pool.strides, pool.device, write, attention)

@@ -257,7 +257,7 @@ def attention_step(q, pool: KVPool, layer: int, plan: Plan, *, scale=None, slidi
     group = min(per_head, GROUP_HEADS, att.MAX_GROUP, att.MAX_GROUP_DIM // c.head_dim)  # query heads per CUDA block
     parts = -(-per_head // group)
     threads, lanes = min(ATTENTION_THREADS, att.MAX_THREADS), min(LANES, ATTENTION_THREADS)
-    splits, split_len = att.split_positions(a.row_pos, opt.window, rows * c.num_kv_heads * parts, SPLIT_POSITIONS,
+    splits, split_len = att.split_positions(a.longest, opt.window, rows * c.num_kv_heads * parts, SPLIT_POSITIONS,
                                         SPLIT_BELOW_BLOCKS)
     args = (pool.data, layer, _to_device(q), a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, opt.window,
             np.float32(opt.scale), np.float32(opt.soft_cap), pool.strides, *fmt_kernels.decoding(pool, layer), group,

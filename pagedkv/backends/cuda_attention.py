@@ -34,7 +34,6 @@ need); the tests run that path with two-lane "warps", and
 
 import math
 
-import numpy as np
 from numba import config, cuda, float32, int64
 
 from ..layout import K, V
@@ -238,13 +237,13 @@ def combine_splits_kernel(part_acc, part_ml, row_pos, out):
         out[r, hq, d] = a / total
 
 
-def split_positions(row_pos: np.ndarray, window: int, blocks: int, at_least: int, below: int) -> tuple[int, int]:
+def split_positions(longest: int, window: int, blocks: int, at_least: int, below: int) -> tuple[int, int]:
     """(On the host.) ``(splits, split_len)``: how many parts attention cuts each row's positions
     into (split-K) and how many positions a part takes: parts of at least ``at_least`` positions,
     as many as bring the step's ``blocks`` (row, K/V head) CUDA blocks up to ``below``, and none
     (one part) when there are that many blocks already or no row is longer than ``at_least``.
-    ``row_pos``: the rows' positions (:class:`pagedkv.plan.AttentionPlan`); ``window``: 0 or a sliding window."""
-    longest = max(int(row_pos.max()) + 1, 1)
+    ``longest``: the most positions a row attends to (:class:`pagedkv.plan.AttentionPlan`'s, found
+    once a step); ``window``: 0 or a sliding window."""
     if window > 0:
         longest = min(longest, window)
     if blocks >= below or longest <= at_least:
