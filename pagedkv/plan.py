@@ -129,7 +129,7 @@ def make_plan(pool: KVPool, device: str, *, slot_mapping: Any = None, block_tabl
         if write is not None and write.slot_mapping.shape[0] != row_seq.shape[0]:
             raise ShapeError(f"slot_mapping has {write.slot_mapping.shape[0]} entries for "
                              f"{row_seq.shape[0]} query rows")
-        longest = max(int(row_pos.max(initial=0)) + 1, 1)
+        longest = int(row_pos.max(initial=0)) + 1  # a row of no context (-1) reads nothing; 1 at least
         attention = AttentionPlan(tables, lens, qlens, row_seq, row_pos, tables, row_seq, row_pos, window, longest)
     elif query_lens is not None:
         raise ShapeError("query_lens needs block_tables and context_lens")
