@@ -7,7 +7,7 @@ the helpers of :mod:`pagedkv.layout` compiled for the CPU, so the arithmetic
 is the reference's, line for line; one kernel serves both layouts because
 only the strides differ.
 
-Kernels are compiled on first use (about a second each) and cached on disk
+Kernels are compiled on first use (1-10 s each, per storage element type: the README's JIT warm-up) and cached on disk
 (``cache=True``), so a second process starts fast.
 """
 
