@@ -8,7 +8,7 @@
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
     print(cache.memory())                                # pool bytes beside a dense cache's
 
-Needs ``pip install "pagedkv[hf]"`` (transformers 5.0 to 5.39 and torch; tested with
+Needs ``pip install "pagedkv[hf]"`` (transformers 5.x and torch; tested with
 transformers 5.23 and 5.24 and torch 2.13, on the CPU). ``import pagedkv`` does not import
 this module, nor transformers.
 
