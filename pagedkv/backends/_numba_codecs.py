@@ -33,10 +33,10 @@ from numba.extending import intrinsic, overload
 
 from .. import formats
 
-# Inlining the row codecs' branches (for speed) trips a pedantic internal check of numba's SSA
+# Inlining the row encoders' branches (for speed) trips a pedantic internal check of numba's SSA
 # pass about variables set in one branch only; the compiled code is right (the agreement
 # tests prove it), so that one notice about these functions is silenced.
-warnings.filterwarnings("ignore", message=r"variable '_(store|decode)_row__locals__",
+warnings.filterwarnings("ignore", message=r"variable '_store_row__locals__",
                         category=NumbaIRAssumptionWarning)
 
 NONE, TENSOR, TOKEN = 0, 1, 2  #: scale kinds: none, fp8's per-layer, int8's per (token, head)
@@ -139,7 +139,7 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at
 
     def store_fp8(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
         # stored = encode(x / scale): the division inside each format's loop (a pass of its own into
-        # a buffer, which a write had to allocate per call, cost fp8 writes a third of their time)
+        # a buffer, which a write had to allocate per call, cost fp8 writes a quarter of their time)
         dst, src, bits = data[at:at + n], x[off:off + n], x_bits[off:off + n]
         if codec.exp_bits == 4 and codec.man_bits == 3 and codec.finite_only:
             encode_loop(src, bits, scale, True, dst, n, 4, 3, 7, True, codec)  # fp8_e4m3 (fn)

@@ -7,8 +7,9 @@ the helpers of :mod:`pagedkv.layout` compiled for the CPU, so the arithmetic
 is the reference's, line for line; one kernel serves both layouts because
 only the strides differ.
 
-Kernels are compiled on first use (1-10 s each, per storage element type: the README's JIT warm-up) and cached on disk
-(``cache=True``), so a second process starts fast.
+Kernels are compiled on first use (1-10 s each, once per storage element type:
+the README's JIT warm-up) and cached on disk (``cache=True``), so a second
+process starts fast.
 """
 
 from __future__ import annotations
