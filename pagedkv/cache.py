@@ -268,6 +268,7 @@ class PagedKVCache:
             appended = [m.append_batch(seq_ids, num_new_tokens, token_ids) for m in self.managers]  # checks all
         self._epoch += 1
         counts = np.array([int(n) for n in num_new_tokens], dtype=np.int32)
+        decode = bool((counts == 1).all())  # one query a sequence: the plan needs no query lengths
         groups = []
         lens = self.manager.context_lens(seq_ids)  # the same in every group
         for m, group, a in zip(self.managers, self.config.layer_groups, appended, strict=True):
@@ -276,10 +277,10 @@ class PagedKVCache:
                 m.release_copy_sources()
             tables = m.block_tables(seq_ids)
             plan = self.backend.plan(self.pool, slot_mapping=a.slots, block_tables=tables, context_lens=lens,
-                                     query_lens=counts, sliding_window=group.sliding_window)
+                                     query_lens=None if decode else counts, sliding_window=group.sliding_window)
             groups.append(GroupStep(a.slots, tables, (a.copy_src, a.copy_dst), plan))
         first = groups[0]
-        step = Step(seq_ids, counts, first.slot_mapping, first.block_tables, lens, bool((counts == 1).all()),
+        step = Step(seq_ids, counts, first.slot_mapping, first.block_tables, lens, decode,
                     first.copies, first.plan, self, self._epoch, tuple(groups))
         for m in self.managers:
             m.step_started()

@@ -300,11 +300,17 @@ def widen_input(x):
     """
     if not isinstance(x, np.ndarray):
         return x
-    if x.dtype == np.float16 or x.dtype.name == "bfloat16":
+    dtype = x.dtype
+    if dtype == _FLOAT32:  # the common case first: a decode step passes two arrays per layer
+        return x
+    if dtype == _FLOAT16 or dtype.name == "bfloat16":
         return x.astype(np.float32)
-    if x.dtype == np.uint16:  # bfloat16 bits: the top half of a float32
+    if dtype == _UINT16:  # bfloat16 bits: the top half of a float32
         return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
     return x
+
+
+_FLOAT32, _FLOAT16, _UINT16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16)
 
 # ---- int8 with a scale per (token, head) -----------------------------------------------------------
 

@@ -151,3 +151,25 @@ def test_what_it_cannot_serve_is_refused_before_anything_is_stored():
     with pytest.raises(pagedkv.ConfigError, match="prompt_ids"):
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, pad_token_id=0)
     assert cache.kv is None or cache.kv.stats()["blocks_used"] == 0
+
+
+def test_a_layer_whose_mask_disagrees_with_the_first_layers_is_refused():
+    from pagedkv.integrations.hf_attention import pagedkv_attention_forward
+
+    model = llama()
+    model.set_attn_implementation("pagedkv")
+    cache, attn = PagedCache(model.config), model.model.layers[0].self_attn
+    q, new = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 3, 16)
+    causal = torch.ones(2, 1, 3, 3, dtype=torch.bool).tril()
+    padded = causal.clone()
+    padded[1, 0, :, 0] = False  # row 1's first token is padding: no token attends to it, itself included
+    k, v = cache.paged_layers[0].update(new, new)
+    pagedkv_attention_forward(attn, q, k, v, causal)
+    before = cache.kv.pool.data.copy()
+    as_float = torch.zeros(padded.shape).masked_fill(~padded, float("-inf"))  # the same mask, additive
+    for mask in (padded, as_float, causal[:, :, :2, :2]):
+        k, v = cache.paged_layers[1].update(new, new)
+        with pytest.raises(pagedkv.PagedKVError, match="padding|mask"):
+            pagedkv_attention_forward(attn, q, k, v, mask)
+    assert cache.written == {0}
+    np.testing.assert_array_equal(cache.kv.pool.data, before)

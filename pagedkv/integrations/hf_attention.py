@@ -57,18 +57,19 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def _real_tokens(mask: torch.Tensor | None, rows: int, new: int) -> np.ndarray:
+def _real_tokens(mask: torch.Tensor | None, rows: int, new: int) -> np.ndarray | None:
     """bool ``[rows, new]``: which of the new tokens are real (not padding), from the layer's 4-D
-    mask ``[rows, 1, new, keys]`` (bool: True attends; float: 0 attends), or all without one."""
+    mask ``[rows, 1, new, keys]`` (bool: True attends; float: 0 attends); None when all are (no
+    mask, or no padding among them: every decode step after the prompt)."""
     if mask is None:
-        return np.ones((rows, new), dtype=bool)
+        return None
     if mask.dim() != 4 or mask.shape[0] != rows or mask.shape[2] != new:
         raise ArgumentError(f"pagedkv attention needs a [B, 1, T, S] mask for B={rows}, T={new}; "
                             f"got {tuple(mask.shape)}")
-    keys = mask.shape[3]
-    diagonal = mask[:, 0, torch.arange(new), keys - new + torch.arange(new)]  # each token against itself
-    allowed = diagonal if diagonal.dtype == torch.bool else diagonal == 0
-    return allowed.numpy()
+    m = mask.detach().numpy()  # a view: numpy's indexing costs less per call than torch's
+    diagonal = m[:, 0, :, m.shape[3] - new:].diagonal(axis1=1, axis2=2)  # each token against itself
+    allowed = diagonal if diagonal.dtype == np.bool_ else diagonal == 0
+    return None if allowed.all() else np.ascontiguousarray(allowed)
 
 
 def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -90,27 +91,38 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     cache = layer.cache
     b, hq, t, d = query.shape
     real = _real_tokens(attention_mask, b, t)
-    counts = real.sum(axis=1)  # real new tokens of each row
     if cache.step is None or layer.layer_idx in cache.written:  # the first layer of this forward pass
-        if cache.prompt_ids is not None and not real.all():
+        if cache.prompt_ids is not None and real is not None:
             raise ConfigError('attn_implementation="pagedkv" reuses prefixes (prompt_ids) of unpadded prompts only; '
                               "use the model's own attention (sdpa, eager) for padded ones")
-        cache.begin_pass(b, counts.tolist())
-        cache.padding = [p + t - int(n) for p, n in zip(cache.padding or [0] * b, counts, strict=True)]
+        counts = [t] * b if real is None else real.sum(axis=1).tolist()  # real new tokens of each row
+        cache.begin_pass(b, counts)
+        cache.padding = [p + t - n for p, n in zip(cache.padding or [0] * b, counts, strict=True)]
+        cache.pass_tokens = (b, t, None if real is None else real.copy())
     step, kv = cache.step, cache.kv
     assert step is not None and kv is not None
-    if not np.array_equal(step.num_new_tokens, counts):
+    first_b, first_t, first_real = cache.pass_tokens
+    same = real is None and first_real is None or \
+        real is not None and first_real is not None and np.array_equal(real, first_real)
+    if (b, t) != (first_b, first_t) or not same:
         raise ArgumentError(f"layer {layer.layer_idx}'s mask marks other tokens as padding than the first layer's")
-    rows = np.flatnonzero(real.reshape(-1))  # the real tokens, in (row, position) order
-    kv.write(layer.layer_idx, _to_numpy(key)[rows], _to_numpy(value)[rows], step)
+    # the real tokens, in (row, position) order: all of them (no copy to pick them) or the mask's
+    rows = None if real is None else np.flatnonzero(real.reshape(-1))
+    keys, values = _to_numpy(key), _to_numpy(value)
+    kv.write(layer.layer_idx, keys if rows is None else keys[rows], values if rows is None else values[rows], step)
     cache.written.add(layer.layer_idx)
     layer.num_tokens += t  # the model's view: padding counted, as in its masks
-    q = query.detach().transpose(1, 2).reshape(b * t, hq, d)[torch.from_numpy(rows)].float().numpy()
+    q = _to_numpy(query if query.dtype == torch.float32 else query.float())
+    if rows is not None:
+        q = q[rows]
     softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
     options: dict[str, Any] = {"scale": scaling, "soft_cap": softcap if softcap else None}
     if window is not None:  # the last `window` positions, itself included: pagedkv's rule, over real tokens
         options["sliding_window"] = int(window)
-    out = kv.attention(layer.layer_idx, q, step, **options)
-    full = torch.zeros((b * t, hq, d), dtype=query.dtype)
-    full[torch.from_numpy(rows)] = torch.from_numpy(np.asarray(out)).to(query.dtype)
-    return full.view(b, t, hq, d), None
+    out = np.asarray(kv.attention(layer.layer_idx, q, step, **options))
+    if rows is not None:  # padding rows: zeros (no real token attends to them)
+        full = np.zeros((b * t, hq, d), dtype=np.float32)
+        full[rows] = out
+        out = full
+    result = torch.from_numpy(out.reshape(b, t, hq, d))
+    return (result if query.dtype == torch.float32 else result.to(query.dtype)), None

@@ -67,17 +67,19 @@ EXACT_FORMATS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.flo
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    """``[B, H, T, D]`` K or V as the ``[B * T, H, D]`` token rows a write takes: float32 and
-    float16 as they are, bfloat16 as its bit patterns (uint16), exactly; other dtypes as float32."""
+    """``[B, H, T, D]`` K or V (or queries) as the ``[B * T, H, D]`` token rows a write takes:
+    float32 and float16 as they are, bfloat16 as its bit patterns (uint16), exactly; other dtypes
+    as float32. The transpose is numpy's (a decode step's, T = 1, copies nothing): torch's
+    operators cost more per call than the few bytes of a decode step."""
     if x.device.type != "cpu":
         raise ArgumentError(f"the transformers integration runs on the CPU; got K/V on {x.device}")
     b, h, t, d = x.shape
-    rows = x.detach().transpose(1, 2).contiguous().reshape(b * t, h, d)
-    if rows.dtype == torch.bfloat16:
-        return rows.view(torch.int16).numpy().view(np.uint16)
-    if rows.dtype not in (torch.float32, torch.float16):
-        rows = rows.float()
-    return rows.numpy()
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        a = x.view(torch.int16).numpy().view(np.uint16)
+    else:
+        a = (x if x.dtype in (torch.float32, torch.float16) else x.float()).numpy()
+    return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(b * t, h, d)
 
 
 def _rows(prompt_ids: Any) -> list[list[int]]:
@@ -178,6 +180,8 @@ class PagedCache(Cache):
         self.step: Step | None = None
         self.written: set[int] = set()  # layers that stored this step's tokens
         self.padding: list[int] = []  # attn "pagedkv": padding tokens of each row, not stored
+        # attn "pagedkv": the forward pass's rows, new tokens and which are real (None: all), as its first layer saw
+        self.pass_tokens: tuple[int, int, np.ndarray | None] = (0, 0, None)
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # gathered keys and values (see _gathered)
         self.groups = _layer_groups(text, num_layers, self.num_blocks * block_size)
         windows = {layer: g.sliding_window for g in self.groups or () for layer in g.layers}
