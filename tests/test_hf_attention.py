@@ -173,3 +173,17 @@ def test_a_layer_whose_mask_disagrees_with_the_first_layers_is_refused():
             pagedkv_attention_forward(attn, q, k, v, mask)
     assert cache.written == {0}
     np.testing.assert_array_equal(cache.kv.pool.data, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16, torch.float16])
+def test_the_padding_is_read_off_the_masks_diagonal_whatever_its_dtype(dtype):
+    from pagedkv.integrations.hf_attention import _real_tokens
+
+    allowed = torch.ones(2, 1, 3, 5, dtype=torch.bool).tril(diagonal=2)  # 3 new tokens after 2 cached ones
+    allowed[1, 0, :, 2] = False  # row 1's first new token is padding
+    mask = allowed if dtype == torch.bool else torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, -1e4)
+    assert _real_tokens(mask, 2, 3).tolist() == [[True] * 3, [False, True, True]]
+    assert _real_tokens(mask[:1], 1, 3) is None  # no padding: None, and nothing to pick
+    assert _real_tokens(None, 2, 3) is None
+    with pytest.raises(pagedkv.ArgumentError, match="mask"):
+        _real_tokens(mask, 2, 2)

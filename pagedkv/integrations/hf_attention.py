@@ -66,9 +66,11 @@ def _real_tokens(mask: torch.Tensor | None, rows: int, new: int) -> np.ndarray |
     if mask.dim() != 4 or mask.shape[0] != rows or mask.shape[2] != new:
         raise ArgumentError(f"pagedkv attention needs a [B, 1, T, S] mask for B={rows}, T={new}; "
                             f"got {tuple(mask.shape)}")
-    m = mask.detach().numpy()  # a view: numpy's indexing costs less per call than torch's
-    diagonal = m[:, 0, :, m.shape[3] - new:].diagonal(axis1=1, axis2=2)  # each token against itself
-    allowed = diagonal if diagonal.dtype == np.bool_ else diagonal == 0
+    if mask.dtype == torch.bool:  # sdpa's masks: a numpy view, whose indexing costs less per call than torch's
+        m = mask.detach().numpy()
+        allowed = m[:, 0, :, m.shape[3] - new:].diagonal(axis1=1, axis2=2)  # each token against itself
+    else:  # an additive float mask, of any float dtype (numpy has no bfloat16)
+        allowed = (mask.detach()[:, 0, :, mask.shape[3] - new:].diagonal(dim1=1, dim2=2) == 0).numpy()
     return None if allowed.all() else np.ascontiguousarray(allowed)
 
 
