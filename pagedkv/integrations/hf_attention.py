@@ -71,7 +71,7 @@ def _real_tokens(mask: torch.Tensor | None, rows: int, new: int) -> np.ndarray |
         allowed = m[:, 0, :, m.shape[3] - new:].diagonal(axis1=1, axis2=2)  # each token against itself
     else:  # an additive float mask, of any float dtype (numpy has no bfloat16)
         allowed = (mask.detach()[:, 0, :, mask.shape[3] - new:].diagonal(dim1=1, dim2=2) == 0).numpy()
-    return None if allowed.all() else np.ascontiguousarray(allowed)
+    return None if allowed.all() else np.array(allowed)  # its own copy: the mask may be a view of a reused buffer
 
 
 def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -100,7 +100,7 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         counts = [t] * b if real is None else real.sum(axis=1).tolist()  # real new tokens of each row
         cache.begin_pass(b, counts)
         cache.padding = [p + t - n for p, n in zip(cache.padding or [0] * b, counts, strict=True)]
-        cache.pass_tokens = (b, t, None if real is None else real.copy())
+        cache.pass_tokens = (b, t, real)
     step, kv = cache.step, cache.kv
     assert step is not None and kv is not None
     first_b, first_t, first_real = cache.pass_tokens
