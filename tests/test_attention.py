@@ -5,6 +5,8 @@ in pagedkv.testing.tolerance (about 8 * 2**-24 * (positions + D) * max|V|):
 not tuned to pass, and far below what any indexing bug produces.
 """
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -193,9 +195,12 @@ def test_bad_attention_input(backend, case):
 
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_tiled_prefill_agrees_with_the_reference(data, seed):
-    """The numba backend runs long query runs (prefill, chunked prefill) as tiles of up to 16 rows
-    (pagedkv.backends._numba_prefill): tiles cut mid-sequence, padded widths and block sizes,
-    GQA groups, windows, soft caps, empty sequences and every storage format."""
+    """The numba backend runs long query runs (prefill, chunked prefill) as tiles of up to
+    TILE_ROWS rows (pagedkv.backends._numba_prefill), made small here so that these short
+    sequences are cut too: tiles cut mid-sequence, padded widths and block sizes, GQA groups,
+    windows, soft caps, empty sequences and every storage format."""
+    from pagedkv.backends import _numba_prefill
+
     numba = pk.get_backend("numba")
     config = data.draw(pst.configs(max_layers=1, max_kv_heads=2, max_head_dim=8, max_blocks=12, max_block_size=6,
                                    dtypes=formats_of(numba)), label="config")
@@ -211,7 +216,8 @@ def test_tiled_prefill_agrees_with_the_reference(data, seed):
                    soft_cap=data.draw(st.none() | st.floats(0.5, 30.0)))
     q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
     expected = ref.paged_attention(q, host_pool, 0, tables, lens, **options)
-    actual = numba.paged_attention(q, host_pool, 0, tables, lens, **options)
+    with mock.patch.object(_numba_prefill, "TILE_ROWS", data.draw(st.sampled_from([1, 3, 16, 32]), label="tile rows")):
+        actual = numba.paged_attention(q, host_pool, 0, tables, lens, **options)
     largest = kv_max(host_pool, 0)
     assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, largest,
                            score_bound(config.head_dim, 1 / np.sqrt(config.head_dim),

@@ -178,6 +178,23 @@ def _decode_row(data, at, n, out, off, codec, kind, scale, lut):
 
 
 @intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to bring the cache line holding ``array[index]`` into its caches (LLVM's
+    ``llvm.prefetch``: a read, kept at every cache level). A hint: it loads nothing into a
+    register and never faults."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        hint = builder.module.declare_intrinsic("llvm.prefetch", [byte_pointer],
+                                                ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]))
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
+        builder.call(hint, [address, i32(0), i32(3), i32(1)])  # read, highest locality, data cache
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+@intrinsic
 def as_uint32(typingctx, x):
     """The bit pattern of the float32 ``x``, as a uint32 (a bit cast, no conversion)."""
     def codegen(context, builder, signature, args):

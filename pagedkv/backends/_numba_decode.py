@@ -45,12 +45,11 @@ after editing a helper it inlines (``_numba_codecs``, ``_numba_prefill``), delet
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from ..layout import K, V
-from ._numba_codecs import TOKEN, decode_row
+from ._numba_codecs import TOKEN, decode_row, prefetch
 from ._numba_prefill import FASTMATH, add_four_rows, block_base, dot_2x2, fast_exp, row_scale
 
 
@@ -98,23 +97,6 @@ def stage_decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot
             for hh in range(heads):
                 decode_row(data, at + i * pos_stride + hh * head_dim, head_dim, buf, i * width + hh * head_dim,
                            codec, kind, row_scale(layer, kv, slot0 + i, h0 + hh, s, kind, tensor_scale, scales), lut)
-
-
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Ask the CPU to bring the cache line holding ``array[index]`` into its caches (LLVM's
-    ``llvm.prefetch``: a read, kept at every cache level). A hint: it loads nothing into a
-    register and never faults."""
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        byte_pointer = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        hint = builder.module.declare_intrinsic("llvm.prefetch", [byte_pointer],
-                                                ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]))
-        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
-        builder.call(hint, [address, i32(0), i32(3), i32(1)])  # read, highest locality, data cache
-        return context.get_dummy_value()
-    return types.void(array, index), codegen
 
 
 @njit(inline="always")
