@@ -75,7 +75,7 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
     if routine == "write":
         key, value = w.key.reshape(-1), w.value.reshape(-1)
         return lambda: nb.write_kernel(w.pool.data, 0, key, value, key.view(np.uint32), value.view(np.uint32),
-                                       w.slots, s, *fmt[:5])
+                                       w.slots, s, *fmt)
     if routine == "gather":
         cu, blocks = nb.gather_offsets(w.lens, BLOCK_SIZE)
         out_k = np.empty(int(cu[-1]) * H * D, np.float32)

@@ -54,7 +54,7 @@ from ._numba_prefill import FASTMATH, add_four_rows, block_base, dot_2x2, fast_e
 
 
 def stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
-                scales, lut):
+                scales):
     """Where the float32 values of ``n`` rows of ``heads`` consecutive heads of a block lie, as
     ``(array, base, stride)``: head ``h0 + hh``'s row ``i`` is ``array[base + i * stride + hh *
     head_dim:][:head_dim]``. The heads of a row lie together (layout NHD, or one head alone), so
@@ -67,18 +67,18 @@ def stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0,
 
 @overload(stage_heads, inline="always")
 def _stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
-                 scales, lut):
+                 scales):
     if data.dtype == types.float32:
         def in_place(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind,
-                     tensor_scale, scales, lut):
+                     tensor_scale, scales):
             return data, np.int64(at), np.int64(pos_stride)
         return in_place
 
     def decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
-                scales, lut):
+                scales):
         # kv as int64, not the literal K or V (each literal would compile a function of its own)
         stage_decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, np.int64(kv), slot0, h0, s, codec, kind,
-                      tensor_scale, scales, lut)
+                      tensor_scale, scales)
         return buf, np.int64(0), np.int64(heads * head_dim)
     return decoded
 
@@ -86,17 +86,17 @@ def _stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0
 # a call of its own, not inlined: see _numba_codecs on what inlining a narrow format's decoder costs
 @njit(cache=True)
 def stage_decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
-                  scales, lut):
+                  scales):
     """A narrow pool's ``n`` rows of ``heads`` heads decoded into ``buf``, in memory order (see
     :func:`stage_heads`)."""
     width = heads * head_dim
     if kind != TOKEN and pos_stride == width:  # the n rows are one run: decoded in one pass
-        decode_row(data, at, n * width, buf, 0, codec, kind, tensor_scale, lut)
+        decode_row(data, at, n * width, buf, 0, codec, kind, tensor_scale)
     else:
         for i in range(n):
             for hh in range(heads):
                 decode_row(data, at + i * pos_stride + hh * head_dim, head_dim, buf, i * width + hh * head_dim,
-                           codec, kind, row_scale(layer, kv, slot0 + i, h0 + hh, s, kind, tensor_scale, scales), lut)
+                           codec, kind, row_scale(layer, kv, slot0 + i, h0 + hh, s, kind, tensor_scale, scales))
 
 
 @njit(inline="always")
@@ -154,7 +154,7 @@ def _values_one_row(scores, w0, w1, v0, acc, i):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, window, scale, cap, heads_per_task, s,
-                            codec, kind, k_scale, v_scale, scales, k_lut, v_lut):
+                            codec, kind, k_scale, v_scale, scales):
     """Online-softmax attention of each query row over its sequence's blocks, in float32; see the
     module docstring. ``row_pos[r]`` is the row's position (its last visible key), -1 for a
     sequence with no context (zeros out)."""
@@ -198,7 +198,7 @@ def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, windo
             v_base = block_base(layer, V, block, s) + skip
             slot0 = block * block_size + p0 - first  # the slot of position p0
             src, base0, stride = stage_heads(data, k_base + h0 * head_stride, n, heads_per_task, pos_stride, head_dim,
-                                             buf, layer, K, slot0, h0, s, codec, kind, k_scale, scales, k_lut)
+                                             buf, layer, K, slot0, h0, s, codec, kind, k_scale, scales)
             for hh in range(heads_per_task):  # scores: each K row once, for every query head reading it
                 w0, base = hh * gpad, base0 + hh * head_dim
                 i = 0
@@ -229,7 +229,7 @@ def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, windo
                 m[w] = m_new
                 acc[w, :] *= correction
             src, base0, stride = stage_heads(data, v_base + h0 * head_stride, n, heads_per_task, pos_stride, head_dim,
-                                             buf, layer, V, slot0, h0, s, codec, kind, v_scale, scales, v_lut)
+                                             buf, layer, V, slot0, h0, s, codec, kind, v_scale, scales)
             for hh in range(heads_per_task):  # weighted values: each V row once
                 w0, base = hh * gpad, base0 + hh * head_dim
                 i = 0

@@ -197,7 +197,7 @@ def _online_softmax(st, m, m_new, denom, acc, lo, hi, width, n, cap):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def tiled_attention_kernel(data, layer, q, tables, row_seq, row_pos, tile_first, tile_rows, out, window, scale,
-                           cap, s, codec, kind, k_scale, v_scale, scales, k_lut, v_lut):
+                           cap, s, codec, kind, k_scale, v_scale, scales):
     """Attention of every tile's query rows over their sequence's blocks; see the module docstring.
     Buffers are padded (query vectors to an even count, positions to a multiple of 4) with
     zeros whose weights are 0, so that the inner loops run without remainders."""
@@ -243,9 +243,9 @@ def tiled_attention_kernel(data, layer, q, tables, row_seq, row_pos, tile_first,
             slot0 = block * block_size
             for i in range(n):  # each K and V row of the block once per tile
                 kb[i, :] = load_row(data, k_base + i * pos_stride, head_dim, row, codec, kind,
-                                    row_scale(layer, K, slot0 + i, h, s, kind, k_scale, scales), k_lut)[:head_dim]
+                                    row_scale(layer, K, slot0 + i, h, s, kind, k_scale, scales))[:head_dim]
                 vb[i, :] = load_row(data, v_base + i * pos_stride, head_dim, row, codec, kind,
-                                    row_scale(layer, V, slot0 + i, h, s, kind, v_scale, scales), v_lut)[:head_dim]
+                                    row_scale(layer, V, slot0 + i, h, s, kind, v_scale, scales))[:head_dim]
             kb[n:, :] = 0.0
             vb[n:, :] = 0.0
             if j < last_pos // block_size:  # the next block's rows come in while this one is worked on

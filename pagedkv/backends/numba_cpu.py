@@ -23,7 +23,7 @@ from ..layout import K, V
 from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from ._host import new_outputs, read_raw
-from ._numba_codecs import NO_CODEC, NO_LUT, SCALE_KINDS, TENSOR, TOKEN, decode_row, decode_table, store_row
+from ._numba_codecs import NO_CODEC, SCALE_KINDS, TENSOR, TOKEN, decode_row, store_row
 from ._numba_decode import decode_attention_kernel
 from ._numba_prefill import block_base, scale_index, tiled_attention_kernel, tiles
 from ._numba_prefill import row_scale as _row_scale
@@ -48,8 +48,7 @@ block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 
 
 @njit(parallel=True, cache=True)
-def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec, kind, k_scale, v_scale,
-                 scales):
+def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec, kind, k_scale, v_scale, scales):
     """Store token t of the flat key/value at ``slots[t]`` in the pool's format; negative slots
     are skipped."""
     for t in prange(slots.shape[0]):
@@ -58,8 +57,7 @@ def write_kernel(data, layer, key, value, key_bits, value_bits, slots, s, codec,
                         v_scale, scales)
 
 
-def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
-                 scales):
+def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales):
     """Token ``t``'s K and V rows, every head, stored at ``slots[t]``."""
     slot, num_kv_heads, head_dim = slots[t], s.num_kv_heads, s.head_dim
     k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
@@ -77,8 +75,7 @@ def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, cod
 _store_token_call = njit(cache=True)(_store_token)
 
 
-def store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
-                scales):
+def store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales):
     """:func:`_store_token`, inlined for a float32 pool, called for a narrow one."""
 
 
@@ -95,22 +92,20 @@ def _store_token_overload(data, layer, key, value, key_bits, value_bits, slots, 
 
 
 @njit(inline="always")
-def _load_token(data, layer, slot, out_k, out_v, i, s, codec, kind, k_scale, v_scale,
-                scales, k_lut, v_lut):
+def _load_token(data, layer, slot, out_k, out_v, i, s, codec, kind, k_scale, v_scale, scales):
     """Decode the token stored at ``slot`` into row i of the flat outputs."""
     num_kv_heads, head_dim = s.num_kv_heads, s.head_dim
     k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
     for h in range(num_kv_heads):
         dst = (i * num_kv_heads + h) * head_dim
         decode_row(data, k_base + h * s.head_stride, head_dim, out_k, dst, codec, kind,
-                   _row_scale(layer, K, slot, h, s, kind, k_scale, scales), k_lut)
+                   _row_scale(layer, K, slot, h, s, kind, k_scale, scales))
         decode_row(data, v_base + h * s.head_stride, head_dim, out_v, dst, codec, kind,
-                   _row_scale(layer, V, slot, h, s, kind, v_scale, scales), v_lut)
+                   _row_scale(layer, V, slot, h, s, kind, v_scale, scales))
 
 
 @njit(parallel=True, cache=True)
-def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_scale, scales,
-                k_lut, v_lut):
+def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_scale, scales):
     """Load the token at ``slots[t]`` into row t of the flat outputs; zeros for padding."""
     row_len = s.num_kv_heads * s.head_dim
     for t in prange(slots.shape[0]):
@@ -119,13 +114,11 @@ def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_sca
             out_k[t * row_len:(t + 1) * row_len] = 0.0
             out_v[t * row_len:(t + 1) * row_len] = 0.0
             continue
-        _load_token(data, layer, slot, out_k, out_v, t, s, codec, kind, k_scale, v_scale,
-                    scales, k_lut, v_lut)
+        _load_token(data, layer, slot, out_k, out_v, t, s, codec, kind, k_scale, v_scale, scales)
 
 
 @njit(parallel=True, cache=True)
-def gather_kernel(data, layer, tables, lens, cu, block_cu, out_k, out_v, s, codec, kind, k_scale, v_scale,
-                  scales, k_lut, v_lut):
+def gather_kernel(data, layer, tables, lens, cu, block_cu, out_k, out_v, s, codec, kind, k_scale, v_scale, scales):
     """A task is one block of one sequence (``block_cu``: the running count of blocks); its
     tokens go to rows ``cu[b] + j * block_size ...`` of the packed outputs. In layout NHD a
     block's tokens lie back to back, as in the output, so the block is one run (a copy, or
@@ -138,14 +131,12 @@ def gather_kernel(data, layer, tables, lens, cu, block_cu, out_k, out_v, s, code
         n = min(block_size, lens[b] - first)
         block, row = np.int64(tables[b, first // block_size]), cu[b] + first
         if whole_runs:
-            decode_row(data, block_base(layer, K, block, s), n * row_len, out_k, row * row_len, codec, kind,
-                       k_scale, k_lut)
-            decode_row(data, block_base(layer, V, block, s), n * row_len, out_v, row * row_len, codec, kind,
-                       v_scale, v_lut)
+            decode_row(data, block_base(layer, K, block, s), n * row_len, out_k, row * row_len, codec, kind, k_scale)
+            decode_row(data, block_base(layer, V, block, s), n * row_len, out_v, row * row_len, codec, kind, v_scale)
             continue
         for i in range(n):
             _load_token(data, layer, block * block_size + i, out_k, out_v, row + i, s, codec, kind, k_scale,
-                        v_scale, scales, k_lut, v_lut)
+                        v_scale, scales)
 
 
 @njit(cache=True)
@@ -189,18 +180,14 @@ _NO_SCALES = np.ones(1, np.float32)
 
 
 def _format_args(pool: KVPool, layer: int) -> tuple:
-    """``(codec, kind, k_scale, v_scale, scales, k_lut, v_lut)``: the pool's format, as the
-    kernels take it (fp8's decoding tables, see ``decode_table``)."""
+    """``(codec, kind, k_scale, v_scale, scales)``: the pool's format, as the kernels take it."""
     fmt = pool.config.format
     kind = SCALE_KINDS[fmt.scale]
     k_scale = v_scale = np.float32(1.0)
     if kind == TENSOR:
         k_scale, v_scale = (np.float32(x) for x in pool.kv_scales[layer])  # type: ignore[index]
     scales = pool.host_scales if kind == TOKEN else _NO_SCALES
-    k_lut = v_lut = NO_LUT
-    if kind == TENSOR:
-        k_lut, v_lut = decode_table(fmt.name, float(k_scale)), decode_table(fmt.name, float(v_scale))
-    return fmt.codec or NO_CODEC, kind, k_scale, v_scale, scales, k_lut, v_lut
+    return fmt.codec or NO_CODEC, kind, k_scale, v_scale, scales
 
 
 # ---- the step API: plan once, run per layer --------------------------------------------------------
@@ -217,7 +204,7 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
     key, value = formats.widen_input(key), formats.widen_input(value)
     layer, w = check_write(plan, pool, layer)
     validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
-    codec, kind, k_scale, v_scale, scales, _, _ = _format_args(pool, layer)
+    codec, kind, k_scale, v_scale, scales = _format_args(pool, layer)
     fk, fv = key.reshape(-1), value.reshape(-1)
     write_kernel(pool.data, layer, fk, fv, fk.view(np.uint32), fv.view(np.uint32), w.kernel_slots, pool.strides,
                  codec, kind, k_scale, v_scale, scales)
