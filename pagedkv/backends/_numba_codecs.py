@@ -290,7 +290,7 @@ def decode_fp8_loop(src, dst, n, scale, man_bits, bias, finite_only):
     inf_at = np.uint32(0x80 if finite_only else 0x7C)  # e5m2's infinity (e4m3fn has none: no byte's em is 0x80)
     inf, nan = np.float32(np.inf), np.float32(np.nan)
     for d in range(n):
-        # every value is computed before it is chosen (a select, no branch), or the loop does not vectorise
+        # every value computed before it is chosen (a select, no branch): computed in one arm, 2.6x slower
         b = np.uint32(src[d])
         em = b & np.uint32(0x7F)
         normal = as_float32((em << exp_shift) + rebias)
