@@ -123,12 +123,8 @@ def prefetch_block(data, layer, block, h0, heads, s):
     """Prefetch the K and V rows of ``heads`` heads from ``h0`` of one block, a cache line
     (64 bytes) at a time: they span ``(block_size - 1) * pos_stride + heads * head_dim`` stored
     elements from the first, in either layout."""
-    span = (s.block_size - 1) * s.pos_stride + heads * s.head_dim
-    line = 64 // data.itemsize
     for kv in range(2):
-        base = block_base(layer, kv, block, s) + h0 * s.head_stride
-        for x in range(0, span, line):
-            prefetch(data, base + x)
+        prefetch_part(data, layer, kv, block, h0, heads, s, 0, 1)
 
 
 @njit(inline="always")
