@@ -77,10 +77,9 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
         return lambda: nb.write_kernel(w.pool.data, 0, key, value, key.view(np.uint32), value.view(np.uint32),
                                        w.slots, s, *fmt)
     if routine == "gather":
-        cu, blocks = nb.gather_offsets(w.lens, BLOCK_SIZE)
-        out_k = np.empty(int(cu[-1]) * H * D, np.float32)
+        out_k = np.empty((int(w.lens.sum()), H, D), np.float32)
         out_v = np.empty_like(out_k)
-        return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, w.lens, cu, blocks, out_k, out_v, s, *fmt)
+        return lambda: nb.gather_kernel(w.pool.data, 0, w.tables, w.lens, out_k, out_v, s, *fmt)
     if routine == "copy_blocks":
         return lambda: nb.move_blocks_kernel(w.pool.data, w.pool.data, w.src, w.dst, s)
     raise ValueError(routine)

@@ -310,7 +310,7 @@ def gather(pool: KVPool, layer: int, block_tables, context_lens, *, out=None, ra
     if raw:
         validate.no_out_with_raw(out)
     out = _outputs_on_device(out)
-    layer, tables, lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
+    layer, tables, lens, _ = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
     cu = layout.cu_seqlens(lens)
     if raw:
         return _read_raw(pool, layer, layout.gather_slots(tables, lens, pool.config.block_size)), cu

@@ -118,12 +118,18 @@ def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_sca
 
 
 @njit(parallel=True, cache=True)
-def gather_kernel(data, layer, tables, lens, cu, block_cu, out_k, out_v, s, codec, kind, k_scale, v_scale, scales):
-    """A task is one block of one sequence (``block_cu``: the running count of blocks); its
-    tokens go to rows ``cu[b] + j * block_size ...`` of the packed outputs. In layout NHD a
+def gather_kernel(data, layer, tables, lens, out_k, out_v, s, codec, kind, k_scale, v_scale, scales):
+    """Returns int32 ``cu_seqlens``. A task is one block of one sequence (its running count of
+    blocks, from :func:`gather_offsets`); its tokens go to rows ``cu[b] + j * block_size ...``
+    of the packed outputs (``[T, H, D]``, C-contiguous, flattened here). In layout NHD a
     block's tokens lie back to back, as in the output, so the block is one run (a copy, or
-    one decoding pass unless int8's per-row scales need a pass a row); in HND, row by row."""
+    one decoding pass unless int8's per-row scales need a pass a row); in HND, row by row.
+
+    The offsets are computed here, not by the caller: a second compiled call (numba's dispatch
+    of its arguments) cost a decode-sized gather 1.2 us of its ~30."""
     block_size, row_len = s.block_size, s.num_kv_heads * s.head_dim
+    cu, block_cu = gather_offsets(lens, block_size)
+    out_k, out_v = out_k.reshape(out_k.size), out_v.reshape(out_v.size)
     whole_runs = s.pos_stride == row_len and kind != TOKEN
     for task in prange(block_cu[block_cu.shape[0] - 1]):
         b = np.searchsorted(block_cu, task, side="right") - 1
@@ -137,6 +143,7 @@ def gather_kernel(data, layer, tables, lens, cu, block_cu, out_k, out_v, s, code
         for i in range(n):
             _load_token(data, layer, block * block_size + i, out_k, out_v, row + i, s, codec, kind, k_scale,
                         v_scale, scales)
+    return cu
 
 
 @njit(cache=True)
@@ -258,15 +265,14 @@ def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.
     """Same contract as :func:`pagedkv.backends.reference.gather`."""
     if raw:
         validate.no_out_with_raw(out)
-    layer, block_tables, context_lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
+    layer, block_tables, context_lens, total = validate.gather_args(pool, layer, block_tables, context_lens, out,
+                                                                    DEVICE)
     if raw:
         return read_raw(pool, layer, layout.gather_slots(block_tables, context_lens, pool.config.block_size)), \
             layout.cu_seqlens(context_lens)
-    cu, blocks = gather_offsets(context_lens, pool.config.block_size)  # the total is checked by validation
-    out_k, out_v = new_outputs(pool, int(cu[-1]), out)
-    fk, fv = out_k.reshape(-1), out_v.reshape(-1)
-    gather_kernel(pool.data, layer, block_tables, context_lens, cu, blocks, fk, fv, pool.strides,
-                  *_format_args(pool, layer))
+    out_k, out_v = new_outputs(pool, total, out)
+    cu = gather_kernel(pool.data, layer, block_tables, context_lens, out_k, out_v, pool.strides,
+                       *_format_args(pool, layer))
     return out_k, out_v, cu
 
 

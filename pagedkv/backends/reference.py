@@ -182,7 +182,7 @@ def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.
     """
     if raw:
         validate.no_out_with_raw(out)
-    layer, block_tables, context_lens = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
+    layer, block_tables, context_lens, _ = validate.gather_args(pool, layer, block_tables, context_lens, out, DEVICE)
     slots = layout.gather_slots(block_tables, context_lens, pool.config.block_size)
     if raw:
         return read_raw(pool, layer, slots), layout.cu_seqlens(context_lens)
