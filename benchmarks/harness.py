@@ -73,9 +73,7 @@ def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
 
     s, fmt = w.pool.strides, nb._format_args(w.pool, 0)
     if routine == "write":
-        key, value = w.key.reshape(-1), w.value.reshape(-1)
-        return lambda: nb.write_kernel(w.pool.data, 0, key, value, key.view(np.uint32), value.view(np.uint32),
-                                       w.slots, s, *fmt)
+        return lambda: nb.write_kernel(w.pool.data, 0, w.key, w.value, w.slots, s, *fmt)
     if routine == "gather":
         out_k = np.empty((int(w.lens.sum()), H, D), np.float32)
         out_v = np.empty_like(out_k)
