@@ -8,12 +8,14 @@ D=128, block_size=16, one layer of 1024 blocks, both layouts.
 - ``CopyLimit.time_copy``: the fastest plain copy of the same bytes.
 - ``Bandwidth.track_*``: GB/s and the ratios the targets are stated in,
   each measured against its peer in the same process.
+- ``DecodeCallOverhead.track_call_over_kernel``: a decode step's calls at B=64 over
+  their bare kernels.
 """
 
 import pagedkv
 from pagedkv import bench as B
 
-from . import harness
+from . import decode_calls, harness
 
 LAYOUTS = ["NHD", "HND"]
 SHAPES = list(B.SHAPES)
@@ -131,5 +133,25 @@ class Bandwidth:
 
     def track_call_over_kernel(self, *_):
         return self.m["call_over_kernel"]
+
+    track_call_over_kernel.unit = "call / kernel"
+
+
+class DecodeCallOverhead:
+    """A decode step's calls at B=64 (numba) over their bare kernels, interleaved in one process
+    (the kernels issue's target: within 1.5x); see :mod:`benchmarks.decode_calls`."""
+
+    params = (list(decode_calls.CALLS), LAYOUTS, [16, 256])
+    param_names = ["call", "layout", "context"]
+    timeout = 600
+    number = 1
+    repeat = 1
+
+    def setup(self, call, layout, context):
+        _backend("numba")
+        self.ratio = decode_calls.call_over_kernel(call, layout, context)
+
+    def track_call_over_kernel(self, *_):
+        return self.ratio
 
     track_call_over_kernel.unit = "call / kernel"
