@@ -67,7 +67,7 @@ def _decode_seconds(model, ids, mask, cache) -> float:
 
     clock = _Clock()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False,
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False,
                        min_new_tokens=NEW_TOKENS, streamer=clock, pad_token_id=0)
     return clock.times[-1] - clock.times[1]  # times[0]: the prompt; times[1]: the first new token
 

@@ -47,7 +47,7 @@ def both(model, ids, mask, **kw):
     want = model.generate(input_ids=ids, attention_mask=mask, **kw)
     model.set_attn_implementation("pagedkv")
     cache = PagedCache(model.config, block_size=4)
-    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+    got = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kw)
     model.set_attn_implementation("sdpa")
     return want, got, cache
 
@@ -84,7 +84,7 @@ def test_soft_capping_follows_the_model():
           "return_dict_in_generate": True}
     want = model.generate(input_ids=ids, attention_mask=mask, **kw)
     model.set_attn_implementation("pagedkv")
-    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=PagedCache(model.config), **kw)
+    got = model.generate(input_ids=ids, attention_mask=mask, cache=PagedCache(model.config), **kw)
     assert got.sequences.tolist() == want.sequences.tolist()
     for a, b in zip(want.logits, got.logits, strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
@@ -103,7 +103,7 @@ def test_sliding_windows_follow_the_model_and_free_blocks():
     want = model.generate(input_ids=ids, attention_mask=mask, **kw)
     model.set_attn_implementation("pagedkv")
     cache = PagedCache(model.config, block_size=4)
-    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+    got = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kw)
     assert got.sequences.tolist() == want.sequences.tolist()
     for a, b in zip(want.logits, got.logits, strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
@@ -120,11 +120,11 @@ def test_a_second_generate_reuses_the_cached_prefix():
     want = [model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw).tolist() for x in (first, second)]
     model.set_attn_implementation("pagedkv")
     cache = PagedCache(model.config, block_size=4, prompt_ids=first)
-    got = [model.generate(input_ids=first, attention_mask=torch.ones_like(first), past_key_values=cache, **kw)]
+    got = [model.generate(input_ids=first, attention_mask=torch.ones_like(first), cache=cache, **kw)]
     cache.reset()
     reuse = cache.new_cache(second)
     assert reuse.cached_tokens == 16
-    got.append(model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=reuse, **kw))
+    got.append(model.generate(input_ids=second, attention_mask=torch.ones_like(second), cache=reuse, **kw))
     assert [g.tolist() for g in got] == want
 
 
@@ -144,12 +144,12 @@ def test_what_it_cannot_serve_is_refused_before_anything_is_stored():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
     model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))  # gpt-oss's attention sinks
     with pytest.raises(pagedkv.ConfigError, match="sinks"):
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=PagedCache(model.config),
+        model.generate(input_ids=ids, attention_mask=mask, cache=PagedCache(model.config),
                        max_new_tokens=2, pad_token_id=0)
     del model.model.layers[0].self_attn.sinks
     cache = PagedCache(model.config, prompt_ids=ids)
     with pytest.raises(pagedkv.ConfigError, match="prompt_ids"):
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2, pad_token_id=0)
     assert cache.kv is None or cache.kv.stats()["blocks_used"] == 0
 
 

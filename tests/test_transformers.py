@@ -37,7 +37,7 @@ def both(model, cache, ids, mask, **kw):
     torch.manual_seed(7)
     want = model.generate(input_ids=ids, attention_mask=mask, **kw)
     torch.manual_seed(7)
-    got = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+    got = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kw)
     return want.tolist(), got.tolist()
 
 
@@ -174,12 +174,12 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(pagedkv.ArgumentError, match="generate with it first"):
         cache.new_cache([[1, 2, 3]])
     ids, mask = prompts()
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    model(input_ids=ids, attention_mask=mask, cache=cache)
     with pytest.raises(pagedkv.ArgumentError, match="holds 3 sequences"):
-        model(input_ids=ids[:2, :1], past_key_values=cache)
+        model(input_ids=ids[:2, :1], cache=cache)
     small = PagedCache(model.config, max_tokens=8, block_size=4)
     with pytest.raises(pagedkv.OutOfBlocksError):
-        model(input_ids=ids, attention_mask=mask, past_key_values=small)
+        model(input_ids=ids, attention_mask=mask, cache=small)
     assert small.kv.stats()["blocks_used"] == 0  # nothing half-done
 
 

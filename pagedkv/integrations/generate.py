@@ -53,7 +53,7 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, d
         streamer = None if num_beams > 1 else transformers.TextStreamer(tokenizer, skip_prompt=True,
                                                                         skip_special_tokens=True)
         with torch.no_grad():
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
                                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                     streamer=streamer, pad_token_id=tokenizer.pad_token_id or 0)
         if streamer is None:

@@ -7,7 +7,7 @@
 
     register()                                             # once: "pagedkv" joins transformers' registry
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pagedkv")
-    out = model.generate(**inputs, past_key_values=PagedCache(model.config), max_new_tokens=32)
+    out = model.generate(**inputs, cache=PagedCache(model.config), max_new_tokens=32)
 
 With the model's own attention (sdpa, eager), :class:`~pagedkv.integrations.transformers.PagedCache`
 gathers every layer's keys and values out of the pool at every step, and the model reads that
@@ -82,7 +82,7 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     layer = getattr(key, LAYER_TAG, None)
     if not isinstance(layer, PagedLayer):
         raise ConfigError('attn_implementation="pagedkv" needs a PagedCache as the cache: '
-                          "generate(..., past_key_values=PagedCache(model.config))")
+                          "generate(..., cache=PagedCache(model.config))")
     if dropout:
         raise ArgumentError("pagedkv attention is for inference: dropout must be 0")
     if getattr(module, "sinks", None) is not None or kwargs.get("s_aux") is not None:

@@ -5,12 +5,13 @@
     from pagedkv.integrations.transformers import PagedCache
 
     cache = PagedCache(model.config)                     # one line: K/V now live in a paged pool
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=32)
     print(cache.memory())                                # pool bytes beside a dense cache's
 
-Needs ``pip install "pagedkv[hf]"`` (transformers 5.x and torch; tested with
-transformers 5.23 and 5.24 and torch 2.13, on the CPU). ``import pagedkv`` does not import
-this module, nor transformers.
+Needs ``pip install "pagedkv[hf]"`` (transformers 5.24 or later 5.x, and torch; tested with
+transformers 5.24 and 5.25 and torch 2.13, on the CPU; before 5.24 the argument of ``generate``
+was ``past_key_values=``, which later versions still take with a FutureWarning). ``import pagedkv``
+does not import this module, nor transformers.
 
 How it works. transformers calls ``update(key_states, value_states, layer_idx)``
 once per layer and forward pass with the new tokens' K/V ``[B, H, T, D]``, and
