@@ -26,8 +26,8 @@ RANKS = {
     "cache": 13, "model": 14, "testing.tolerance": 14, "testing.strategies": 15, "testing.checkers": 16,
     "testing.compare": 15.5, "testing.verify": 16.5, "testing.manager_check": 15.5, "testing": 17, "demo": 15,
     "bench": 15, "cli": 18, "__main__": 19, "": 20,
-    "integrations": 14, "integrations.transformers": 14, "integrations.hf_attention": 14.5,
-    "integrations.generate": 15,
+    "integrations": 14, "integrations.hf_layers": 13.5, "integrations.transformers": 14,
+    "integrations.hf_attention": 14.5, "integrations.generate": 15,
 }
 NAMEDTUPLE_API = {"_replace", "_fields", "_asdict", "_make"}
 

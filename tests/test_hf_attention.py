@@ -18,6 +18,8 @@ import pagedkv  # noqa: E402
 from pagedkv.integrations.hf_attention import register  # noqa: E402
 from pagedkv.integrations.transformers import PagedCache  # noqa: E402
 
+from .test_transformers import GROUPS, architecture  # noqa: E402
+
 LOGITS_ATOL = 1e-4
 
 register()
@@ -110,6 +112,23 @@ def test_sliding_windows_follow_the_model_and_free_blocks():
     sliding, full = cache.kv.stats()["blocks_per_group"]
     assert sliding < full  # the sliding layers gave back what left their window
     cache.kv.manager.check()
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_other_families_are_transformers_own(name):
+    """Qwen3, Qwen2 with sliding layers and Mistral sliding in every layer (its window passed to the
+    kernel by the model's attention): transformers' tokens, logits within 1e-4, and the sliding
+    layers' blocks freed as they leave the window."""
+    model = architecture(name).eval()
+    want, got, cache = both(model, *prompts(), max_new_tokens=20)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for a, b in zip(want.logits, got.logits, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=LOGITS_ATOL)
+    assert [(g.sliding_window, g.layers) for g in cache.kv.config.layer_groups] == GROUPS[name]
+    if name != "qwen3":
+        assert cache.memory()["used_bytes"] < cache.memory()["dense_bytes"]
+    for m in cache.kv.managers:
+        m.check()
 
 
 def test_a_second_generate_reuses_the_cached_prefix():

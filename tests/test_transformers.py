@@ -117,6 +117,55 @@ def test_sliding_layers_free_what_leaves_the_window_and_stay_token_identical():
     assert memory["used_bytes"] < memory["dense_bytes"]  # fewer bytes than a dense cache of every layer
 
 
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+
+def architecture(name):
+    """A tiny random model of another family: Qwen3 (full layers, q/k norms), Qwen2 with its last two
+    of four layers sliding (window 8), Mistral with every layer sliding (a ``sliding_window`` and no
+    ``layer_types``)."""
+    torch.manual_seed(0)
+    if name == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(num_hidden_layers=2, head_dim=16, **SMALL))
+    if name == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2, **SMALL))
+    return transformers.MistralForCausalLM(transformers.MistralConfig(num_hidden_layers=2, sliding_window=8, **SMALL))
+
+
+# the sliding-window groups each family gets: (window, layers) per group
+GROUPS = {"qwen3": [(None, (0, 1))], "qwen2": [(8, (2, 3)), (None, (0, 1))], "mistral": [(8, (0, 1))]}
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_other_families_are_token_identical_and_slide_as_their_configs_say(name):
+    """Greedy and beam search give transformers' own tokens. Logits: where the model reads the
+    same keys as with the default cache (Qwen3) they are bit for bit; a sliding layer's keys are
+    the window's whole blocks here and the window's tokens in transformers' sliding cache, so
+    sdpa sums over another number of (masked) keys, and float32 reassociation moves a logit of
+    order 0.1-1 by an ulp or two (6e-8 measured): within 1e-6."""
+    model = architecture(name).eval()
+    ids, mask = prompts()
+    for kw in ({"do_sample": False}, {"num_beams": 3, "do_sample": False}):
+        cache = PagedCache(model.config, block_size=4)
+        kw = {**kw, "max_new_tokens": 30, "pad_token_id": 0, "output_logits": True, "return_dict_in_generate": True}
+        want = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        got = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kw)
+        assert got.sequences.tolist() == want.sequences.tolist(), kw
+        for a, b in zip(want.logits, got.logits, strict=True):
+            if name == "qwen3":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+        assert [(g.sliding_window, g.layers) for g in cache.kv.config.layer_groups] == GROUPS[name]
+        for m in cache.kv.managers:
+            m.check()
+        memory = cache.memory()
+        if name != "qwen3":  # 41 tokens a row: the sliding layers keep 3 blocks of 4 a row
+            assert memory["used_bytes"] < memory["dense_bytes"]
+
+
 def test_a_sliding_model_reuses_a_cached_prefix():
     model = gemma2(window=8)
     g = torch.Generator().manual_seed(3)
@@ -181,6 +230,27 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(pagedkv.OutOfBlocksError):
         model(input_ids=ids, attention_mask=mask, cache=small)
     assert small.kv.stats()["blocks_used"] == 0  # nothing half-done
+
+
+def test_layers_pagedkv_does_not_serve_are_refused_before_anything_is_stored():
+    """Cross-attention and layer kinds other than full and sliding attention: a ConfigError that
+    names what is served, from the constructor."""
+    with pytest.raises(pagedkv.ConfigError, match="encoder-decoder"):
+        PagedCache(transformers.T5Config(num_layers=2, num_decoder_layers=2))
+    config = transformers.LlamaConfig(num_hidden_layers=3)
+    config.attention_chunk_size = 8  # and no layer_types: Llama 4's chunked attention in every layer
+    with pytest.raises(pagedkv.ConfigError, match="layer 0 is 'chunked_attention'.*full_attention, sliding_attention"):
+        PagedCache(config)
+    config.attention_chunk_size, config.sliding_window = None, 8
+    for kinds, match in ((["full_attention", "chunked_attention", "full_attention"], "layer 1 is 'chunked_attention'"),
+                         (["sliding_attention", "full_attention", "linear_attention"], "layer 2 is 'linear_attention'"),
+                         (["full_attention"], "1 entries for 3 layers")):
+        config.layer_types = kinds
+        with pytest.raises(pagedkv.ConfigError, match=match):
+            PagedCache(config)
+    config.sliding_window, config.layer_types = None, ["sliding_attention"] * 3
+    with pytest.raises(pagedkv.ConfigError, match="sliding_window is None"):
+        PagedCache(config)
 
 
 def test_import_pagedkv_imports_neither_torch_nor_transformers():

@@ -35,17 +35,18 @@ blocks until one diverges inside a block (copy-on-write), instead of the copies
 ``DynamicCache`` makes at every reordering. ``crop`` (assisted decoding) rolls
 sequences back.
 
-Sliding-window models (Gemma 2/3, gpt-oss: a config with ``layer_types`` and
-``sliding_window``) get layer groups (:class:`~pagedkv.LayerGroup`): the sliding
-layers' blocks go back to the pool once every position in them has left the
-window, and those layers hand the model only the blocks still in the window (their
-``get_mask_sizes`` says where they start, as transformers' own sliding layers do).
+Sliding-window models (Gemma 2/3, Qwen2, gpt-oss: a config with ``layer_types`` and
+``sliding_window``; Mistral, Phi-3: a ``sliding_window`` alone, every layer sliding; see
+:mod:`.hf_layers`, which also refuses layers of other kinds) get layer groups
+(:class:`~pagedkv.LayerGroup`): the sliding layers' blocks go back to the pool once every
+position in them has left the window, and those layers hand the model only the blocks still
+in the window (their ``get_mask_sizes`` says where they start, as transformers' own sliding
+layers do).
 A ``crop`` that would need freed blocks is refused (ArgumentError).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -55,9 +56,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import PagedKVCache, Step
-from ..config import CacheConfig, LayerGroup
+from ..config import CacheConfig
 from ..errors import ArgumentError, ConfigError
 from ..layout import cdiv, window_start_block
+from .hf_layers import layer_groups
 
 #: the attention implementation that runs pagedkv's kernels over the pool (see :mod:`.hf_attention`)
 ATTENTION = "pagedkv"
@@ -184,7 +186,7 @@ class PagedCache(Cache):
         # attn "pagedkv": the forward pass's rows, new tokens and which are real (None: all), as its first layer saw
         self.pass_tokens: tuple[int, int, np.ndarray | None] = (0, 0, None)
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # gathered keys and values (see _gathered)
-        self.groups = _layer_groups(text, num_layers, self.num_blocks * block_size)
+        self.groups = layer_groups(config, text, num_layers, self.num_blocks * block_size)
         windows = {layer: g.sliding_window for g in self.groups or () for layer in g.layers}
         self.paged_layers = [PagedLayer(self, i, windows.get(i)) for i in range(num_layers)]
         super().__init__(layers=list(self.paged_layers))
@@ -363,20 +365,3 @@ class PagedCache(Cache):
         per_token = c.bytes_per_block * c.num_layers // (c.num_planes * c.block_size)  # every layer of a token
         dense = len(self.seq_ids) * self.get_seq_length() * per_token
         return {"pool_bytes": c.memory_bytes, "used_bytes": int(used) * per_block, "dense_bytes": int(dense)}
-
-
-def _layer_groups(text: Any, num_layers: int, num_slots: int) -> tuple[LayerGroup, ...] | None:
-    """A model's sliding and full layers as layer groups of equal size (the greatest common
-    divisor of the two counts, so that no block leaves a plane unused), from its config's
-    ``layer_types`` and ``sliding_window``; None for a model of one kind of layer, or a
-    window the pool's ``num_slots`` could not outgrow."""
-    types, window = getattr(text, "layer_types", None), getattr(text, "sliding_window", None)
-    if not isinstance(window, int) or not 0 < window < num_slots or not isinstance(types, (list, tuple)) \
-            or len(types) != num_layers or "sliding_attention" not in types:
-        return None
-    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
-    full = [i for i, kind in enumerate(types) if kind != "sliding_attention"]
-    size = math.gcd(len(sliding), len(full)) if full else len(sliding)
-    return tuple(LayerGroup(tuple(layers[i:i + size]), w)
-                 for layers, w in ((sliding, window), (full, None)) for i in range(0, len(layers), size))
-
