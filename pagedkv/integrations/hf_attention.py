@@ -92,20 +92,25 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         raise ConfigError('attn_implementation="pagedkv" serves causal self-attention only')
     cache = layer.cache
     b, hq, t, d = query.shape
-    real = _real_tokens(attention_mask, b, t)
-    if cache.step is None or layer.layer_idx in cache.written:  # the first layer of this forward pass
+    first_layer = cache.step is None or layer.layer_idx in cache.written  # of this forward pass
+    first_b, first_t, first_real, first_mask = cache.pass_tokens
+    same_mask = not first_layer and attention_mask is not None and attention_mask is first_mask
+    if same_mask and (b, t) == (first_b, first_t):
+        real = first_real  # the first layer's mask tensor itself (transformers hands one to all layers of a kind)
+    else:  # read from the mask: 45 us a layer in a decode step of benchmarks/bench_transformers.py
+        real = _real_tokens(attention_mask, b, t)
+    if first_layer:
         if cache.prompt_ids is not None and real is not None:
             raise ConfigError('attn_implementation="pagedkv" reuses prefixes (prompt_ids) of unpadded prompts only; '
                               "use the model's own attention (sdpa, eager) for padded ones")
         counts = [t] * b if real is None else real.sum(axis=1).tolist()  # real new tokens of each row
         cache.begin_pass(b, counts)
         cache.padding = [p + t - n for p, n in zip(cache.padding or [0] * b, counts, strict=True)]
-        cache.pass_tokens = (b, t, real)
+        cache.pass_tokens = (b, t, real, attention_mask)
+        first_b, first_t, first_real = b, t, real
     step, kv = cache.step, cache.kv
     assert step is not None and kv is not None
-    first_b, first_t, first_real = cache.pass_tokens
-    same = real is None and first_real is None or \
-        real is not None and first_real is not None and np.array_equal(real, first_real)
+    same = real is first_real or real is not None and first_real is not None and np.array_equal(real, first_real)
     if (b, t) != (first_b, first_t) or not same:
         raise ArgumentError(f"layer {layer.layer_idx}'s mask marks other tokens as padding than the first layer's")
     # the real tokens, in (row, position) order: all of them (no copy to pick them) or the mask's

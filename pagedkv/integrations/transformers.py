@@ -183,8 +183,9 @@ class PagedCache(Cache):
         self.step: Step | None = None
         self.written: set[int] = set()  # layers that stored this step's tokens
         self.padding: list[int] = []  # attn "pagedkv": padding tokens of each row, not stored
-        # attn "pagedkv": the forward pass's rows, new tokens and which are real (None: all), as its first layer saw
-        self.pass_tokens: tuple[int, int, np.ndarray | None] = (0, 0, None)
+        # attn "pagedkv": the forward pass's rows, new tokens, which are real (None: all) and the mask they were read
+        # from, as its first layer saw them (a later layer handed that same mask tensor does not read it again)
+        self.pass_tokens: tuple[int, int, np.ndarray | None, Any] = (0, 0, None, None)
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # gathered keys and values (see _gathered)
         self.groups = layer_groups(config, text, num_layers, self.num_blocks * block_size)
         windows = {layer: g.sliding_window for g in self.groups or () for layer in g.layers}
