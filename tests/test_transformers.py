@@ -248,6 +248,10 @@ def test_layers_pagedkv_does_not_serve_are_refused_before_anything_is_stored():
         config.layer_types = kinds
         with pytest.raises(pagedkv.ConfigError, match=match):
             PagedCache(config)
+    config.layer_types, config.kv_sharing_modes = ["full_attention"] * 3, [None, None, "reuse"]  # Gemma 4's sharing
+    with pytest.raises(pagedkv.ConfigError, match="kv_sharing_modes"):
+        PagedCache(config)
+    config.kv_sharing_modes = None
     config.sliding_window, config.layer_types = None, ["sliding_attention"] * 3
     with pytest.raises(pagedkv.ConfigError, match="sliding_window is None"):
         PagedCache(config)
