@@ -16,7 +16,9 @@ from collections.abc import Callable
 import numpy as np
 
 from pagedkv import CacheConfig, KVPool
-from pagedkv.bench import BLOCK_SIZE, D, H, median_seconds
+from pagedkv.bench import BLOCK_SIZE, D, H, Workload, median_seconds
+
+from .harness import bare_kernel
 
 BATCH, Q_HEADS = 64, 32
 CALLS = ("write", "write_step", "attention_step", "paged_attention")
@@ -43,11 +45,10 @@ def decode_calls(layout: str = "NHD", context: int = 16, seed: int = 0) -> dict[
     plan = nb.plan(pool, slot_mapping=slots, block_tables=tables, context_lens=lens)
     a, s, fmt = plan.attention, pool.strides, nb._format_args(pool, 0)
     out = np.empty_like(q)
-    heads_per_task = H if layout == "NHD" else 1  # as attention_step picks it
+    heads_per_task = nb.decode_heads_per_task(pool)
     scale, no_cap = np.float32(1 / np.sqrt(D)), np.float32(0)
-
-    def write_kernel() -> None:
-        nb.write_kernel(pool.data, 0, key, value, slots, s, *fmt)
+    none = np.empty(0, np.int64)
+    write_kernel = bare_kernel(Workload(pool.config, pool, key, value, slots, tables, lens, none, none), "write")
 
     def attention_kernel() -> None:
         nb.decode_attention_kernel(pool.data, 0, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, 0,

@@ -218,6 +218,12 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
     write_kernel(pool.data, layer, key, value, w.kernel_slots, pool.strides, *_format_args(pool, layer))
 
 
+def decode_heads_per_task(pool: KVPool) -> int:
+    """K/V heads one task of the decode-attention kernel takes: all of them in layout NHD, which
+    keeps a token's heads together (one task reads each block in order), one in HND."""
+    return pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
+
+
 def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
                    sliding_window: int | None = None, soft_cap: float | None = None) -> np.ndarray:
     """Same contract as :func:`pagedkv.backends.reference.attention_step`, in float32."""
@@ -233,10 +239,8 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
                                rows, out, opt.window, np.float32(opt.scale), np.float32(opt.soft_cap),
                                pool.strides, *_format_args(pool, layer))
         return out
-    # NHD keeps a token's heads together: one task takes them all, reading blocks in order
-    heads_per_task = pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
     decode_attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
-                     np.float32(opt.scale), np.float32(opt.soft_cap), heads_per_task, pool.strides,
+                     np.float32(opt.scale), np.float32(opt.soft_cap), decode_heads_per_task(pool), pool.strides,
                      *_format_args(pool, layer))
     return out
 
