@@ -82,7 +82,7 @@ class Peers:
 
 
 class CopyLimit:
-    params = (["numpy", "numba", "torch"], ["write", "copy_blocks"], SHAPES)
+    params = (["numpy", "numba", "numba streaming", "torch"], ["write", "copy_blocks"], SHAPES)
     param_names = ["copy", "bytes_of", "shape"]
 
     def setup(self, copy, bytes_of, shape):
@@ -118,6 +118,22 @@ class Bandwidth:
         return self.m["vs_copy"]
 
     track_ratio_to_copy.unit = "x copy"
+
+    def track_ratio_to_copy_out(self, routine, *_):
+        """gather into ``out=`` buffers over the copy limit."""
+        if routine != "gather":
+            raise NotImplementedError("only gather takes out=")
+        return self.m["vs_copy_out"]
+
+    track_ratio_to_copy_out.unit = "x copy"
+
+    def track_ratio_to_copy_into_new(self, routine, *_):
+        """gather's new outputs over a copy into new memory (both pay its page faults)."""
+        if routine != "gather":
+            raise NotImplementedError("only gather returns new outputs")
+        return self.m["vs_new_copy"]
+
+    track_ratio_to_copy_into_new.unit = "x copy"
 
     def track_ratio_to_torch(self, *_):
         if self.m["vs_torch"] is None:

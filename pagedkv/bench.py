@@ -18,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit, prange
 
+from .backends._numba_stream import store_fence, stream_copy
 from .config import CacheConfig
-from .device import host_array
+from .device import host_aligned, host_array
 from .layout import cdiv, gather_slots, split_slot
 from .pool import KVPool
 
@@ -109,32 +111,40 @@ def median_seconds(fn: Callable[[], object], *, repeat: int = 7, min_time: float
 
 # ---- peers ----------------------------------------------------------------------------------
 
-try:
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a dependency; the numpy copy remains
-    _parallel_copy = None
-else:
-    @njit(parallel=True, cache=True)
-    def _parallel_copy(out, x, chunks):
-        """Copy x into out in ``chunks`` contiguous pieces, in parallel."""
-        step = (x.size + chunks - 1) // chunks
-        for c in prange(chunks):
-            out[c * step:min(x.size, (c + 1) * step)] = x[c * step:min(x.size, (c + 1) * step)]
+@njit(parallel=True, cache=True)
+def _parallel_copy(out, x, chunks):
+    """Copy x into out in ``chunks`` contiguous pieces, in parallel."""
+    step = (x.size + chunks - 1) // chunks
+    for c in prange(chunks):
+        out[c * step:min(x.size, (c + 1) * step)] = x[c * step:min(x.size, (c + 1) * step)]
+
+
+@njit(parallel=True, cache=True)
+def _streaming_copy(out, x, chunks):
+    """:func:`_parallel_copy` with streaming stores (as the kernels' large calls make)."""
+    step = (x.size + chunks - 1) // chunks
+    for c in prange(chunks):
+        first = np.int64(c) * step
+        stream_copy(out, first, x, first, max(0, min(x.size, first + step) - first))
+        store_fence()
 
 
 def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
     """Plain copies of ``nbytes / 2`` bytes (each reads and writes ``nbytes`` in all).
 
-    ``np.copyto`` (one thread), a parallel numba slice copy, and torch's
-    ``copy_`` when torch is installed: the memory-bandwidth limit is the
-    fastest of them on the machine at hand.
+    ``np.copyto`` (one thread), a parallel numba slice copy, the same with
+    streaming stores (which the numba kernels use from 16 MiB up: see
+    :mod:`pagedkv.backends._numba_stream`), and torch's ``copy_`` when torch
+    is installed: the memory-bandwidth limit is the fastest of them on the
+    machine at hand. Both arrays start on a cache line, as pools do.
     """
     n = max(1, nbytes // 8)
-    src = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
-    dst = np.empty_like(src)
+    src = host_aligned(n, np.float32)
+    src[:] = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    dst = host_aligned(n, np.float32)
     copies: dict[str, Callable[[], object]] = {"numpy": lambda: np.copyto(dst, src)}
-    if _parallel_copy is not None:
-        copies["numba"] = lambda: _parallel_copy(dst, src, 64)
+    copies["numba"] = lambda: _parallel_copy(dst, src, 64)
+    copies["numba streaming"] = lambda: _streaming_copy(dst, src, 64)
     try:
         import torch
     except ImportError:
@@ -148,6 +158,59 @@ def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
 def copy_limit_seconds(nbytes: int) -> float:
     """Median time of the fastest plain copy of the same bytes (see :func:`contiguous_copies`)."""
     return min(median_seconds(f) for f in contiguous_copies(nbytes).values())
+
+
+def fastest_copy(nbytes: int) -> Callable[[], object]:
+    """The fastest of :func:`contiguous_copies` here and now (by their medians)."""
+    copies = list(contiguous_copies(nbytes).values())
+    return min(copies, key=median_seconds)
+
+
+def copy_into_new_memory(nbytes: int) -> Callable[[], object]:
+    """A copy of ``nbytes / 2`` bytes into two new arrays of half that each, as a routine
+    returning two new outputs makes (``gather`` without ``out=``): the fastest of
+    ``np.copy`` and the parallel copies of :func:`contiguous_copies` into
+    :func:`~pagedkv.device.host_aligned` arrays. New memory costs its page faults (the
+    kernel zeroes every page it maps) whoever fills it; this is the yardstick that pays
+    them too."""
+    n = max(2, nbytes // 8)
+    src = host_aligned(n, np.float32)
+    src[:] = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    halves = src[:n // 2], src[n // 2:]
+    copies: list[Callable[[], object]] = [lambda: [h.copy() for h in halves]]
+    for copy in (_parallel_copy, _streaming_copy):
+        def into_new(copy=copy):
+            for h in halves:
+                copy(host_aligned(h.size, np.float32), h, 64)
+        copies.append(into_new)
+    return min(copies, key=median_seconds)
+
+
+def interleaved_ratio(fn: Callable[[], object], peer: Callable[[], object], *, rounds: int = 15,
+                      min_time: float = 0.02) -> float:
+    """Median over ``rounds`` of (time of ``peer``) / (time of ``fn``), the two timed back to
+    back in each round: a shared machine's load moves both alike, so the ratio is steadier
+    than a ratio of two medians taken one after the other."""
+    fn()
+    peer()
+    number = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if time.perf_counter() - start >= min_time or number >= 1 << 16:
+            break
+        number *= 2
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        middle = time.perf_counter()
+        for _ in range(number):
+            peer()
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+    return float(np.median(ratios))
 
 
 def _block_pos(w: Workload) -> tuple[np.ndarray, np.ndarray]:

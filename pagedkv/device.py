@@ -50,10 +50,30 @@ def cuda_module() -> Any:
     return cuda
 
 
+HOST_ALIGNMENT = 64  #: bytes: where a host pool and the CPU backends' new outputs begin (one cache line)
+
+
+def host_aligned(shape: int | tuple[int, ...], dtype: Any, *, zero: bool = False) -> np.ndarray:
+    """A new C-contiguous numpy array whose first element lies on a :data:`HOST_ALIGNMENT`
+    boundary (numpy's own start 16 bytes into a page), zeroed if ``zero``.
+
+    Rows of 128 float32 numbers then fill whole cache lines, which streaming stores need
+    to write a line at once (:mod:`pagedkv.backends._numba_stream`). The array is a view
+    into a buffer ``HOST_ALIGNMENT`` bytes longer.
+    """
+    dtype = np.dtype(dtype)
+    count = math.prod(shape) if isinstance(shape, tuple) else shape
+    make = np.zeros if zero else np.empty
+    buffer = make(count * dtype.itemsize + HOST_ALIGNMENT, dtype=np.uint8)
+    start = -buffer.ctypes.data % HOST_ALIGNMENT
+    return buffer[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def zeros(n: int, dtype: np.dtype, device: str) -> Array:
-    """``n`` zeroed elements of ``dtype``: a numpy array on ``"cpu"``, a device array on ``"cuda"``."""
+    """``n`` zeroed elements of ``dtype``: a numpy array on ``"cpu"`` (:func:`host_aligned`),
+    a device array on ``"cuda"``."""
     if device == "cpu":
-        return np.zeros(n, dtype=dtype)
+        return host_aligned(n, dtype, zero=True)
     cuda = cuda_module()
     data = cuda.device_array(n, dtype=dtype)
     if n:

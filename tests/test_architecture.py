@@ -17,7 +17,7 @@ RANKS = {
     "_version": 0, "errors": 0, "layout": 1, "formats": 1, "events": 1, "config": 2, "device": 3, "_cuda_fill": 2,
     "pool": 4,
     "_scan": 4, "conventions": 5, "backends._numba_codecs": 7, "backends._numba_prefill": 7.5,
-    "backends._numba_decode": 7.75,
+    "backends._numba_decode": 7.75, "backends._numba_stream": 7.1,
     "validate": 5, "plan": 6, "backends._host": 7, "backends.reference": 8, "backends.numba_cpu": 8,
     "backends.cuda_kernels": 7, "backends.cuda_attention": 7.25, "backends.cuda_words": 7.25,
     "backends.cuda_format_kernels": 7.5, "backends.cuda": 8, "backends": 9,

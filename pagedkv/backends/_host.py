@@ -6,18 +6,20 @@ from __future__ import annotations
 import numpy as np
 
 from .. import layout
+from ..device import host_aligned
 from ..formats import RawKV
 from ..layout import K, Strides, V
 from ..pool import KVPool
 
 
 def new_outputs(pool: KVPool, num_tokens: int, out=None) -> tuple[np.ndarray, np.ndarray]:
-    """``out`` if given (already checked), else two new ``[num_tokens, H, D]`` arrays of the pool's dtype."""
+    """``out`` if given (already checked), else two new float32 ``[num_tokens, H, D]`` arrays,
+    aligned to a cache line (:func:`pagedkv.device.host_aligned`)."""
     if out is not None:
         return out[0], out[1]
     c = pool.config
     shape = (num_tokens, c.num_kv_heads, c.head_dim)
-    return np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    return host_aligned(shape, np.float32), host_aligned(shape, np.float32)
 
 
 def element_index(s: Strides, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:

@@ -23,14 +23,16 @@ from ..layout import K, V
 from ..plan import Plan, check_attention, check_window, check_write, make_plan
 from ..pool import KVPool
 from ._host import new_outputs, read_raw
-from ._numba_codecs import NO_CODEC, SCALE_KINDS, TENSOR, TOKEN, decode_row, store_row
+from ._numba_codecs import NO_CODEC, SCALE_KINDS, TENSOR, TOKEN
 from ._numba_decode import decode_attention_kernel
 from ._numba_prefill import block_base, scale_index, tiled_attention_kernel, tiles
 from ._numba_prefill import row_scale as _row_scale
+from ._numba_stream import get_row, put_row, should_stream, store_fence, stream_copy
 
 NAME = "numba"
 DEVICE = "cpu"
 PREFILL_MIN_ROWS = 4  #: query rows per sequence (on average) from which attention runs tiled
+TASKS = 256  #: most tasks a token loop is cut into (runs of consecutive tokens, one fence each when streaming)
 
 # The layout arithmetic, compiled for the CPU: the same source as the reference uses.
 token_base = njit(inline="always", cache=True)(layout.token_base)
@@ -48,29 +50,38 @@ block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
 
 
 @njit(parallel=True, cache=True)
-def write_kernel(data, layer, key, value, slots, s, codec, kind, k_scale, v_scale, scales):
+def write_kernel(data, layer, key, value, slots, stream, s, codec, kind, k_scale, v_scale, scales):
     """Store token t of key/value (``[T, H, D]`` float32, C-contiguous) at ``slots[t]`` in the
-    pool's format; negative slots are skipped. The flat views and the uint32 bit views (the
-    codecs' input) are made here: four array methods and two more arguments in the caller
-    cost a decode-sized write about 1 us of its ~25."""
+    pool's format; negative slots are skipped. A task is a run of consecutive tokens; with
+    ``stream`` (a large call on a float32 pool) the rows go out with streaming stores, fenced
+    at the end of each task (:mod:`._numba_stream`). The flat views and the uint32 bit views
+    (the codecs' input) are made here: four array methods and two more arguments in the
+    caller cost a decode-sized write about 1 us of its ~25."""
     key, value = key.reshape(key.size), value.reshape(value.size)
     key_bits, value_bits = key.view(np.uint32), value.view(np.uint32)
-    for t in prange(slots.shape[0]):
-        if slots[t] >= 0:  # else padding (t as int64: numba's parallel loop hands it out as uint64)
-            store_token(data, layer, key, value, key_bits, value_bits, slots, np.int64(t), s, codec, kind, k_scale,
-                        v_scale, scales)
+    n = slots.shape[0]
+    step = max(1, (n + TASKS - 1) // TASKS)
+    for task in prange((n + step - 1) // step):
+        first = np.int64(task) * step  # as int64: numba's parallel loop hands tasks out as uint64
+        for t in range(first, min(n, first + step)):
+            if slots[t] >= 0:  # else padding
+                store_token(data, layer, key, value, key_bits, value_bits, slots, t, stream, s, codec, kind,
+                            k_scale, v_scale, scales)
+        if stream:
+            store_fence()
 
 
-def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales):
+def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, stream, s, codec, kind, k_scale, v_scale,
+                 scales):
     """Token ``t``'s K and V rows, every head, stored at ``slots[t]``."""
     slot, num_kv_heads, head_dim = slots[t], s.num_kv_heads, s.head_dim
     k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
     for h in range(num_kv_heads):
         src = (t * num_kv_heads + h) * head_dim
-        store_row(data, k_base + h * s.head_stride, key, key_bits, src, head_dim, codec, kind, k_scale,
-                  scales, scale_index(layer, K, slot, h, s))
-        store_row(data, v_base + h * s.head_stride, value, value_bits, src, head_dim, codec, kind, v_scale,
-                  scales, scale_index(layer, V, slot, h, s))
+        put_row(data, k_base + h * s.head_stride, key, key_bits, src, head_dim, codec, kind, k_scale,
+                scales, scale_index(layer, K, slot, h, s), stream)
+        put_row(data, v_base + h * s.head_stride, value, value_bits, src, head_dim, codec, kind, v_scale,
+                scales, scale_index(layer, V, slot, h, s), stream)
 
 
 # A float32 token (slice copies) is inlined into the kernel; a narrow format's, with its codecs
@@ -79,55 +90,65 @@ def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, cod
 _store_token_call = njit(cache=True)(_store_token)
 
 
-def store_token(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales):
+def store_token(data, layer, key, value, key_bits, value_bits, slots, t, stream, s, codec, kind, k_scale, v_scale,
+                scales):
     """:func:`_store_token`, inlined for a float32 pool, called for a narrow one."""
 
 
 @overload(store_token, inline="always")
-def _store_token_overload(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale,
+def _store_token_overload(data, layer, key, value, key_bits, value_bits, slots, t, stream, s, codec, kind, k_scale,
                           v_scale, scales):
     if data.dtype == types.float32:
         return _store_token
 
-    def call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale, scales):
-        _store_token_call(data, layer, key, value, key_bits, value_bits, slots, t, s, codec, kind, k_scale, v_scale,
-                          scales)
+    def call(data, layer, key, value, key_bits, value_bits, slots, t, stream, s, codec, kind, k_scale, v_scale,
+             scales):
+        _store_token_call(data, layer, key, value, key_bits, value_bits, slots, t, stream, s, codec, kind, k_scale,
+                          v_scale, scales)
     return call
 
 
 @njit(inline="always")
-def _load_token(data, layer, slot, out_k, out_v, i, s, codec, kind, k_scale, v_scale, scales):
+def _load_token(data, layer, slot, out_k, out_v, i, stream, s, codec, kind, k_scale, v_scale, scales):
     """Decode the token stored at ``slot`` into row i of the flat outputs."""
     num_kv_heads, head_dim = s.num_kv_heads, s.head_dim
     k_base, v_base = token_base(layer, K, slot, s), token_base(layer, V, slot, s)
     for h in range(num_kv_heads):
         dst = (i * num_kv_heads + h) * head_dim
-        decode_row(data, k_base + h * s.head_stride, head_dim, out_k, dst, codec, kind,
-                   _row_scale(layer, K, slot, h, s, kind, k_scale, scales))
-        decode_row(data, v_base + h * s.head_stride, head_dim, out_v, dst, codec, kind,
-                   _row_scale(layer, V, slot, h, s, kind, v_scale, scales))
+        get_row(data, k_base + h * s.head_stride, head_dim, out_k, dst, codec, kind,
+                _row_scale(layer, K, slot, h, s, kind, k_scale, scales), stream)
+        get_row(data, v_base + h * s.head_stride, head_dim, out_v, dst, codec, kind,
+                _row_scale(layer, V, slot, h, s, kind, v_scale, scales), stream)
 
 
 @njit(parallel=True, cache=True)
-def read_kernel(data, layer, slots, out_k, out_v, s, codec, kind, k_scale, v_scale, scales):
-    """Load the token at ``slots[t]`` into row t of the flat outputs; zeros for padding."""
+def read_kernel(data, layer, slots, out_k, out_v, stream, s, codec, kind, k_scale, v_scale, scales):
+    """Load the token at ``slots[t]`` into row t of the flat outputs; zeros for padding. Tasks
+    and ``stream`` as in :func:`write_kernel`."""
     row_len = s.num_kv_heads * s.head_dim
-    for t in prange(slots.shape[0]):
-        slot = slots[t]
-        if slot < 0:
-            out_k[t * row_len:(t + 1) * row_len] = 0.0
-            out_v[t * row_len:(t + 1) * row_len] = 0.0
-            continue
-        _load_token(data, layer, slot, out_k, out_v, t, s, codec, kind, k_scale, v_scale, scales)
+    n = slots.shape[0]
+    step = max(1, (n + TASKS - 1) // TASKS)
+    for task in prange((n + step - 1) // step):
+        first = np.int64(task) * step
+        for t in range(first, min(n, first + step)):
+            slot = slots[t]
+            if slot < 0:
+                out_k[t * row_len:(t + 1) * row_len] = 0.0
+                out_v[t * row_len:(t + 1) * row_len] = 0.0
+                continue
+            _load_token(data, layer, slot, out_k, out_v, t, stream, s, codec, kind, k_scale, v_scale, scales)
+        if stream:
+            store_fence()
 
 
 @njit(parallel=True, cache=True)
-def gather_kernel(data, layer, tables, lens, out_k, out_v, s, codec, kind, k_scale, v_scale, scales):
+def gather_kernel(data, layer, tables, lens, out_k, out_v, stream, s, codec, kind, k_scale, v_scale, scales):
     """Returns int32 ``cu_seqlens``. A task is one block of one sequence (its running count of
     blocks, from :func:`gather_offsets`); its tokens go to rows ``cu[b] + j * block_size ...``
     of the packed outputs (``[T, H, D]``, C-contiguous, flattened here). In layout NHD a
     block's tokens lie back to back, as in the output, so the block is one run (a copy, or
     one decoding pass unless int8's per-row scales need a pass a row); in HND, row by row.
+    ``stream`` as in :func:`write_kernel`.
 
     The offsets are computed here, not by the caller: a second compiled call (numba's dispatch
     of its arguments) cost a decode-sized gather 1.2 us of its ~30."""
@@ -141,12 +162,16 @@ def gather_kernel(data, layer, tables, lens, out_k, out_v, s, codec, kind, k_sca
         n = min(block_size, lens[b] - first)
         block, row = np.int64(tables[b, first // block_size]), cu[b] + first
         if whole_runs:
-            decode_row(data, block_base(layer, K, block, s), n * row_len, out_k, row * row_len, codec, kind, k_scale)
-            decode_row(data, block_base(layer, V, block, s), n * row_len, out_v, row * row_len, codec, kind, v_scale)
-            continue
-        for i in range(n):
-            _load_token(data, layer, block * block_size + i, out_k, out_v, row + i, s, codec, kind, k_scale,
-                        v_scale, scales)
+            get_row(data, block_base(layer, K, block, s), n * row_len, out_k, row * row_len, codec, kind, k_scale,
+                    stream)
+            get_row(data, block_base(layer, V, block, s), n * row_len, out_v, row * row_len, codec, kind, v_scale,
+                    stream)
+        else:
+            for i in range(n):
+                _load_token(data, layer, block * block_size + i, out_k, out_v, row + i, stream, s, codec, kind,
+                            k_scale, v_scale, scales)
+        if stream:
+            store_fence()
     return cu
 
 
@@ -164,8 +189,9 @@ def gather_offsets(lens, block_size):
 
 
 @njit(parallel=True, cache=True)
-def move_blocks_kernel(src_data, dst_data, src, dst, s):
-    """Copy block ``src[i]`` of src_data to ``dst[i]`` of dst_data, every layer, K and V."""
+def move_blocks_kernel(src_data, dst_data, src, dst, stream, s):
+    """Copy block ``src[i]`` of src_data to ``dst[i]`` of dst_data, every layer, K and V;
+    ``stream`` as in :func:`write_kernel` (any element type: the bytes are copied as they are)."""
     halves = s.num_layers * 2
     for job in prange(src.shape[0] * halves):
         i = job // halves
@@ -173,7 +199,11 @@ def move_blocks_kernel(src_data, dst_data, src, dst, s):
         kv = job % 2
         s0 = block_base(layer, kv, src[i], s)
         d0 = block_base(layer, kv, dst[i], s)
-        dst_data[d0:d0 + s.block_stride] = src_data[s0:s0 + s.block_stride]
+        if stream:
+            stream_copy(dst_data, d0, src_data, s0, s.block_stride)
+            store_fence()
+        else:
+            dst_data[d0:d0 + s.block_stride] = src_data[s0:s0 + s.block_stride]
 
 
 @njit(cache=True)
@@ -188,6 +218,20 @@ def move_scales_kernel(src_scales, dst_scales, src, dst, s):
 
 
 _NO_SCALES = np.ones(1, np.float32)
+
+
+def streams_rows(pool: KVPool, num_tokens: int) -> bool:
+    """Whether a write, read or gather of ``num_tokens`` tokens streams its float32 rows
+    (:mod:`._numba_stream`): a float32 pool, and K and V together at least
+    :data:`~._numba_stream.STREAM_MIN_BYTES`."""
+    c = pool.config
+    return pool.data.dtype == np.float32 and should_stream(2 * num_tokens * c.num_kv_heads * c.head_dim * 4)
+
+
+def streams_blocks(pool: KVPool, num_blocks: int) -> bool:
+    """Whether copying ``num_blocks`` whole blocks (every layer, K and V) streams them."""
+    s = pool.strides
+    return should_stream(num_blocks * s.num_layers * 2 * s.block_stride * pool.data.dtype.itemsize)
 
 
 def _format_args(pool: KVPool, layer: int) -> tuple:
@@ -215,7 +259,8 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
     key, value = formats.widen_input(key), formats.widen_input(value)
     layer, w = check_write(plan, pool, layer)
     validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
-    write_kernel(pool.data, layer, key, value, w.kernel_slots, pool.strides, *_format_args(pool, layer))
+    write_kernel(pool.data, layer, key, value, w.kernel_slots, streams_rows(pool, key.shape[0]), pool.strides,
+                 *_format_args(pool, layer))
 
 
 def decode_heads_per_task(pool: KVPool) -> int:
@@ -261,7 +306,8 @@ def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None, raw: b
         return read_raw(pool, layer, slot_mapping)
     out_k, out_v = new_outputs(pool, slot_mapping.shape[0], out)
     fk, fv = out_k.reshape(-1), out_v.reshape(-1)
-    read_kernel(pool.data, layer, slot_mapping, fk, fv, pool.strides, *_format_args(pool, layer))
+    read_kernel(pool.data, layer, slot_mapping, fk, fv, streams_rows(pool, slot_mapping.shape[0]), pool.strides,
+                *_format_args(pool, layer))
     return out_k, out_v
 
 
@@ -276,13 +322,14 @@ def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.
         return read_raw(pool, layer, layout.gather_slots(block_tables, context_lens, pool.config.block_size)), \
             layout.cu_seqlens(context_lens)
     out_k, out_v = new_outputs(pool, total, out)
-    cu = gather_kernel(pool.data, layer, block_tables, context_lens, out_k, out_v, pool.strides,
-                       *_format_args(pool, layer))
+    cu = gather_kernel(pool.data, layer, block_tables, context_lens, out_k, out_v, streams_rows(pool, total),
+                       pool.strides, *_format_args(pool, layer))
     return out_k, out_v, cu
 
 
 def _move_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
-    move_blocks_kernel(src_pool.data, dst_pool.data, src, dst, src_pool.strides)
+    move_blocks_kernel(src_pool.data, dst_pool.data, src, dst, streams_blocks(src_pool, src.shape[0]),
+                       src_pool.strides)
     if src_pool.scales is not None:  # int8: the scales go with their blocks
         move_scales_kernel(src_pool.host_scales, dst_pool.host_scales, src, dst, src_pool.strides)
 
