@@ -17,6 +17,7 @@ from numba import njit
 
 import pagedkv
 from pagedkv.backends import _numba_stream, numba_cpu
+from pagedkv.backends._host import ALIGN_OUTPUTS_FROM, new_outputs
 from pagedkv.device import HOST_ALIGNMENT, host_aligned
 from pagedkv.testing import strategies as pst
 
@@ -54,12 +55,15 @@ def test_stream_copy_equals_a_slice_copy_at_every_alignment(dtype, shift):
                 np.testing.assert_array_equal(dst.view(np.uint8), want.view(np.uint8))
 
 
-def test_host_pools_and_new_outputs_start_on_a_cache_line():
-    pool = pagedkv.KVPool(pagedkv.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=4, block_size=4))
+def test_host_pools_and_large_new_outputs_start_on_a_cache_line():
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=128, num_blocks=4, block_size=4)
+    pool = pagedkv.KVPool(config)
     assert pool.host.ctypes.data % HOST_ALIGNMENT == 0 and not pool.host.any()
-    k, v, _ = nb.gather(pool, 0, np.array([[0, 1]], np.int32), np.array([7], np.int32))
-    assert k.ctypes.data % HOST_ALIGNMENT == 0 and v.ctypes.data % HOST_ALIGNMENT == 0
-    assert k.flags.c_contiguous and k.shape == (7, 2, 8)
+    tokens = ALIGN_OUTPUTS_FROM // (2 * 128 * 4)
+    for n in (tokens, tokens + 3):
+        k, v = new_outputs(pool, n)
+        assert k.ctypes.data % HOST_ALIGNMENT == 0 and v.ctypes.data % HOST_ALIGNMENT == 0
+        assert k.flags.c_contiguous and k.shape == v.shape == (n, 2, 128) and k.dtype == np.float32
 
 
 def test_which_calls_stream():
