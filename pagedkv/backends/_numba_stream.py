@@ -87,10 +87,12 @@ def stream_copy(dst, at, src, off, n):
     head = min(n, (-address % _WORD) // size)
     aligned = np.int64((address + head * size) % _WORD == 0)  # 0 for an array misaligned to its elements
     words = (n - head) * size // _WORD * aligned  # (a product, not a branch: numba inlines this)
-    dst[at:at + head] = src[off:off + head]
+    if head > 0:  # (a row of an aligned pool has no ends: no slices to make)
+        dst[at:at + head] = src[off:off + head]
     _stream_words(dst, at + head, src, off + head, words)
     done = head + words * (_WORD // size)
-    dst[at + done:at + n] = src[off + done:off + n]
+    if done < n:
+        dst[at + done:at + n] = src[off + done:off + n]
 
 
 def put_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at, stream):
