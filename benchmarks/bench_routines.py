@@ -5,7 +5,7 @@ D=128, block_size=16, one layer of 1024 blocks, both layouts.
 
 - ``Routines.time_*``: seconds per call, validation included.
 - ``Peers.time_*``: numpy fancy indexing and torch CPU indexing on the same pool.
-- ``CopyLimit.time_copy``: the fastest plain copy of the same bytes.
+- ``CopyLimit.time_copy``: each contiguous copy of the same bytes (the fastest is the copy limit).
 - ``Bandwidth.track_*``: GB/s and the ratios the targets are stated in,
   each measured against its peer in the same process.
 - ``DecodeCallOverhead.track_call_over_kernel``: a decode step's calls at B=64 over

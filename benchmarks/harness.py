@@ -42,7 +42,7 @@ def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") ->
     """One routine of ``backend`` beside its yardsticks, all timed here and now (medians).
 
     Returns GB/s and the ratios the performance targets are stated in:
-    ``vs_copy`` (bandwidth over the fastest plain copy of the same bytes, the two timed
+    ``vs_copy`` (bandwidth over the fastest copy of the same bytes, streaming or not, the two timed
     in turns: :func:`~pagedkv.bench.interleaved_ratio`; ``vs_copy_out`` for ``gather``
     into ``out=`` buffers, ``vs_new_copy`` for ``gather``'s new outputs over a copy into
     new memory), ``vs_torch`` (speed over torch CPU indexing; None without torch),

@@ -156,7 +156,7 @@ def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
 
 
 def copy_limit_seconds(nbytes: int) -> float:
-    """Median time of the fastest plain copy of the same bytes (see :func:`contiguous_copies`)."""
+    """Median time of the fastest copy of the same bytes (see :func:`contiguous_copies`)."""
     return min(median_seconds(f) for f in contiguous_copies(nbytes).values())
 
 
