@@ -130,7 +130,7 @@ def _streaming_copy(out, x, chunks):
 
 
 def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
-    """Plain copies of ``nbytes / 2`` bytes (each reads and writes ``nbytes`` in all).
+    """Contiguous copies of ``nbytes / 2`` bytes (each reads and writes ``nbytes`` in all).
 
     ``np.copyto`` (one thread), a parallel numba slice copy, the same with
     streaming stores (which the numba kernels use from 16 MiB up: see

@@ -50,7 +50,7 @@ def cuda_module() -> Any:
     return cuda
 
 
-HOST_ALIGNMENT = 64  #: bytes: where a host pool and the CPU backends' new outputs begin (one cache line)
+HOST_ALIGNMENT = 64  #: bytes: where host pools and the CPU backends' large new outputs begin (one cache line)
 
 
 def host_aligned(shape: int | tuple[int, ...], dtype: Any, *, zero: bool = False) -> np.ndarray:
