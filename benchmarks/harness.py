@@ -55,7 +55,7 @@ def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") ->
     out_call = backend_call(get_backend(backend), w, "gather_out") if routine == "gather" else call
     t = median_seconds(call)
     t_out = median_seconds(out_call) if routine == "gather" else t
-    copy = fastest_copy(n)
+    copy, t_copy = fastest_copy(n)
     torch_call = torch_peer(w, routine)
     t_torch = median_seconds(torch_call) if torch_call else None
     t_fancy = median_seconds(numpy_peer(w, routine))
@@ -65,7 +65,7 @@ def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") ->
     return {
         "seconds": t,
         "gbps": n / t / 1e9,
-        "copy_gbps": n / median_seconds(copy) / 1e9,
+        "copy_gbps": n / t_copy / 1e9,
         "vs_copy": vs_copy,
         "vs_copy_out": interleaved_ratio(out_call, copy) if routine == "gather" else vs_copy,
         "vs_new_copy": interleaved_ratio(call, copy_into_new_memory(n)) if routine == "gather" else None,

@@ -129,6 +129,13 @@ def _streaming_copy(out, x, chunks):
         store_fence()
 
 
+def _copy_source(n: int) -> np.ndarray:
+    """``n`` random float32 numbers on a cache line: what the yardstick copies read."""
+    src = host_aligned(n, np.float32)
+    src[:] = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    return src
+
+
 def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
     """Contiguous copies of ``nbytes / 2`` bytes (each reads and writes ``nbytes`` in all).
 
@@ -138,10 +145,8 @@ def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
     is installed: the memory-bandwidth limit is the fastest of them on the
     machine at hand. Both arrays start on a cache line, as pools do.
     """
-    n = max(1, nbytes // 8)
-    src = host_aligned(n, np.float32)
-    src[:] = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
-    dst = host_aligned(n, np.float32)
+    src = _copy_source(max(1, nbytes // 8))
+    dst = host_aligned(src.size, np.float32)
     copies: dict[str, Callable[[], object]] = {"numpy": lambda: np.copyto(dst, src)}
     copies["numba"] = lambda: _parallel_copy(dst, src, 64)
     copies["numba streaming"] = lambda: _streaming_copy(dst, src, 64)
@@ -155,15 +160,15 @@ def contiguous_copies(nbytes: int) -> dict[str, Callable[[], object]]:
     return copies
 
 
+def fastest_copy(nbytes: int) -> tuple[Callable[[], object], float]:
+    """The fastest of :func:`contiguous_copies` here and now, and its median time."""
+    timed = [(f, median_seconds(f)) for f in contiguous_copies(nbytes).values()]
+    return min(timed, key=lambda pair: pair[1])
+
+
 def copy_limit_seconds(nbytes: int) -> float:
     """Median time of the fastest copy of the same bytes (see :func:`contiguous_copies`)."""
-    return min(median_seconds(f) for f in contiguous_copies(nbytes).values())
-
-
-def fastest_copy(nbytes: int) -> Callable[[], object]:
-    """The fastest of :func:`contiguous_copies` here and now (by their medians)."""
-    copies = list(contiguous_copies(nbytes).values())
-    return min(copies, key=median_seconds)
+    return fastest_copy(nbytes)[1]
 
 
 def copy_into_new_memory(nbytes: int) -> Callable[[], object]:
@@ -174,8 +179,7 @@ def copy_into_new_memory(nbytes: int) -> Callable[[], object]:
     kernel zeroes every page it maps) whoever fills it; this is the yardstick that pays
     them too."""
     n = max(2, nbytes // 8)
-    src = host_aligned(n, np.float32)
-    src[:] = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    src = _copy_source(n)
     halves = src[:n // 2], src[n // 2:]
     copies: list[Callable[[], object]] = [lambda: [h.copy() for h in halves]]
     for copy in (_parallel_copy, _streaming_copy):
