@@ -34,8 +34,9 @@ between 1.5 and 1.625 * 2**-4 (mantissa 100 and 101); 1.6 is nearer 1.625, so
 
 Scales (vLLM's contract): fp8 pools keep a static per-layer ``k_scale`` and
 ``v_scale`` (stored = encode(x / scale), read = decode(stored) * scale);
-int8 pools keep a dynamic scale per (token, head): ``absmax / 127`` (a zero
-row gets scale 1), stored = round-half-even(x / scale), read = q * scale.
+int8 pools keep a dynamic scale per (token, head): ``absmax / 127`` (a row where
+that is 0, all zeros or too tiny for a nonzero scale, gets scale 1), stored =
+round-half-even(x / scale), read = q * scale.
 
 Each codec exists twice, side by side: vectorised over numpy arrays (the
 reference, :func:`encode` / :func:`decode`) and as scalar integer functions
@@ -315,12 +316,15 @@ _FLOAT32, _FLOAT16, _UINT16 = np.dtype(np.float32), np.dtype(np.float16), np.dty
 # ---- int8 with a scale per (token, head) -----------------------------------------------------------
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 ``[..., D]`` rows as int8 and a float32 scale per row: ``scale = absmax / 127``
-    (1 for an all-zero row), ``q = round_half_even(x / scale)``; all in float32."""
+    """float32 ``[..., D]`` rows as int8 and a float32 scale per row: ``scale = absmax / 127``,
+    ``q = round_half_even(x / scale)``; all in float32. A row whose ``absmax / 127`` is 0 (an
+    all-zero row, or one so tiny, below 127 x 2**-150, that the division underflows) gets scale 1:
+    its q are 0 and it reads back as zeros."""
     x = np.asarray(x, dtype=np.float32)
     absmax = np.abs(x).max(axis=-1)  # NaN if the row holds one
-    scale = np.where((absmax > 0) | np.isnan(absmax), absmax / np.float32(127), np.float32(1)).astype(np.float32)
-    with np.errstate(invalid="ignore"):
+    scale = (absmax / np.float32(127)).astype(np.float32)
+    scale = np.where((scale > 0) | np.isnan(scale), scale, np.float32(1)).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
         q = np.rint(x / scale[..., None])
     # A row with NaN or inf gets a NaN or inf scale and reads back as NaN; its q is 0 where undefined.
     return np.where(np.isnan(q), 0, np.clip(q, -127, 127)).astype(np.int8), scale

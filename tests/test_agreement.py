@@ -33,15 +33,53 @@ def _maybe_out(backend, config, num_tokens, data):
     return device_empty(backend, shape), device_empty(backend, shape)
 
 
+# Whole (token, head) rows that int8's scale must survive: zeros, numbers so tiny that absmax / 127
+# underflows to 0 (below 127 x 2**-150), subnormals, and tiny numbers beside one normal one.
+_ROW_KINDS = (
+    lambda rng, d: np.zeros(d, np.float32),
+    lambda rng, d: np.float32(1e-44) * rng.choice([-1, 1], d).astype(np.float32),
+    lambda rng, d: rng.uniform(-1e-39, 1e-39, d).astype(np.float32),
+    lambda rng, d: np.where(np.arange(d) == rng.integers(d), np.float32(3.0), np.float32(-1e-44)).astype(np.float32),
+)
+
+
 def _tokens(config, n, seed):
-    """K and V to write: normal numbers, with now and then a NaN, an inf, a huge or a tiny one."""
+    """K and V to write: normal numbers, with now and then a NaN, an inf, a huge or a tiny one, and
+    now and then a whole row of zeros, tiny or subnormal numbers (:data:`_ROW_KINDS`)."""
     key, value = pst.token_arrays(config, n, seed)
     rng = np.random.default_rng(seed)
     for x in (key, value):
         flat = x.reshape(-1)
         if flat.size and rng.random() < 0.3:
             flat[rng.integers(flat.size)] = rng.choice([np.nan, np.inf, -np.inf, 1e30, 1e-30, -0.0])
+        rows = x.reshape(-1, config.head_dim)
+        for r in np.flatnonzero(rng.random(rows.shape[0]) < 0.2):
+            rows[r] = _ROW_KINDS[rng.integers(len(_ROW_KINDS))](rng, config.head_dim)
     return key, value
+
+
+@pytest.mark.parametrize("kind", range(len(_ROW_KINDS)))
+def test_int8_rows_of_zeros_tiny_or_subnormal_numbers(backend, kind):
+    """int8 rows whose absmax / 127 is 0 or subnormal, mixed with normal rows in one call of many
+    tokens (so every worker thread gets some): stored as the reference stores them, bit for bit.
+    Before, a tiny row got scale 0: the numba write divided by it (a raw SystemError, or one
+    thread's remaining rows never written) and the simulated GPU raised OverflowError."""
+    config = pagedkv.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=4, num_blocks=8, block_size=4,
+                                 dtype="int8")
+    rng = np.random.default_rng(kind)
+    key, value = pst.token_arrays(config, 24, 3)
+    for x in (key, value):
+        rows = x.reshape(-1, config.head_dim)
+        rows[::2] = [_ROW_KINDS[kind](rng, config.head_dim) for _ in range(rows[::2].shape[0])]
+    slots = np.arange(24, dtype=np.int64)
+    expected = pst.filled_pool(config, 1)
+    actual = on_device(expected, backend)
+    ref.write(expected, 0, key, value, slots)
+    backend.write(actual, 0, key, value, slots)
+    np.testing.assert_array_equal(pool_bytes(actual), pool_bytes(expected))
+    k, v = ref.read(expected, 0, slots)
+    assert np.isfinite(k).all() and np.isfinite(v).all()
+    np.testing.assert_allclose(k, key, atol=3 / 127 * np.abs(key).max())  # nothing lost but int8's rounding
 
 
 @given(st.data(), st.integers(0, 2**32 - 1))

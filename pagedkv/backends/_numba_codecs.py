@@ -91,7 +91,9 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at
                         top = bits[d] & np.uint32(0x7FFFFFFF)
                         break
             absmax = as_float32(top)
-            s = absmax / np.float32(127.0) if absmax > 0 or absmax != absmax else np.float32(1.0)
+            s = absmax / np.float32(127.0)
+            if not (s > 0 or s != s):  # a zero row, or one whose absmax / 127 underflows: scale 1, q 0
+                s = np.float32(1.0)
             scales[scale_at] = s
             for d in range(n):
                 q = np.rint(src[d] / s)

@@ -13,8 +13,8 @@ and under the CUDA simulator, because they run the reference's own rules.
   value, computed on the host by :func:`pagedkv.formats.to_float32` (fp8's scale
   folded in: decode(stored) * scale, as the reference multiplies), so the decoded
   values are the reference's bits, NaN payloads included.
-* int8 takes one thread per (token, head) row: absmax, scale = absmax / 127 (1 for
-  a zero row), round half to even, as :func:`pagedkv.formats.quantize_int8`; it
+* int8 takes one thread per (token, head) row: absmax, scale = absmax / 127 (1 where
+  that is 0), round half to even, as :func:`pagedkv.formats.quantize_int8`; it
   reads back as ``float32(q) * scale``.
 
 Attention (:mod:`pagedkv.backends.cuda_attention`) and the read and gather kernels
@@ -70,9 +70,9 @@ def _quantize_row(data, at, x, src, n, scales, si):
         a = abs(x[src + d])
         if absmax == absmax and (a != a or a > absmax):  # keeps a NaN, as numpy's max does
             absmax = a
-    sc = float32(1.0)
-    if absmax > 0 or absmax != absmax:
-        sc = absmax / float32(127.0)
+    sc = absmax / float32(127.0)
+    if not (sc > 0 or sc != sc):  # a zero row, or one whose absmax / 127 underflows: scale 1, q 0
+        sc = float32(1.0)
     scales[si] = sc
     finite = sc < math.inf  # a row with NaN or inf has a NaN or inf scale: every q is 0 (or NaN, stored 0)
     for d in range(n):
