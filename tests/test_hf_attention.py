@@ -18,7 +18,7 @@ import pagedkv  # noqa: E402
 from pagedkv.integrations.hf_attention import register  # noqa: E402
 from pagedkv.integrations.transformers import PagedCache  # noqa: E402
 
-from .test_transformers import GROUPS, architecture  # noqa: E402
+from .test_transformers import ASSISTED, GROUPS, REPETITIVE, architecture  # noqa: E402
 
 LOGITS_ATOL = 1e-4
 
@@ -153,6 +153,18 @@ def test_crop_rolls_back_each_rows_real_tokens():
     cache.crop(-2)
     assert [cache.kv.manager.context_len(s) for s in cache.seq_ids] == [11 + 3 - 2, 7 + 3 - 2, 2 + 3 - 2]
     assert cache.get_seq_length() == 11 + 3 - 2
+
+
+@pytest.mark.parametrize("how", list(ASSISTED))
+def test_assisted_decoding_gives_transformers_own_tokens(how):
+    """Prompt lookup and an assistant model with pagedkv's attention: crop rolls back what the
+    model rejected (and crop(0) nothing), so the tokens are those of sdpa with the default cache."""
+    kw = {k: llama(seed=3) if v == "llama seed 3" else v for k, v in ASSISTED[how].items()}
+    ids = torch.tensor(REPETITIVE)
+    want, got, cache = both(llama(), ids, torch.ones_like(ids), max_new_tokens=16, output_logits=False,
+                            return_dict_in_generate=False, **kw)
+    assert got.tolist() == want.tolist()
+    cache.kv.manager.check()
 
 
 def test_what_it_cannot_serve_is_refused_before_anything_is_stored():

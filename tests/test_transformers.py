@@ -213,6 +213,47 @@ def test_crop_rolls_every_row_back():
     cache.kv.manager.check()
 
 
+def test_crop_follows_transformers_meaning():
+    """crop(0) does nothing and a positive count raises, as transformers' own layers (5.24 on). Before,
+    crop(0) emptied every row, and prompt lookup (which calls it after each step) gave other tokens."""
+    model = llama()
+    cache = PagedCache(model.config, block_size=4)
+    both(model, cache, *prompts(), do_sample=False)
+    length = cache.get_seq_length()
+    cache.crop(0)
+    assert cache.get_seq_length() == length
+    assert all(cache.kv.manager.context_len(s) == length for s in cache.seq_ids)
+    with pytest.raises(ValueError, match="positive value"):
+        cache.crop(3)
+    assert cache.get_seq_length() == length
+    dense = transformers.DynamicCache(config=model.config)
+    with pytest.raises(ValueError, match="positive value"):  # the same answer as transformers' own cache
+        model(input_ids=prompts()[0], cache=dense)
+        dense.crop(3)
+    cache.crop(-(length + 4))  # more than there is: nothing left, as DynamicCache
+    assert cache.get_seq_length() == 0
+    cache.kv.manager.check()
+
+
+ASSISTED = {"prompt lookup 2": {"prompt_lookup_num_tokens": 2}, "prompt lookup 4": {"prompt_lookup_num_tokens": 4},
+            "assistant model": {"assistant_model": "llama seed 3"}}
+REPETITIVE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 9, 5, 6, 7]]  # prompt lookup finds candidates in it
+
+
+@pytest.mark.parametrize("how", list(ASSISTED))
+def test_assisted_decoding_is_token_identical(how):
+    """Prompt lookup (``generate`` crops rejected candidates, and calls crop(0), after each step) and
+    an assistant model (a smaller model drafting tokens): the tokens of DynamicCache and of plain
+    greedy decoding."""
+    model = llama()
+    kw = {k: llama(seed=3) if v == "llama seed 3" else v for k, v in ASSISTED[how].items()}
+    ids = torch.tensor(REPETITIVE)
+    cache = PagedCache(model.config, block_size=4)
+    want, got = both(model, cache, ids, torch.ones_like(ids), do_sample=False, max_new_tokens=16, **kw)
+    assert got == want == both(model, None, ids, torch.ones_like(ids), do_sample=False, max_new_tokens=16)[0]
+    cache.kv.manager.check()
+
+
 def test_bad_input_is_refused_clearly():
     model = llama()
     with pytest.raises(pagedkv.ConfigError, match="num_hidden_layers"):

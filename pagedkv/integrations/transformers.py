@@ -32,8 +32,9 @@ writes the real tokens (padding skipped) and runs pagedkv's kernels over the poo
 
 Beam search and ``num_return_sequences > 1`` fork sequences: beams share their
 blocks until one diverges inside a block (copy-on-write), instead of the copies
-``DynamicCache`` makes at every reordering. ``crop`` (assisted decoding) rolls
-sequences back.
+``DynamicCache`` makes at every reordering. ``crop`` (assisted decoding, prompt lookup)
+rolls sequences back, with transformers' meaning: ``crop(-n)`` removes the last ``n``
+tokens, ``crop(0)`` nothing.
 
 Sliding-window models (Gemma 2/3, Qwen2, gpt-oss: a config with ``layer_types`` and
 ``sliding_window``; Mistral, Phi-3: a ``sliding_window`` alone, every layer sliding; see
@@ -332,9 +333,17 @@ class PagedCache(Cache):
         self._new_pass()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens of every row (a positive value: keep that many)."""
+        """Drop the last ``-tokens_to_remove`` tokens of every row, as transformers' caches do (5.24
+        on): ``tokens_to_remove`` is a negative count, 0 does nothing (``generate`` calls ``crop(0)``
+        after each step of prompt lookup), and a positive value, the old "keep this many", raises
+        ValueError as transformers' own layers do."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, (int, np.integer)):
+            raise ArgumentError(f"crop takes a negative int, the tokens to remove; got {tokens_to_remove!r}")
+        if tokens_to_remove > 0:
+            raise ValueError(f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                             "Please use a negative integer to remove that number of tokens from the cache instead.")
         length = self.get_seq_length()
-        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
+        keep = max(length + int(tokens_to_remove), 0)
         if keep == length or self.kv is None:
             return
         for row, seq in enumerate(self.seq_ids):
