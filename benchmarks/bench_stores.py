@@ -136,14 +136,14 @@ def measure_ttft(tier: str, store=None, repeat: int = 5) -> dict[str, float]:
     config = model.cache_config(num_blocks=2 * (PREFIX + SUFFIX) // 16 + 8)
     filler, prompt = _ttft_prompt()
     stores = [store] if store is not None else []
-    with PagedKVCache(config, stores=stores) as writer:  # the prefix's blocks go to the store
+    with PagedKVCache(config, stores=stores, model_id="bench") as writer:  # the prefix's blocks go to the store
         seq, _ = writer.add_sequence(prompt_token_ids=filler)
         paged_step(model, writer, [seq], [filler])
         writer.end_step()
         writer.free(seq)
         times, served = [], 0
         for _ in range(repeat):
-            cache = writer if tier == "pool" else PagedKVCache(config, stores=stores)
+            cache = writer if tier == "pool" else PagedKVCache(config, stores=stores, model_id="bench")
             t0 = time.perf_counter()
             seq, cached = cache.add_sequence(prompt_token_ids=prompt)
             paged_step(model, cache, [seq], [prompt[cached:]])

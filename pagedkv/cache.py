@@ -33,7 +33,7 @@ import numpy as np
 from .backends import get_backend
 from .block_pool import BlockPool
 from .config import CacheConfig
-from .errors import ConfigError, OutOfBlocksError, StepError
+from .errors import ConfigError, InvariantError, OutOfBlocksError, StepError
 from .manager import BlockManager
 from .plan import Plan
 from .pool import KVPool
@@ -114,12 +114,32 @@ class PagedKVCache:
             them after the pool's own hits (:mod:`pagedkv.tiers`; a pool on the host or a GPU).
         write_back: write a block to the stores only when it leaves the pool (evicted, or at
             ``reset`` / ``close``) instead of as soon as it is cached.
+        model_id: required with ``stores``: a name of the weights whose K/V the cache holds (a
+            model's path and revision, a hash of its weights:
+            :func:`pagedkv.integrations.transformers.model_id` makes one for a transformers
+            model). Two models of one geometry (a base model and its fine-tune) sharing a store
+            then never see each other's blocks: it is part of every stored block's key and header.
+
+    Raises ConfigError for a bad argument, before anything is made.
     """
 
     def __init__(self, config: CacheConfig, backend: str = "auto", *, enable_prefix_caching: bool = True,
-                 stores: Sequence[BlockStore] = (), write_back: bool = False) -> None:
+                 stores: Sequence[BlockStore] = (), write_back: bool = False, model_id: str | None = None) -> None:
         if not isinstance(config, CacheConfig):
             raise ConfigError(f"PagedKVCache needs a CacheConfig, got {type(config).__name__}")
+        stores = tuple(stores)
+        if stores:
+            if not enable_prefix_caching:
+                raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
+            if not isinstance(model_id, str) or not model_id.strip():
+                raise ConfigError("stores need a model_id (a non-empty str naming the model's weights, e.g. its path "
+                                  "and revision): stores may be shared, and blocks of another model of the same "
+                                  f"geometry must never be served; got {model_id!r}")
+            names = [getattr(st, "name", None) for st in stores]
+            if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+                raise ConfigError(f"each store needs a name of its own (str), to count its hits by; got {names}")
+        elif model_id is not None and not isinstance(model_id, str):
+            raise ConfigError(f"model_id must be a str, got {model_id!r}")
         self.config = config
         self.backend = get_backend(backend)
         self.pool = KVPool(config, device=self.backend.DEVICE)
@@ -134,9 +154,7 @@ class PagedKVCache:
         self._open: Step | None = None  # the step between begin_step and end_step
         self.tiers: Tiers | None = None
         if stores:
-            if not enable_prefix_caching:
-                raise ConfigError("stores back the prefix cache: enable_prefix_caching must be on")
-            self.tiers = Tiers(self.pool, self.managers, stores, write_back=write_back,
+            self.tiers = Tiers(self.pool, self.managers, stores, model_id=str(model_id), write_back=write_back,
                                layers=[g.layers for g in config.layer_groups])
 
     def __repr__(self) -> str:
@@ -159,7 +177,14 @@ class PagedKVCache:
             seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt_token_ids, cache_salt=cache_salt,
                                                max_cached_blocks=limit)
         if self.tiers is not None and prompt_token_ids is not None and limit is None:
-            self.tiers.load(seq_id, prompt_token_ids, cache_salt)
+            try:
+                self.tiers.load(seq_id, prompt_token_ids, cache_salt)
+            except BaseException:  # all or nothing: the caller never got the id, so nothing may keep it
+                for m in self.managers:
+                    if seq_id in m.seq_ids:
+                        m.free(seq_id)
+                self._moved_unless_open()
+                raise
         return Added(seq_id, self.manager.context_len(seq_id))
 
     def _add_grouped(self, seq_id: Hashable, prompt: Sequence[int] | None, salt: Hashable,
@@ -296,9 +321,22 @@ class PagedKVCache:
         if self._open is None:
             return 0
         self._open = None
-        if self.tiers is not None:  # the step's K/V are written: its newly cached blocks go to the stores
-            self.tiers.flush()
-        return sum(m.step_finished() for m in self.managers)
+        try:
+            if self.tiers is not None:  # the step's K/V are written: its newly cached blocks go to the stores
+                self.tiers.flush()      # (before the held blocks go back: none can be taken meanwhile)
+        finally:  # whatever happened there, the step is over: its held blocks go back
+            released = sum(m.step_finished() for m in self.managers)
+        return released
+
+    def check(self) -> None:
+        """Verify every invariant of every layer group's manager (see :meth:`BlockManager.check`),
+        and that blocks are held for a step only while one is open: raise
+        :class:`~pagedkv.InvariantError` at the first broken one."""
+        for m in self.managers:
+            m.check()
+            if m.step_in_flight and self._open is None:
+                raise InvariantError("a manager holds freed blocks for a step, but no step is open: they would "
+                                     "never go back to the pool")
 
     def write(self, layer: int, key: Any, value: Any, step: Step) -> None:
         """Store this step's new keys and values (``[sum(new tokens), H, D]``) for ``layer``.

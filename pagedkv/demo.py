@@ -106,7 +106,7 @@ def run_demo(num_requests: int = 32, seed: int = 0, backend: str = "auto", num_b
     model = TinyLlama(model_config(model_name, seed))
     config = model.cache_config(num_blocks, dtype=dtype)
     stores = [] if store is None else [open_store(store, f"pagedkv-demo-seed{seed}-{dtype}")]
-    cache = PagedKVCache(config, backend=backend, stores=stores)
+    cache = PagedKVCache(config, backend=backend, stores=stores, model_id=f"pagedkv demo {model_name} seed {seed}")
     bs = cache.config.block_size
     requests = make_requests(num_requests, seed, model.config.vocab_size)
     max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)

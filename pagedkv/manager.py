@@ -260,6 +260,11 @@ class BlockManager(SequenceViews):
         with self.block_pool.lock:
             self._in_flight = True
 
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a step is running (between :meth:`step_started` and :meth:`step_finished`)."""
+        return self._in_flight
+
     def step_finished(self) -> int:
         """The step's writes have landed: give back the blocks held since :meth:`step_started`
         (returns how many went back to the pool). O(blocks held back)."""

@@ -30,6 +30,7 @@ class SequenceViews:
     _owner: int
     _copy_sources: list[int]
     _deferred: list[int]
+    _in_flight: bool
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The block ids of one sequence, in token order (a copy; -1 for blocks freed out of a
@@ -111,6 +112,9 @@ class SequenceViews:
                 if len(seq.keys) > seq.num_tokens // self.block_size:
                     raise InvariantError(f"sequence {seq_id!r} chains more cached blocks than it has full")
                 held.update(self.table.blocks(seq.row, seq.nulls))
+            if self._deferred and not self._in_flight:
+                raise InvariantError(f"{len(self._deferred)} freed blocks wait for a step to end, "
+                                     "but none is in flight")
             held.update(self._copy_sources + self._deferred)
             if held != self.block_pool.holds(self._owner):
                 raise InvariantError("this manager's references in the pool differ from its block-table entries, "

@@ -15,9 +15,18 @@ every machine) as one self-describing value::
               (``[layers, 2, block_stride]`` in the storage dtype), then, for int8,
               its scales (``[layers, 2, block_size * H]`` float32)
 
-:func:`decode_block` serves a value only if it is whole (lengths and checksum),
-written for the same key and tokens, and by a pool of the same fingerprint; anything
-else is a miss, never loaded. A store whose values never leave this process's memory
+The header is canonical JSON (sorted keys, ``json.dumps``' default separators), so
+:func:`decode_block` parses nothing a store hands back: it builds the header this pool
+would write for the key and compares bytes. A value is served only if that header
+matches byte for byte (the key, its token ids, the fingerprint, a ``payload_bytes`` equal
+to what this pool's geometry and format need, and the version), the payload has exactly
+that many bytes, and its sha256 checks; anything else (a value longer or shorter than the
+geometry, another model's, a hostile header) is a miss, never loaded.
+
+Why not safetensors, whose container is the same shape (a bounded JSON header, then
+named tensors)? Its parser would be a dependency of the core, which needs only numpy and
+numba; and a header compared as bytes with the one expected needs no parser at all, so
+no header can be too long, too deep or of another schema. A store whose values never leave this process's memory
 (``trusted = True``: :class:`HostStore`) has nothing that could tear or flip their bytes,
 so its values are stored and served without the checksum (``"sha256": null``; hashing
 runs at about a tenth of a memory copy's speed); a value without one is never served from
@@ -35,6 +44,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import ArgumentError
 from .layout import K, V, block_base, block_scale_base
 from .pool import KVPool
 from .prefix_key import BlockKey
@@ -102,8 +112,19 @@ def read_block(pool: KVPool, block: int, key: BlockKey) -> StoredBlock:
 
 
 def write_block(pool: KVPool, block: int, stored: StoredBlock) -> None:
-    """Put a stored block's elements (and scales) into block ``block`` of a pool, on the host or a GPU."""
+    """Put a stored block's elements (and scales) into block ``block`` of a pool, on the host or a GPU.
+    Raises ArgumentError, writing nothing, if the block's arrays are not of this pool's geometry
+    and format (they would spill into the next block)."""
     s = pool.strides
+    want = (s.num_layers, 2, s.block_stride)
+    want_scales = None if pool.scales is None else (s.num_layers, 2, s.block_size * s.num_kv_heads)
+    if not (isinstance(stored.data, np.ndarray) and stored.data.shape == want
+            and stored.data.dtype == pool.config.storage_dtype) \
+            or (None if stored.scales is None else np.shape(stored.scales)) != want_scales:
+        raise ArgumentError(f"a stored block of this pool is {pool.config.storage_dtype} {want}"
+                            f"{'' if want_scales is None else f' with float32 scales {want_scales}'}; got "
+                            f"{getattr(stored.data, 'dtype', '?')} {np.shape(stored.data)}"
+                            f"{'' if stored.scales is None else f' with scales {np.shape(stored.scales)}'}")
     values = [stored.data[layer, kv] for layer in range(s.num_layers) for kv in (K, V)]
     if stored.scales is not None:
         values += [stored.scales[layer, kv] for layer in range(s.num_layers) for kv in (K, V)]
@@ -129,15 +150,32 @@ def encode_pool_block(pool: KVPool, block: int, key: BlockKey, fp: dict[str, Any
     return _value(fingerprint(pool) if fp is None else fp, key, views, checksum)
 
 
+def payload_bytes(pool: KVPool) -> int:
+    """The bytes of one block's payload in ``pool``: every layer's K and V elements, and int8's scales."""
+    s = pool.strides
+    n = s.num_layers * 2 * s.block_stride * pool.config.storage_dtype.itemsize
+    if pool.scales is not None:
+        n += s.num_layers * 2 * s.block_size * s.num_kv_heads * 4
+    return n
+
+
+def _header(fp: dict[str, Any], key: BlockKey, payload_bytes: int, sha256: str | None) -> bytes:
+    """The canonical header: the only one a value of this key, fingerprint and payload may carry."""
+    return json.dumps({"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
+                       "fingerprint": fp, "payload_bytes": payload_bytes, "sha256": sha256}, sort_keys=True).encode()
+
+
+_NO_SUM = "0" * 64  # a placeholder the length of a sha256 in hex, to find where one stands in a header
+_HEX = frozenset(b"0123456789abcdef")
+
+
 def _value(fp: dict[str, Any], key: BlockKey, views: list[memoryview], checksum: bool) -> bytes:
     """The value of a block whose payload is the bytes of ``views``, in order."""
     digest = hashlib.sha256() if checksum else None
     if digest is not None:
         for v in views:
             digest.update(v)
-    header = json.dumps({"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
-                         "fingerprint": fp, "payload_bytes": sum(v.nbytes for v in views),
-                         "sha256": None if digest is None else digest.hexdigest()}, sort_keys=True).encode()
+    header = _header(fp, key, sum(v.nbytes for v in views), None if digest is None else digest.hexdigest())
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *views])
 
 
@@ -145,24 +183,29 @@ def decode_block(pool: KVPool, key: BlockKey, raw: bytes | None, fp: dict[str, A
                  verify: bool = True) -> StoredBlock | None:
     """The block in ``raw`` if it is whole, is ``key``'s (digest and token ids) and was written by
     a pool like ``pool`` (``fp``: its :func:`fingerprint`, if the caller has it); else None (a miss:
-    truncated, corrupted, another model's or format's). ``verify=False`` (a trusted store's value)
-    skips the checksum; with ``verify`` a value without one is a miss. The arrays returned are
-    views of ``raw``."""
-    if raw is None or len(raw) < 8 or raw[:4] != MAGIC:
+    truncated, longer or shorter than this pool's blocks, corrupted, another model's or format's).
+    ``verify=False`` (a trusted store's value) skips the checksum; with ``verify`` a value without
+    one is a miss. Nothing in ``raw`` is parsed (see the module docstring). The arrays returned
+    are views of ``raw``."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)) or len(raw) < 8 or raw[:4] != MAGIC:
         return None
     (n,) = struct.unpack("<I", raw[4:8])
-    try:
-        header = json.loads(raw[8:8 + n])
-    except ValueError:
+    size = payload_bytes(pool)
+    fp = fingerprint(pool) if fp is None else fp
+    if len(raw) != 8 + n + size:  # a payload longer or shorter than this pool's blocks
         return None
-    payload = memoryview(raw)[8 + n:]  # no copy
-    if not isinstance(header, dict):
-        return None
-    expected = {"version": VERSION, "key": key.digest.hex(), "token_ids": list(key.token_ids),
-                "fingerprint": fingerprint(pool) if fp is None else fp, "payload_bytes": payload.nbytes}
-    if any(header.get(name) != value for name, value in expected.items()) \
-            or (verify and header.get("sha256") != hashlib.sha256(payload).hexdigest()):
-        return None
+    header, payload = bytes(raw[8:8 + n]), memoryview(raw)[8 + n:]  # the payload is not copied
+    if header == _header(fp, key, size, None):  # stored without a checksum
+        if verify:
+            return None
+    else:
+        with_sum = _header(fp, key, size, _NO_SUM)
+        at = with_sum.index(_NO_SUM.encode())
+        if len(header) != len(with_sum) or header[:at] != with_sum[:at] or header[at + 64:] != with_sum[at + 64:]:
+            return None
+        written = header[at:at + 64]
+        if not set(written) <= _HEX or (verify and written.decode() != hashlib.sha256(payload).hexdigest()):
+            return None
     s, dtype = pool.strides, pool.config.storage_dtype
     n_data = s.num_layers * 2 * s.block_stride
     data = np.frombuffer(payload, dtype=dtype, count=n_data).reshape(s.num_layers, 2, s.block_stride)

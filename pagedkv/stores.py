@@ -7,23 +7,31 @@ miss, never loaded), kept in tiers. The stores themselves move bytes:
 - :class:`HostStore`: host memory, bounded, least recently used evicted first;
 - :class:`DirectoryStore`: one file per block in a directory, written to a
   temporary file and renamed (atomic: a reader sees a whole value or none, and
-  several processes may share the directory); bounded, oldest read evicted first;
+  several processes may share the directory); bounded, oldest read evicted first,
+  temporary files included (a writer killed mid-write leaves one: any process that
+  evicts removes it once it is older than a write can take);
 - :class:`RedisStore`: a Redis or Valkey server through redis-py (pipelined batch
-  reads and writes, optional time to live, keys namespaced per model).
+  reads and writes, optional time to live, keys under a namespace).
 
-A store that fails (a server gone, a full disk) warns and answers as a miss: the
-pool and the sequences are never touched by a store's failure.
+Every store may be shared by several models: :class:`~pagedkv.PagedKVCache` keys and
+stamps each value with its ``model_id`` and geometry (see :mod:`pagedkv.tiers`); a
+``namespace`` only keeps deployments apart further. A store that fails (a server gone,
+a full disk, a directory deleted) warns and answers as a miss: the pool and the sequences
+are never touched by a store's failure. A bad constructor argument is a ConfigError.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from .errors import ConfigError
 from .prefix_key import BlockKey
 from .stored_block import (  # noqa: F401  (the format's names, re-exported: stores were where they lived)
     MAGIC,
@@ -81,6 +89,24 @@ class _Counts:
                       "treated as a miss, nothing in the pool changed", RuntimeWarning, stacklevel=3)
 
 
+def _positive_int(value: object, what: str) -> int:
+    """``value`` if it is a positive int (not a bool), else a ConfigError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _namespace(value: object, *, in_file_names: bool) -> str:
+    """A store's namespace: a str, non-empty; in a file name, letters, digits, '.', '_' and '-' only."""
+    if not isinstance(value, str) or not value or (in_file_names and not _NAMESPACE.fullmatch(value)):
+        rule = "1-200 letters, digits, '.', '_' or '-'" if in_file_names else "a non-empty str"
+        raise ConfigError(f"namespace must be {rule}, got {value!r}")
+    return value
+
+
 class HostStore(_Counts):
     """Blocks in host memory, at most ``max_bytes`` of them; the least recently used go first.
     Trusted: its values (immutable ``bytes``) never leave the process, so no checksum."""
@@ -90,7 +116,8 @@ class HostStore(_Counts):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__()
-        self.max_bytes, self._values, self._bytes = max_bytes, OrderedDict[bytes, bytes](), 0
+        self.max_bytes = _positive_int(max_bytes, "HostStore's max_bytes")
+        self._values, self._bytes = OrderedDict[bytes, bytes](), 0
 
     def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
         n = 0
@@ -128,18 +155,39 @@ class HostStore(_Counts):
 class DirectoryStore(_Counts):
     """One file per block in ``path`` (made if missing), at most ``max_bytes`` in all: written
     atomically (temporary file, then rename), so processes may share it; the files read
-    longest ago (by modification time, which a read renews) are removed first."""
+    longest ago (by modification time, which a read renews) are removed first.
+
+    ``namespace``: a prefix of the file names (letters, digits, '.', '_', '-'), to keep
+    deployments apart in one directory. Temporary files count against ``max_bytes``; one older
+    than ``stale_after`` seconds (its writer was killed: a write takes far less) is removed by
+    the next put of any process. Raises ConfigError for a bad argument.
+    """
 
     name = "disk"
     trusted = False
+    TMP_PREFIX, TMP_SUFFIX = ".pkvb-", ".tmp"
 
-    def __init__(self, path: str | os.PathLike, max_bytes: int) -> None:
+    def __init__(self, path: str | os.PathLike, max_bytes: int, *, namespace: str | None = None,
+                 stale_after: float = 60.0) -> None:
         super().__init__()
-        self.path, self.max_bytes = os.fspath(path), max_bytes
-        os.makedirs(self.path, exist_ok=True)
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ConfigError(f"DirectoryStore's path must be a directory's path (str or os.PathLike), got {path!r}")
+        self.path = os.fspath(path)
+        self.max_bytes = _positive_int(max_bytes, "DirectoryStore's max_bytes")
+        self.namespace = None if namespace is None else _namespace(namespace, in_file_names=True)
+        if isinstance(stale_after, bool) or not isinstance(stale_after, (int, float)) or not stale_after > 0:
+            raise ConfigError(f"stale_after must be a positive number of seconds, got {stale_after!r}")
+        self.stale_after = float(stale_after)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"DirectoryStore cannot use {self.path!r} as its directory: {e}") from e
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise ConfigError(f"DirectoryStore cannot write in {self.path!r}")
 
     def _file(self, key: BlockKey) -> str:
-        return os.path.join(self.path, key.digest.hex() + ".pkvb")
+        name = key.digest.hex() + ".pkvb"
+        return os.path.join(self.path, name if self.namespace is None else f"{self.namespace}-{name}")
 
     def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
         n = 0
@@ -170,11 +218,11 @@ class DirectoryStore(_Counts):
         for k, v in items:
             tmp = None
             try:
-                fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=self.path, prefix=self.TMP_PREFIX, suffix=self.TMP_SUFFIX)
                 with os.fdopen(fd, "wb") as f:
                     f.write(v)
                 os.replace(tmp, self._file(k))
-            except OSError as e:  # a full disk, say: reported, and the store goes on without it
+            except OSError as e:  # a full disk, a directory deleted: reported, and the store goes on without it
                 self._failed("write a block", e)
                 if tmp is not None:
                     try:
@@ -184,18 +232,29 @@ class DirectoryStore(_Counts):
                 continue
             self.counts["puts"] += 1
             self.counts["bytes_written"] += len(v)
-        self._evict()
+        try:
+            self._evict()
+        except OSError as e:
+            self._failed("evict blocks", e)
 
     def _evict(self) -> None:
-        files = []
+        """Remove stale temporary files, then the files read longest ago until the directory holds at
+        most ``max_bytes`` (fresh temporary files, being written, count but stay)."""
+        files, total, stale_before = [], 0, time.time_ns() - int(self.stale_after * 1e9)
         for entry in os.scandir(self.path):
-            if entry.name.endswith(".pkvb"):
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
+            is_tmp = entry.name.startswith(self.TMP_PREFIX) and entry.name.endswith(self.TMP_SUFFIX)
+            if not (is_tmp or entry.name.endswith(".pkvb")):
+                continue
+            try:
+                st = entry.stat()
+                if is_tmp and st.st_mtime_ns < stale_before:  # its writer died: nothing will rename it
+                    os.unlink(entry.path)
                     continue
+            except FileNotFoundError:  # renamed or removed by another process meanwhile
+                continue
+            total += st.st_size
+            if not is_tmp:
                 files.append((st.st_mtime_ns, st.st_size, entry.path))
-        total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.max_bytes:
                 break
@@ -225,10 +284,18 @@ class RedisStore(_Counts):
 
     def __init__(self, client: Any, namespace: str, *, ttl: int | None = None) -> None:
         super().__init__()
+        namespace = _namespace(namespace, in_file_names=False)
+        if ttl is not None:
+            _positive_int(ttl, "RedisStore's ttl (whole seconds, or None)")
         if isinstance(client, str):
             import redis
 
-            client = redis.Redis.from_url(client, socket_timeout=5, socket_connect_timeout=5)
+            try:
+                client = redis.Redis.from_url(client, socket_timeout=5, socket_connect_timeout=5)
+            except ValueError as e:  # a URL redis-py cannot read: a port that is not a number, say
+                raise ConfigError(f"RedisStore cannot use the URL {client!r}: {e}") from e
+        elif not all(callable(getattr(client, m, None)) for m in ("pipeline", "mget", "delete")):
+            raise ConfigError(f"RedisStore needs a redis.Redis client or a redis:// URL, got {client!r}")
         self.client, self.namespace, self.ttl = client, namespace, ttl
 
     def _key(self, key: BlockKey) -> str:
@@ -283,8 +350,12 @@ class RedisStore(_Counts):
 
 
 def open_store(spec: str, namespace: str, max_bytes: int = 1 << 32) -> BlockStore:
-    """A store named by ``spec``: ``redis://HOST:PORT[/DB]`` (or ``rediss://``) a :class:`RedisStore`
-    under ``namespace``; anything else a directory, a :class:`DirectoryStore` of ``max_bytes``."""
+    """A store named by ``spec``: ``redis://HOST:PORT[/DB]`` (or ``rediss://``, ``unix://``) a
+    :class:`RedisStore` under ``namespace``; anything else a directory, a :class:`DirectoryStore`
+    of ``max_bytes`` whose file names start with ``namespace``. Raises ConfigError for a spec
+    that names neither (a URL with a bad port, a path that is a file or cannot be written)."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"a store is a directory or a redis:// URL, got {spec!r}")
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(spec, namespace)
-    return DirectoryStore(spec, max_bytes)
+    return DirectoryStore(spec, max_bytes, namespace=namespace)

@@ -200,7 +200,7 @@ def test_truncate_is_checked_in_every_group_before_any_moves():
 
 def test_stores_back_every_group():
     c = config(layer_groups=[((0, 2), 4), ((1, 3), None)])
-    with PagedKVCache(c, backend="numpy", stores=[pagedkv.stores.HostStore(1 << 20)]) as cache:
+    with PagedKVCache(c, backend="numpy", stores=[pagedkv.stores.HostStore(1 << 20)], model_id="tiny") as cache:
         assert len(cache.tiers.groups) == 2  # a side per group (tests/test_stores.py loads through them)
         keys = [g.store_key(pagedkv.prefix_key.block_key(None, [1, 2, 3, 4])) for g in cache.tiers.groups]
         assert keys[0].digest != keys[1].digest and keys[0].token_ids == keys[1].token_ids

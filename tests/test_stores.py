@@ -145,7 +145,7 @@ def _serve(stores, prompts, new_tokens=3):
     """Greedy generation of each prompt through a fresh cache backed by ``stores``; returns the
     tokens and the prompt tokens each add_sequence found cached."""
     model = TinyLlama(TINY)
-    cache = PagedKVCache(model.cache_config(32, block_size=4), backend="numpy", stores=stores)
+    cache = PagedKVCache(model.cache_config(32, block_size=4), backend="numpy", stores=stores, model_id="tiny")
     out, cached = [], []
     for p in prompts:
         before = cache.stats()["tiers"]["tokens"]
@@ -164,13 +164,13 @@ def test_a_pool_on_any_backend_stores_and_loads_prefixes(backend, tmp_path):
     prompt, other = PREFIX + [1, 2, 3], PREFIX + [7, 7]
     want = generate_dense(model, other, 3)[0]
     store = DirectoryStore(tmp_path / "blocks", max_bytes=1 << 20)
-    with PagedKVCache(model.cache_config(16, block_size=4), backend=backend.NAME, stores=[store]) as a:
+    with PagedKVCache(model.cache_config(16, block_size=4), backend=backend.NAME, stores=[store], model_id="tiny") as a:
         generate_paged(model, a, prompt, 2)
     assert store.stats()["puts"] >= 4  # the prompt's four full blocks (and any the new tokens fill)
     with PagedKVCache(model.cache_config(16, block_size=4, dtype="int8"), backend=backend.NAME,
-                      stores=[store]) as other_format:  # another format's blocks: never loaded
+                      stores=[store], model_id="tiny") as other_format:  # another format's blocks: never loaded
         assert other_format.add_sequence(prompt_token_ids=other).num_cached_tokens == 0
-    with PagedKVCache(model.cache_config(16, block_size=4), backend=backend.NAME, stores=[store]) as b:
+    with PagedKVCache(model.cache_config(16, block_size=4), backend=backend.NAME, stores=[store], model_id="tiny") as b:
         got, _ = generate_paged(model, b, other, 3)
         assert got == want and b.stats()["tiers"]["tokens"]["disk"] == 16
 
@@ -185,23 +185,24 @@ def test_layer_groups_store_and_load_each_groups_blocks(tmp_path):
     prompt, other = PREFIX + [1, 2], PREFIX + [7, 7]
     want = generate_dense(model, other, 3)[0]
     store = HostStore(max_bytes=1 << 20)
-    with PagedKVCache(config, stores=[store]) as a:
+    with PagedKVCache(config, stores=[store], model_id="tiny") as a:
         generate_paged(model, a, prompt, 1)
     assert store.stats()["puts"] == 2 * 4  # four full prompt blocks, one copy per group
-    with PagedKVCache(config, stores=[store]) as b:
+    with PagedKVCache(config, stores=[store], model_id="tiny") as b:
         got, _ = generate_paged(model, b, other, 3)
         assert got == want and b.stats()["tiers"]["tokens"]["host"] == 16
         b.manager.check()
     flat = TinyLlama(TINY)  # one group, the same geometry: a grouped cache's blocks are not its own
-    with PagedKVCache(flat.cache_config(32, block_size=4), stores=[store]) as c:
+    with PagedKVCache(flat.cache_config(32, block_size=4), stores=[store], model_id="tiny") as c:
         assert c.add_sequence(prompt_token_ids=other).num_cached_tokens == 0
     store.delete(_group_keys(b, PREFIX, 0)[2:])  # the sliding group lost its last two blocks: only two load
-    with PagedKVCache(config, stores=[store]) as d:
+    with PagedKVCache(config, stores=[store], model_id="tiny") as d:
         assert d.add_sequence(prompt_token_ids=other).num_cached_tokens == 8
         assert d.stats()["blocks_per_group"] == [2, 2]
 
 
 def _group_keys(cache, tokens, group):
+    """The keys group ``group`` of ``cache`` stores the full blocks of ``tokens`` under."""
     keys = []
     for j in range(len(tokens) // 4):
         keys.append(prefix_key.block_key(keys[-1] if keys else None, tokens[j * 4:(j + 1) * 4],
@@ -221,11 +222,12 @@ def test_a_value_without_its_checksum_is_served_only_by_a_trusted_store(tmp_path
     assert decode_block(pool, key, unsummed) is None  # verified: no checksum, a miss
     assert decode_block(pool, key, unsummed[:-1], verify=False) is None  # lengths are still checked
     assert decode_block(pool, _keys(2)[1], unsummed, verify=False) is None  # and the key
-    summed = encode_block(fingerprint(pool), read_block(pool, 1, key))
-    for value, served in ((unsummed, 0), (summed, 2)):  # an untrusted store never serves an unsummed value
+    for checksum, served in ((False, 0), (True, 2)):  # an untrusted store never serves an unsummed value
         disk = DirectoryStore(tmp_path / f"blocks-{served}", max_bytes=1 << 20)
-        disk.put([(key, value)])
-        with pagedkv.PagedKVCache(config, stores=[disk]) as cache:
+        with pagedkv.PagedKVCache(config, stores=[disk], model_id="tiny") as cache:
+            stored = cache.tiers.groups[0].store_key(key)
+            ident = cache.tiers.groups[0].identity()
+            disk.put([(stored, encode_block(ident.fp, read_block(pool, 1, stored), checksum=checksum))])
             assert cache.add_sequence(prompt_token_ids=[0, 1, 2]).num_cached_tokens == served
 
 
@@ -234,10 +236,11 @@ def test_values_are_checksummed_unless_every_store_is_trusted(tmp_path):
     for with_disk, summed in ((False, False), (True, True)):
         host, disk = HostStore(max_bytes=1 << 20), DirectoryStore(tmp_path / f"blocks-{summed}", max_bytes=1 << 20)
         stores = [host, disk] if with_disk else [host]
-        with pagedkv.PagedKVCache(model.cache_config(16, block_size=4), stores=stores) as cache:
+        with pagedkv.PagedKVCache(model.cache_config(16, block_size=4), stores=stores, model_id="tiny") as cache:
             assert cache.tiers.checksum is summed
             generate_paged(model, cache, PREFIX + [1], 1)
-        (value,) = host.get([prefix_key.block_key(None, PREFIX[:4], prefix_key.salt_extras(None))])
+            (value,) = host.get([cache.tiers.groups[0].store_key(prefix_key.block_key(None, PREFIX[:4],
+                                                                          prefix_key.salt_extras(None)))])
         assert (json.loads(value[8:8 + struct.unpack("<I", value[4:8])[0]])["sha256"] is not None) is summed
 
 
@@ -267,7 +270,7 @@ from pagedkv.stores import RedisStore
 model = TinyLlama(ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                               hidden_dim=32))
 cache = PagedKVCache(model.cache_config(32, block_size=4), backend="numpy",
-                     stores=[RedisStore({redis_url!r}, {namespace!r})])
+                     stores=[RedisStore({redis_url!r}, {namespace!r})], model_id="tiny")
 tokens, _ = generate_paged(model, cache, {PREFIX + [7, 7]!r}, 3)
 print(json.dumps({{"tokens": tokens, "tiers": cache.stats()["tiers"]["tokens"]}}))
 """
@@ -296,7 +299,8 @@ def test_a_server_killed_mid_run_warns_and_misses():
         store = RedisStore(url, "killed")
         _serve([store], [PREFIX + [1, 2, 3]])  # the server holds the prefix now
         model = TinyLlama(TINY)
-        with PagedKVCache(model.cache_config(32, block_size=4), backend="numpy", stores=[store]) as cache:
+        with PagedKVCache(model.cache_config(32, block_size=4), backend="numpy",
+                          stores=[store], model_id="tiny") as cache:
             proc.kill()
             proc.wait(timeout=10)
             with pytest.warns(RuntimeWarning, match="redis store failed"):
@@ -322,7 +326,8 @@ def test_damaged_files_and_other_geometries_are_never_served(tmp_path):
     assert got == [generate_dense(TinyLlama(TINY), PREFIX + [7, 7], 3)[0]]
     assert cached[0]["disk"] < 16  # stops at the first damaged block: the model computes the rest
     model = TinyLlama(TINY)  # a pool of another format over the same directory: nothing fits it
-    other = PagedKVCache(model.cache_config(32, block_size=4, dtype="bfloat16"), backend="numpy", stores=[store])
+    other = PagedKVCache(model.cache_config(32, block_size=4, dtype="bfloat16"), backend="numpy",
+                         stores=[store], model_id="tiny")
     assert other.add_sequence(prompt_token_ids=PREFIX + [7, 7]).num_cached_tokens == 0
 
 
@@ -360,7 +365,8 @@ def test_the_demo_shares_its_system_prompt_with_a_later_process(tmp_path, redis_
 def test_write_back_stores_blocks_as_they_leave_the_pool():
     store = HostStore(max_bytes=1 << 20)
     model = TinyLlama(TINY)
-    cache = PagedKVCache(model.cache_config(12, block_size=4), backend="numpy", stores=[store], write_back=True)
+    cache = PagedKVCache(model.cache_config(12, block_size=4), backend="numpy",
+                         stores=[store], model_id="tiny", write_back=True)
     generate_paged(model, cache, PREFIX + [1, 2, 3], 3)  # its four full prompt blocks stay cached in the pool
     cache.end_step()
     assert store.stats()["puts"] == 0  # nothing left the pool yet
