@@ -331,5 +331,7 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 ``q [..., D]`` times its float32 row ``scale [...]``, in float32."""
-    return q.astype(np.float32) * scale[..., None].astype(np.float32)
+    """int8 ``q [..., D]`` times its float32 row ``scale [...]``, in float32 (a row stored with a NaN
+    or inf scale, from a row holding NaN or inf, reads back as NaN or inf: numpy's warning is muted)."""
+    with np.errstate(invalid="ignore"):
+        return q.astype(np.float32) * scale[..., None].astype(np.float32)

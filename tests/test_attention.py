@@ -49,6 +49,82 @@ def attention_case(draw, config):
     return tables, lens, rows, config.num_kv_heads * group, options
 
 
+def _query_rows(lens, query_lens):
+    """``(sequence, position)`` of each query row: the last ``query_lens[b]`` positions of sequence b
+    (decode: its last one)."""
+    counts = np.ones_like(lens) if query_lens is None else query_lens
+    return [(b, int(lens[b]) - int(counts[b]) + j) for b in range(len(lens)) for j in range(int(counts[b]))]
+
+
+def _poison(pool, layer, tables, lens, data, seed):
+    """Maybe (drawn) write one token whose K or V holds a NaN or an infinity, at a random position of
+    a random sequence; returns its slot (None: nothing written). Blocks may be shared, so the slot
+    may be seen by other sequences' queries too."""
+    filled = [b for b in range(len(lens)) if lens[b] > 0]
+    if not filled or not data.draw(st.booleans(), label="poison"):
+        return None
+    b = data.draw(st.sampled_from(filled), label="poisoned sequence")
+    p = data.draw(st.integers(0, int(lens[b]) - 1), label="poisoned position")
+    bad = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]), label="non-finite")
+    slot = int(tables[b, p // pool.config.block_size]) * pool.config.block_size + p % pool.config.block_size
+    key, value = pst.token_arrays(pool.config, 1, seed)
+    x = key if data.draw(st.booleans(), label="in K") else value
+    x.reshape(-1)[data.draw(st.integers(0, x.size - 1), label="where")] = bad
+    ref.write(pool, layer, key, value, np.array([slot], np.int64))
+    return slot, bad
+
+
+def _seen(rows, tables, slot, block_size, window):
+    """Whether each query row sees ``slot`` (within its causal limit and window)."""
+    seen = []
+    for b, pos in rows:
+        first = max(0, pos - window + 1) if window else 0
+        slots = [int(tables[b, i // block_size]) * block_size + i % block_size for i in range(first, pos + 1)]
+        seen.append(slot in slots)
+    return np.array(seen, dtype=bool)
+
+
+def _assert_agree_around_poison(actual, expected, poison, rows, tables, block_size, window, close):
+    """Rows that do not see the poisoned slot: finite on both sides and close (a masked position
+    contributes nothing, NaN or not). Rows that see a NaN: NaN in the same numbers."""
+    seen = np.zeros(len(rows), bool) if poison is None else _seen(rows, tables, poison[0], block_size, window)
+    clean = ~seen
+    assert np.isfinite(expected[clean]).all() and np.isfinite(actual[clean]).all()
+    close(actual[clean], expected[clean])
+    if poison is not None and np.isnan(poison[1]):
+        np.testing.assert_array_equal(np.isnan(actual[seen]), np.isnan(expected[seen]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "fp8_e4m3", "int8"])
+@pytest.mark.parametrize("where", ["before the window", "after the query"])
+def test_a_non_finite_number_a_query_does_not_see_contributes_nothing(backend, dtype, where):
+    """A NaN (what fp8_e4m3 stored for any |x| > 448) in K and V at a position a query must not see:
+    before its sliding window (decode), or after it (causal prefill). Before, 0 x NaN turned the
+    reference's output NaN in both cases and the numba prefill's in the second, while the numba
+    decode gave the right numbers: the backends disagreed."""
+    config = CacheConfig(num_layers=1, num_kv_heads=2, head_dim=4, num_blocks=6, block_size=4, dtype=dtype)
+    pool = KVPool(config)
+    key, value = pst.token_arrays(config, 20, 0)
+    bad = 3 if where == "before the window" else 15
+    key[bad], value[bad] = np.nan, np.nan
+    ref.write(pool, 0, key, value, np.arange(20, dtype=np.int64))
+    tables, lens = np.array([[0, 1, 2, 3, 4]], np.int32), np.array([20], np.int32)
+    if where == "before the window":
+        q, options = np.ones((1, 4, 4), np.float32), dict(sliding_window=8)
+    else:
+        q, options = np.ones((16, 4, 4), np.float32), dict(query_lens=np.array([16], np.int32))
+    out = host(backend.paged_attention(q, on_device(pool, backend), 0, tables, lens, **options))
+    if where == "after the query":
+        assert np.isnan(out[11:]).all()  # rows at positions 15.. see it: NaN, as documented
+        out = out[:11]
+    assert np.isfinite(out).all()
+    clean = KVPool(config)  # the same without the poisoned position: what the visible ones give
+    key[bad], value[bad] = 0.0, 0.0
+    ref.write(clean, 0, key, value, np.arange(20, dtype=np.int64))
+    want = ref.paged_attention(q, clean, 0, tables, lens, **options)[:len(out)]
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_backends_agree_with_the_reference(fast_backend, monkeypatch, data, seed):
     """In every storage format: both sides decode the same exact values, so the float32
@@ -60,14 +136,20 @@ def test_backends_agree_with_the_reference(fast_backend, monkeypatch, data, seed
     host_pool = pst.filled_pool(config, seed)
     tables, lens, rows, hq, options = data.draw(attention_case(config))
     layer = data.draw(st.integers(0, config.num_layers - 1))
+    largest = kv_max(host_pool, layer)  # the bound of the finite numbers, taken before any poison
+    poison = _poison(host_pool, layer, tables, lens, data, seed + 2)
     q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
     expected = ref.paged_attention(q, host_pool, layer, tables, lens, **options)
     actual = host(fast_backend.paged_attention(q, on_device(host_pool, fast_backend), layer, tables, lens, **options))
     assert actual.shape == expected.shape and actual.dtype == np.float32
-    largest = kv_max(host_pool, layer)
+    largest = max(largest, float(np.abs(np.nan_to_num(pst.token_arrays(config, 1, seed + 2)[0])).max()))
     scale = options["scale"] or 1 / np.sqrt(config.head_dim)
-    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, largest,
-                           score_bound(config.head_dim, scale, float(np.abs(q).max(initial=0)), largest))
+
+    def close(a, e):
+        assert_attention_close(a, e, int(lens.max(initial=0)), config.head_dim, largest,
+                               score_bound(config.head_dim, scale, float(np.abs(q).max(initial=0)), largest))
+    _assert_agree_around_poison(actual, expected, poison, _query_rows(lens, options["query_lens"]), tables,
+                                config.block_size, options["sliding_window"], close)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"])
@@ -214,14 +296,20 @@ def test_tiled_prefill_agrees_with_the_reference(data, seed):
     hq = config.num_kv_heads * data.draw(st.integers(1, 3), label="group")
     options = dict(query_lens=query_lens, sliding_window=data.draw(st.none() | st.integers(1, 9)),
                    soft_cap=data.draw(st.none() | st.floats(0.5, 30.0)))
+    largest = kv_max(host_pool, 0)
+    poison = _poison(host_pool, 0, tables, lens, data, seed + 2)  # at a masked position, or a visible one
+    largest = max(largest, float(np.abs(np.nan_to_num(pst.token_arrays(config, 1, seed + 2)[0])).max()))
     q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
     expected = ref.paged_attention(q, host_pool, 0, tables, lens, **options)
     with mock.patch.object(_numba_prefill, "TILE_ROWS", data.draw(st.sampled_from([1, 3, 16, 32]), label="tile rows")):
         actual = numba.paged_attention(q, host_pool, 0, tables, lens, **options)
-    largest = kv_max(host_pool, 0)
-    assert_attention_close(actual, expected, int(lens.max(initial=0)), config.head_dim, largest,
-                           score_bound(config.head_dim, 1 / np.sqrt(config.head_dim),
-                                       float(np.abs(q).max(initial=0)), largest))
+
+    def close(a, e):
+        assert_attention_close(a, e, int(lens.max(initial=0)), config.head_dim, largest,
+                               score_bound(config.head_dim, 1 / np.sqrt(config.head_dim),
+                                           float(np.abs(q).max(initial=0)), largest))
+    _assert_agree_around_poison(actual, expected, poison, _query_rows(lens, query_lens), tables,
+                                config.block_size, options["sliding_window"], close)
 
 
 def test_tiles_cut_each_sequence_into_runs():

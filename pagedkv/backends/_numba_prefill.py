@@ -39,6 +39,8 @@ delete ``pagedkv/backends/__pycache__/*.nbi`` / ``*.nbc`` (or touch ``numba_cpu.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -195,6 +197,43 @@ def _online_softmax(st, m, m_new, denom, acc, lo, hi, width, n, cap):
             denom[w] += e
 
 
+@njit(inline="always")
+def _hide_masked_non_finite(vb, saved, hid, lo, hi, width, n):
+    """Set aside the block's V rows holding a NaN or an infinity that some query vector of the tile
+    must not see (a weight of 0 times NaN is still NaN): such a row moves to ``saved`` and reads 0 in
+    ``vb`` (``hid[i]`` set), and :func:`_add_hidden_rows` adds it back for the vectors that see it.
+    Only rows outside what every vector sees are looked at (the diagonal's and the window's
+    edges), so the usual block costs a few comparisons. Returns whether any row was set aside."""
+    all_lo, all_hi = 0, n  # positions every query vector of the tile sees
+    for w in range(width):
+        all_lo = max(all_lo, lo[w])
+        all_hi = min(all_hi, hi[w])
+    hidden = False
+    for i in range(n):
+        if all_lo <= i < all_hi:
+            continue
+        finite = True
+        for d in range(vb.shape[1]):
+            finite = finite and math.isfinite(vb[i, d])
+        if not finite:
+            saved[i, :] = vb[i, :]
+            vb[i, :] = 0.0
+            hid[i] = True
+            hidden = True
+    return hidden
+
+
+@njit(inline="always")
+def _add_hidden_rows(et, saved, hid, acc, lo, hi, width, n):
+    """The rows :func:`_hide_masked_non_finite` set aside, weighted into the vectors that see them."""
+    for i in range(n):
+        if hid[i]:
+            for w in range(width):
+                if lo[w] <= i < hi[w]:
+                    acc[w, :] += et[i, w] * saved[i, :]
+            hid[i] = False
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def tiled_attention_kernel(data, layer, q, tables, row_seq, row_pos, tile_first, tile_rows, out, window, scale,
                            cap, s, codec, kind, k_scale, v_scale, scales):
@@ -233,6 +272,8 @@ def tiled_attention_kernel(data, layer, q, tables, row_seq, row_pos, tile_first,
         kb = np.zeros((npad, head_dim), dtype=np.float32)  # a block's keys and values, zero-padded
         vb = np.zeros((npad, head_dim), dtype=np.float32)
         row = np.empty(head_dim, dtype=np.float32)
+        saved = np.zeros((npad, head_dim), dtype=np.float32)  # V rows set aside (_hide_masked_non_finite)
+        hid = np.zeros(npad, dtype=np.bool_)
         start = max(0, first_pos - window + 1) if window > 0 else 0  # the first row's window reaches furthest
         for j in range(start // block_size, last_pos // block_size + 1):
             first = j * block_size
@@ -253,9 +294,12 @@ def tiled_attention_kernel(data, layer, q, tables, row_seq, row_pos, tile_first,
             for w in range(wpad):  # the positions of this block each query vector sees
                 lo[w] = max(pos[w] - window + 1 - first, 0) if window > 0 else 0
                 hi[w] = min(pos[w] + 1 - first, n)
+            hidden = _hide_masked_non_finite(vb, saved, hid, lo, hi, width, n)
             _scores(qs, kb, st, wpad, npad)
             _online_softmax(st, m, m_new, denom, acc, lo, hi, wpad, npad, cap)
             _weighted_values(st, vb, acc, wpad, npad)
+            if hidden:
+                _add_hidden_rows(st, saved, hid, acc, lo, hi, width, n)
         for w in range(width):
             r, hq = r0 + w // group, h * group + w % group
             for d in range(head_dim):

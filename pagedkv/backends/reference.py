@@ -87,24 +87,20 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
     tables, lens = a.block_tables, a.context_lens
     keys, values = _read(pool, layer, layout.gather_slots(tables, lens, c.block_size), None)
     cu = layout.cu_seqlens(lens)
-    for b in range(lens.shape[0]):
-        rows = np.flatnonzero((a.row_seq == b) & (a.row_pos >= 0))
-        if not rows.size:
-            continue
-        k = keys[cu[b]:cu[b + 1]].astype(np.float64)  # [L, H, D]
-        v = values[cu[b]:cu[b + 1]].astype(np.float64)
-        qs = q[rows].astype(np.float64).reshape(len(rows), c.num_kv_heads, group, c.head_dim)
-        scores = np.einsum("rhgd,lhd->rhgl", qs, k) * opt.scale  # [rows, H, group, L]
-        if opt.soft_cap:
-            scores = opt.soft_cap * np.tanh(scores / opt.soft_cap)
-        i, pos = np.arange(k.shape[0]), a.row_pos[rows][:, None]
-        visible = i <= pos
-        if opt.window:
-            visible &= i > pos - opt.window
-        scores = np.where(visible[:, None, None, :], scores, -np.inf)
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)
-        out[rows] = np.einsum("rhgl,lhd->rhgd", weights, v).reshape(len(rows), -1, c.head_dim)
+    for r in np.flatnonzero(a.row_pos >= 0):
+        b, pos = a.row_seq[r], int(a.row_pos[r])
+        first = max(0, pos - opt.window + 1) if opt.window else 0
+        # only the positions this query sees are read: a masked one, NaN or not, contributes nothing
+        k = keys[cu[b] + first:cu[b] + pos + 1].astype(np.float64)  # [L, H, D]
+        v = values[cu[b] + first:cu[b] + pos + 1].astype(np.float64)
+        qs = q[r].astype(np.float64).reshape(c.num_kv_heads, group, c.head_dim)
+        with np.errstate(invalid="ignore", over="ignore"):  # a visible NaN or inf: carried, as documented
+            scores = np.einsum("hgd,lhd->hgl", qs, k) * opt.scale  # [H, group, L]
+            if opt.soft_cap:
+                scores = opt.soft_cap * np.tanh(scores / opt.soft_cap)
+            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            weights /= weights.sum(axis=-1, keepdims=True)
+            out[r] = np.einsum("hgl,lhd->hgd", weights, v).reshape(-1, c.head_dim)
     return out
 
 
@@ -241,6 +237,12 @@ def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.nd
 
     where position i is visible if ``i <= pos`` (causal) and, with a
     sliding window W, ``i > pos - W``.
+
+    Non-finite K/V (an fp8_e4m3 pool stores NaN, a model may write inf), the same in every
+    backend: a position a query does not see contributes nothing, whatever it holds; a
+    visible NaN in K makes that query head's whole output row NaN, and a visible NaN in V
+    the output numbers it is weighted into (every query head of its K/V head, in that
+    dimension). A visible infinity is carried by IEEE arithmetic (``inf - inf`` is NaN).
 
     Args:
         q: float32 ``[B, Hq, D]`` (decode: row b is the newest token of
