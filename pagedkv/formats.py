@@ -17,10 +17,13 @@ a sign bit, ``E`` exponent bits (bias ``2**(E-1) - 1``) and ``M`` mantissa bits:
 
 Encoding a float32 rounds to the nearest representable value, ties to even,
 subnormals included; the special cases follow ml_dtypes (and numpy for
-float16), the libraries the tests check every bit against:
+float16) and torch, the libraries the tests check every bit against:
 
 - a value past the largest finite one after rounding becomes inf (float16,
-  bfloat16, fp8_e5m2) or NaN (fp8_e4m3, which has no inf); inf likewise;
+  bfloat16, fp8_e5m2), inf likewise; fp8_e4m3, which has no inf, saturates:
+  anything past 448 after rounding, inf included, is stored as +-448, as torch's
+  ``.to(torch.float8_e4m3fn)`` and vLLM's quantizers do (ml_dtypes would store NaN,
+  and one large activation would then poison every later query of its sequence);
 - NaN stays NaN with its sign: float16 keeps the top of the payload (as
   numpy does), the others store their one quiet NaN (``0x7FC0``, ``0x7E``,
   ``0x7F``); decoding keeps a float16 or bfloat16 payload and turns an fp8
@@ -171,7 +174,8 @@ def encode(fmt: StorageFormat, x: np.ndarray) -> np.ndarray:
     top = (1 << c.exp_bits) - 1  # the all-ones exponent
     if c.finite_only:
         nan = (top << c.man_bits) | ((1 << c.man_bits) - 1)
-        out = np.where((out > nan - 1) | (a >= 0x7F800000), nan, out)  # too big, inf or NaN: NaN
+        out = np.where(out > nan - 1, nan - 1, out)  # too big, inf included: the largest finite, saturated
+        out = np.where(a > 0x7F800000, nan, out)  # NaN stays NaN
     else:
         inf = top << c.man_bits
         out = np.where(out >= inf, inf, out)
@@ -220,8 +224,8 @@ def encode_bits(b, c):
     top = (1 << c.exp_bits) - 1
     base = 23 - c.man_bits
     if a >= 0x7F800000:  # inf or NaN
-        if c.finite_only:
-            return sign | (top << c.man_bits) | ((1 << c.man_bits) - 1)
+        if c.finite_only:  # NaN stays NaN; inf saturates to the largest finite
+            return sign | (top << c.man_bits) | ((1 << c.man_bits) - (1 if a > 0x7F800000 else 2))
         if a == 0x7F800000:
             return sign | (top << c.man_bits)
         if c.nan_payload:
@@ -240,9 +244,9 @@ def encode_bits(b, c):
     if rest > half or (rest == half and q & 1 == 1):  # round to nearest, ties to even
         q += 1
     out = above + q
-    if c.finite_only:
+    if c.finite_only:  # past the largest finite (the pattern below NaN's): saturated
         nan = (top << c.man_bits) | ((1 << c.man_bits) - 1)
-        return sign | (nan if out >= nan else out)
+        return sign | (nan - 1 if out >= nan else out)
     inf = top << c.man_bits
     return sign | (inf if out >= inf else out)
 

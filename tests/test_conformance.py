@@ -338,7 +338,8 @@ def test_int8_kernels_in_vllm_layout_carry_scale_caches():
 
 
 def vllm_write_fp8(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, *, bug=None):
-    """vLLM's fp8 reshape_and_cache: stored = e4m3(x / scale), per-tensor scales (ml_dtypes encodes)."""
+    """vLLM's fp8 reshape_and_cache: stored = e4m3(x / scale) clamped to the format's +-448 first, as vLLM
+    does, per-tensor scales (ml_dtypes encodes)."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     bs = key_cache.shape[1]
     if bug == "scale dropped":
@@ -346,7 +347,8 @@ def vllm_write_fp8(key, value, key_cache, value_cache, slot_mapping, k_scale, v_
     for t, slot in enumerate(slot_mapping):
         if slot >= 0:
             for cache, x, scale in ((key_cache, key, k_scale), (value_cache, value, v_scale)):
-                cache[slot // bs, slot % bs] = (x[t] / np.float32(scale)).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+                scaled = np.clip(x[t] / np.float32(scale), np.float32(-448), np.float32(448))
+                cache[slot // bs, slot % bs] = scaled.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
 
 
 def vllm_read_fp8(key_cache, value_cache, slot_mapping, k_scale, v_scale):

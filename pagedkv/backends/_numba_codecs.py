@@ -233,7 +233,7 @@ def encode_loop(x, bits, scale, divide, dst, n, exp_bits, man_bits, bias, finite
     :func:`pagedkv.formats.encode_bits` with a shortcut for the numbers that land among
     the format's normal numbers: rebias the exponent and round the mantissa to nearest,
     ties to even, in one add-and-shift (a carry into the exponent, up to inf, is right;
-    past e4m3fn's 448, which has no inf, NaN). Overflow, inf and NaN are marked and then
+    past e4m3fn's 448, which has no inf, saturated to 448). Overflow, inf and NaN are marked and then
     take the general codec, one by one.
 
     Numbers below the format's normal range take a shortcut too: a subnormal's stored bits are
@@ -256,8 +256,8 @@ def encode_loop(x, bits, scale, divide, dst, n, exp_bits, man_bits, bias, finite
         normal = (e >= 1) & (e <= highest)
         below = e < 1  # zero, or under the format's smallest normal number
         h = (a - rebias + (1 << (base - 1)) - 1 + ((a >> base) & 1)) >> base
-        if finite_only:
-            h = min(h, nan)
+        if finite_only:  # rounded past the largest finite: saturated, as formats.encode_bits
+            h = min(h, nan - 1)
         h_sub = np.int64(np.rint(as_float32(np.uint32(a)) * steps))
         h = h if normal else (h_sub if below else 0)
         dst[d] = ((b >> 31) << (exp_bits + man_bits)) | h
