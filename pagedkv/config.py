@@ -25,6 +25,8 @@ def _index(value: object, limit: int, what: str, note: str = "") -> int:
 
 
 def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool):  # an int to Python, never a size
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
     try:
         value = operator.index(value)
     except TypeError:

@@ -273,6 +273,54 @@ def test_bad_input_is_refused_clearly():
     assert small.kv.stats()["blocks_used"] == 0  # nothing half-done
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"block_size": 0}, "block_size"), ({"block_size": "16"}, "block_size"), ({"block_size": True}, "block_size"),
+    ({"block_size": -4}, "block_size"), ({"block_size": 2.5}, "block_size"), ({"max_tokens": True}, "max_tokens"),
+    ({"dtype": "float64"}, "unknown KV storage format"), ({"backend": "cuda"}, "backend"),
+    ({"backend": 3}, "backend"), ({"share": "other"}, "share"),
+    ({"stores": [pagedkv.stores.HostStore(1 << 20)]}, "model_id"),
+    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "model_id": ""}, "model_id"),
+])
+def test_every_constructor_argument_is_checked(kw, match):
+    """Before, block_size=0 raised ZeroDivisionError, "16" a TypeError, and True was taken as 1."""
+    model = llama()
+    with pytest.raises(pagedkv.ConfigError, match=match):
+        cache = PagedCache(model.config, **kw)
+        model(input_ids=prompts()[0], cache=cache)  # a check left for the first update would show here
+
+
+def test_the_model_id_tells_weights_apart():
+    from pagedkv.integrations.transformers import model_id
+
+    base, tuned, again = llama(), llama(seed=1), llama()
+    assert model_id(base) == model_id(again) != model_id(tuned)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.copy_(base.model.layers[0].mlp.down_proj.weight)
+    assert model_id(tuned) != model_id(base)  # every other tensor still differs
+
+
+def test_two_models_of_one_geometry_share_a_store_and_get_only_their_own_blocks(tmp_path):
+    """A base model and a 'fine-tune' (other weights) over one blocks directory: each loads only the
+    prefixes it computed itself, and generates DynamicCache's tokens."""
+    store = pagedkv.stores.DirectoryStore(tmp_path, max_bytes=1 << 26)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    kw = {"do_sample": False, "max_new_tokens": 4, "pad_token_id": 0}
+    for model in (llama(), llama(seed=1)):
+        want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).tolist()
+        for run in range(2):
+            cache = PagedCache(model.config, block_size=4, prompt_ids=ids, stores=[store], model_id=model)
+            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **kw).tolist()
+            assert got == want
+            assert cache.cached_tokens == (16 if run else 0)  # the second run loads its own prefix
+            cache.kv.end_step()
+            cache.reset()
+    model = llama()
+    model.config.dtype = torch.bfloat16  # a config that says another dtype than the model runs in
+    cache = PagedCache(model.config, block_size=4, prompt_ids=ids, stores=[store], model_id=model)
+    with pytest.raises(pagedkv.ArgumentError, match="pass dtype="):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **kw)
+
+
 def test_layers_pagedkv_does_not_serve_are_refused_before_anything_is_stored():
     """Cross-attention and layer kinds other than full and sliding attention: a ConfigError that
     names what is served, from the constructor."""

@@ -48,6 +48,7 @@ A ``crop`` that would need freed blocks is refused (ArgumentError).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -56,10 +57,13 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..backends import resolve_backend
 from ..cache import PagedKVCache, Step
 from ..config import CacheConfig
 from ..errors import ArgumentError, ConfigError
+from ..formats import get_format
 from ..layout import cdiv, window_start_block
+from ..stores import BlockStore
 from .hf_layers import layer_groups
 
 #: the attention implementation that runs pagedkv's kernels over the pool (see :mod:`.hf_attention`)
@@ -92,6 +96,51 @@ def _rows(prompt_ids: Any) -> list[list[int]]:
     if not rows or not all(isinstance(r, (list, tuple)) for r in rows):
         raise ArgumentError("prompt_ids must be [B, L] token ids (input_ids)")
     return [[int(t) for t in r] for r in rows]
+
+
+def model_id(model: torch.nn.Module, *, sample: int = 64) -> str:
+    """A name of a transformers model's weights, for the stores behind a :class:`PagedCache`: its
+    config's ``name_or_path`` and a sha256 over every parameter's name, shape, dtype and ``sample``
+    of its numbers spread over it (the first, the last and evenly between). A fine-tune or another
+    checkpoint of the same architecture gets another id; the same weights loaded again, in any
+    process, the same one. Reads ``sample`` numbers a tensor, never the whole model."""
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        if flat.numel():
+            at = torch.linspace(0, flat.numel() - 1, min(sample, flat.numel())).long()
+            picked = flat[at].float().cpu().numpy()
+            digest.update(np.ascontiguousarray(picked).tobytes())
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    return f"{name}@{digest.hexdigest()[:32]}"
+
+
+def _kv_geometry(text: Any) -> tuple[int, int]:
+    """``(K/V heads, head dim)`` from a model's text config, as its attention layers compute them."""
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+        raise ConfigError("stores with prompt_ids need the K/V geometry from the config (num_key_value_heads, "
+                          "head_dim); this config does not say it")
+    return kv_heads, head_dim
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    """The model's dtype as its config says it (float32 when it does not)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _model_id_of(model: Any) -> str:
+    """A PagedCache's ``model_id`` argument as a str (see :func:`model_id`)."""
+    if isinstance(model, torch.nn.Module):
+        return model_id(model)
+    raise ConfigError("stores need a model_id: the model (PagedCache(model.config, stores=..., model_id=model)) or a "
+                      f"str naming its weights, so that models of one geometry never share blocks; got {model!r}")
 
 
 class PagedLayer(CacheLayerMixin):
@@ -155,6 +204,14 @@ class PagedCache(Cache):
             full blocks into the prefix cache, for :meth:`new_cache` to reuse.
         share: another PagedCache whose pool and prefix cache this one uses (its geometry,
             format and backend too; the other arguments but ``prompt_ids`` are then ignored).
+        stores: slower tiers behind the prefix cache (:mod:`pagedkv.stores`), shared with other
+            processes or later runs: the full blocks of ``prompt_ids`` are loaded from them when
+            found, and written to them once computed.
+        model_id: required with ``stores``: the model (its identity is then :func:`model_id`'s,
+            from its config and weights) or a str naming its weights, so that another model of
+            the same geometry sharing a store never gets this one's blocks.
+
+    Every argument is checked here (a ConfigError naming it), before anything is made.
 
     Prefix caching across calls: ``cache.new_cache(prompt_ids)`` makes a cache on the same
     pool whose rows start with the longest prefix of their prompts (whole blocks, the same
@@ -163,13 +220,27 @@ class PagedCache(Cache):
     """
 
     def __init__(self, config: Any, *, max_tokens: int = 8192, block_size: int = 16, dtype: str | None = None,
-                 backend: str = "auto", prompt_ids: Any = None, share: PagedCache | None = None) -> None:
+                 backend: str = "auto", prompt_ids: Any = None, share: PagedCache | None = None,
+                 stores: Sequence[BlockStore] = (), model_id: Any = None) -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ConfigError("PagedCache needs a model config with num_hidden_layers")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        if dtype is not None:
+            get_format(dtype)  # a ConfigError listing the formats for an unknown one
+        if not isinstance(backend, str) or resolve_backend(backend) not in ("numpy", "numba"):
+            raise ConfigError(f"backend must be 'auto', 'numba' or 'numpy' (the integration runs on the CPU), "
+                              f"got {backend!r}")
+        if share is not None and not isinstance(share, PagedCache):
+            raise ConfigError(f"share must be another PagedCache, got {type(share).__name__}")
+        self.stores = tuple(stores)
+        self.model_id: str | None = None
+        if self.stores:
+            self.model_id = model_id if isinstance(model_id, str) else _model_id_of(model_id)
         if share is not None:  # its pool's geometry, whatever this call's arguments say
             block_size = int(share.block_size)
             max_tokens = int(share.num_blocks) * block_size
@@ -177,7 +248,9 @@ class PagedCache(Cache):
         self.block_size: int = block_size
         self.storage_dtype, self.backend_name = dtype, backend
         self.config = config
-        self.kv: PagedKVCache | None = None  # made at the first update, when H, D and the dtype are known
+        # made at the first update, when H, D and the dtype are known (with stores and prompts: now, from the config)
+        self.kv: PagedKVCache | None = None
+        self.dtype_from_config = False
         self.prompt_ids = None if prompt_ids is None else _rows(prompt_ids)
         self.cached_tokens = 0  #: prompt tokens per row taken from the prefix cache, not computed
         self.seq_ids: list = []  # the pagedkv sequence of each batch row
@@ -200,6 +273,10 @@ class PagedCache(Cache):
             self.kv = share.kv
             if self.prompt_ids is not None:
                 self._add_sequences(len(self.prompt_ids))
+        elif self.stores and self.prompt_ids is not None:  # the stores may hold the prompts' prefixes: the
+            self._make_pool(*_kv_geometry(text), _config_dtype(config))  # pool now, so generate skips them
+            self.dtype_from_config = self.storage_dtype is None  # checked against the model's at its first update
+            self._add_sequences(len(self.prompt_ids))
 
     # -- what transformers calls ---------------------------------------------------------------
 
@@ -262,14 +339,28 @@ class PagedCache(Cache):
         return key, value
 
     def _pool_for(self, key_states: torch.Tensor) -> PagedKVCache:
+        _, h, _, d = key_states.shape
         if self.kv is None:
-            _, h, _, d = key_states.shape
-            dtype = self.storage_dtype or EXACT_FORMATS.get(key_states.dtype, "float32")
-            config = CacheConfig(num_layers=len(self.layers), num_kv_heads=h, head_dim=d, num_blocks=self.num_blocks,
-                                 block_size=self.block_size, dtype=dtype)
-            if self.groups is not None:  # sliding and full layers: the sliding ones free what leaves the window
-                config = replace(config, layer_groups=self.groups)
-            self.kv = PagedKVCache(config, self.backend_name, enable_prefix_caching=self.prompt_ids is not None)
+            return self._make_pool(h, d, key_states.dtype)
+        c = self.kv.config
+        if (c.num_kv_heads, c.head_dim) != (h, d):
+            raise ArgumentError(f"the model hands K/V of {h} heads of {d}; the pool was made for "
+                                f"{c.num_kv_heads} heads of {c.head_dim} (from the model's config)")
+        if self.dtype_from_config and EXACT_FORMATS.get(key_states.dtype, "float32") != c.dtype:
+            raise ArgumentError(f"the model runs in {key_states.dtype}, but the pool was made for {c.dtype} from its "
+                                "config's dtype: pass dtype= to PagedCache")
+        return self.kv
+
+    def _make_pool(self, h: int, d: int, dtype: Any) -> PagedKVCache:
+        """The pool, for ``h`` K/V heads of ``d`` numbers of torch ``dtype`` (the model's)."""
+        fmt = self.storage_dtype or EXACT_FORMATS.get(dtype, "float32")
+        config = CacheConfig(num_layers=len(self.layers), num_kv_heads=h, head_dim=d, num_blocks=self.num_blocks,
+                             block_size=self.block_size, dtype=fmt)
+        if self.groups is not None:  # sliding and full layers: the sliding ones free what leaves the window
+            config = replace(config, layer_groups=self.groups)
+        self.kv = PagedKVCache(config, self.backend_name,
+                               enable_prefix_caching=self.prompt_ids is not None or bool(self.stores),
+                               stores=self.stores, model_id=self.model_id)
         return self.kv
 
     def _add_sequences(self, rows: int) -> None:
