@@ -21,6 +21,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 #: pagedkv.testing.checkers.CONVENTIONS (named here: the checkers import hypothesis, a test extra)
 VERIFY_CONVENTIONS = ["pagedkv", "flashinfer", "vllm", "hnd", "vllm_paged", "vllm_cpu", "flashinfer_nhd",
                       "flashinfer_hnd", "transformers"]
@@ -38,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                                    "a map of the pool, and a check that paged and dense generation agree.")
     d.add_argument("--requests", type=_positive, default=32, help="number of requests (default 32)")
     d.add_argument("--blocks", type=_positive, default=96, help="blocks in the pool, of 16 tokens (default 96)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the model weights and the requests (default 0)")
+    d.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the model weights and the requests (default 0)")
     d.add_argument("--backend", choices=[*BACKENDS, "auto"], default="auto",
                    help="where the cache routines run (default auto: numba, else numpy; "
                         "cuda runs them on a GPU)")
@@ -138,6 +149,9 @@ def _generate(args) -> int:
                 prompts = [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             print(f"pagedkv: error: cannot read {args.batch}: {e.strerror}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as e:
+            print(f"pagedkv: error: {args.batch} is not UTF-8 text (byte {e.start}: {e.reason})", file=sys.stderr)
             return 2
         if not prompts:
             print(f"pagedkv: error: {args.batch} holds no prompt", file=sys.stderr)

@@ -77,3 +77,21 @@ def test_bench_decode():
     lines = out.stdout.splitlines()
     assert "copy limit" in lines[1]
     assert [line.split()[0] for line in lines[3:]] == ["write", "gather", "copy_blocks"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["demo", "--store", "redis://h:notaport", "--requests", "1"], "cannot use the URL"),
+    (["demo", "--store", "/proc/nope", "--requests", "1"], "cannot use '/proc/nope'"),
+    (["demo", "--store", "/etc/passwd", "--requests", "1"], "cannot use '/etc/passwd'"),
+    (["demo", "--seed", "-1"], "is negative"),
+    (["demo", "--seed", "x"], "not an integer"),
+    (["demo", "--blocks", "-5"], "not positive"),
+    (["bench", "--shape", "huge"], "invalid choice"),
+    (["verify", "nomodule:nofunction", "--routine", "write", "--examples", "1"], "nomodule"),
+])
+def test_bad_arguments_say_what_is_wrong_without_a_traceback(args, words):
+    """Before, the store, seed and verify cases ended in a Python traceback with exit 1."""
+    out = run(*args, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and re.search(r"^pagedkv( \w+)?: error: ", out.stderr, re.M), out.stderr
+    assert words in out.stderr, out.stderr

@@ -5,6 +5,9 @@ test compares ``generate`` with a :class:`PagedCache` against ``generate`` with
 transformers' default cache, token for token.
 """
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -409,3 +412,33 @@ def test_a_batch_of_prompts_computes_a_shared_prefix_once(checkpoint, tmp_path, 
     assert _continuation(checkpoint, f"{prefix} w5", max_new_tokens=4).strip() in out
     assert main(["generate", "--model", checkpoint, "--batch", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_generate_command_says_what_is_wrong_without_a_traceback(checkpoint, tmp_path):
+    """Each bad argument: exit 2 and one 'pagedkv: error:' line saying what was wrong. Before,
+    a missing directory, a directory without a tokenizer, a batch file that is not UTF-8 and an
+    empty prompt each ended in a traceback."""
+    from .test_cli import run
+
+    no_tokenizer = tmp_path / "model-only"
+    shutil.copytree(checkpoint, no_tokenizer)
+    for name in os.listdir(no_tokenizer):
+        if "token" in name or name == "vocab.json":
+            os.remove(no_tokenizer / name)
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"w1 w2\n\xff\xfe w3\n")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    for args, words in (
+        (["--model", str(tmp_path / "missing"), "--prompt", "w1"], "no checkpoint directory"),
+        (["--model", str(no_tokenizer), "--prompt", "w1"], "holds no tokenizer"),
+        (["--model", str(empty_dir), "--prompt", "w1"], "holds no tokenizer"),
+        (["--model", checkpoint, "--batch", str(binary)], "is not UTF-8"),
+        (["--model", checkpoint, "--batch", str(tmp_path / "nope.txt")], "cannot read"),
+        (["--model", checkpoint, "--prompt", ""], "empty"),
+        (["--model", checkpoint, "--prompt", "w1", "--max-new-tokens", "-3"], "not positive"),
+    ):
+        out = run("generate", *args, timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "Traceback" not in out.stderr and words in out.stderr, (args, out.stderr)
+        assert re.search(r"^pagedkv( generate)?: error: ", out.stderr, re.M), out.stderr

@@ -9,22 +9,49 @@ prefix cache.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import torch
 import transformers
 
+from ..errors import ConfigError
 from ..pool import human_bytes
 from .hf_attention import register
 from .transformers import ATTENTION, PagedCache
 
+#: files of which a checkpoint directory must hold one for AutoTokenizer to load its tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
 
 def load(model_path: str) -> tuple[Any, Any]:
-    """The tokenizer and the model (in eval mode) of a checkpoint directory or hub id."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    """The tokenizer and the model (in eval mode) of a checkpoint directory or hub id. Raises
+    ConfigError saying what is missing: no such directory, no tokenizer or no model in it, or
+    a checkpoint transformers cannot read."""
+    local = os.path.isabs(model_path) or model_path.startswith((".", "~")) or os.path.exists(model_path) \
+        or model_path.count("/") != 1  # a hub id is "owner/name"
+    if local:
+        if not os.path.isdir(model_path):
+            raise ConfigError(f"no checkpoint directory at {model_path!r}")
+        if not any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+            raise ConfigError(f"{model_path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                              "save one beside the model with tokenizer.save_pretrained(DIR)")
+        if not os.path.exists(os.path.join(model_path, "config.json")):
+            raise ConfigError(f"{model_path!r} holds no model (config.json): save one with model.save_pretrained(DIR)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {model_path!r}: {_first_line(e)}") from e
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load a causal language model from {model_path!r}: {_first_line(e)}") from e
     return tokenizer, model
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, dtype: str | None = None,
@@ -33,6 +60,8 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, d
     as it comes, without beams); returns the run's totals, also printed. ``attention``:
     ``"pagedkv"`` runs pagedkv's kernels over the pool as the model's attention
     (:mod:`.hf_attention`); by default the model's own attention reads gathered K/V."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ConfigError("every prompt must hold some text; got an empty one")
     tokenizer, model = load(model_path)
     if attention is not None:
         if attention == ATTENTION:
