@@ -151,9 +151,10 @@ class _Group:
         n = self.tiers.ask(store, "look blocks up", lambda: store.longest_prefix(wanted), 0)
         n = n if type(n) is int and 0 <= n <= len(wanted) else 0
         values = self.tiers.ask(store, "read blocks", lambda: store.get(wanted[:n]), [])
+        if not isinstance(values, Sequence) or len(values) != n:  # a store of the user's own that answers wrong
+            values = [None] * n
         verify, valid = not _trusted(store), []
-        for k, v in zip(wanted[:n], values if isinstance(values, list) and len(values) == n else [None] * n,
-                        strict=True):
+        for k, v in zip(wanted[:n], values, strict=True):
             stored = decode_block(self.tiers.pool, k, v, ident.fp, verify=verify)
             if stored is None:  # not whole, not this key's, another pool's or group's: a miss from here on
                 if v is not None:

@@ -26,8 +26,8 @@ RANKS = {
     "cache": 13, "model": 14, "testing.tolerance": 14, "testing.strategies": 15, "testing.checkers": 16,
     "testing.compare": 15.5, "testing.verify": 16.5, "testing.manager_check": 15.5, "testing": 17, "demo": 15,
     "bench": 15, "cli": 18, "__main__": 19, "": 20,
-    "integrations": 14, "integrations.hf_layers": 13.5, "integrations.transformers": 14,
-    "integrations.hf_attention": 14.5, "integrations.generate": 15,
+    "integrations": 14, "integrations.hf_layers": 13.5, "integrations.hf_identity": 13.5,
+    "integrations.transformers": 14, "integrations.hf_attention": 14.5, "integrations.generate": 15,
 }
 NAMEDTUPLE_API = {"_replace", "_fields", "_asdict", "_make"}
 
@@ -58,10 +58,15 @@ def imported(name: str, path: pathlib.Path):
                     yield n.removeprefix("pagedkv").lstrip(".")
 
 
+# A module says one idea; past this many lines it has likely grown a second. 500, not the 400 this
+# started with: at 400, modules were cut where the count fell rather than between ideas.
+MAX_LINES = 500
+
+
 @pytest.mark.parametrize("name, path", list(modules()), ids=[n or "pagedkv" for n, _ in modules()])
 def test_small_modules_that_import_only_downward(name, path):
     assert name in RANKS, f"add {name} to RANKS"
-    assert len(path.read_text().splitlines()) <= 400, f"{path} is over 400 lines"
+    assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path} is over {MAX_LINES} lines"
     for target in imported(name, path):
         assert RANKS[target] < RANKS[name], f"{name} imports {target}, which is not below it"
 

@@ -48,7 +48,6 @@ A ``crop`` that would need freed blocks is refused (ArgumentError).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -64,7 +63,10 @@ from ..errors import ArgumentError, ConfigError
 from ..formats import get_format
 from ..layout import cdiv, window_start_block
 from ..stores import BlockStore
+from .hf_identity import config_dtype, kv_geometry, model_id, model_id_of
 from .hf_layers import layer_groups
+
+__all__ = ["ATTENTION", "EXACT_FORMATS", "PagedCache", "PagedLayer", "model_id"]
 
 #: the attention implementation that runs pagedkv's kernels over the pool (see :mod:`.hf_attention`)
 ATTENTION = "pagedkv"
@@ -96,51 +98,6 @@ def _rows(prompt_ids: Any) -> list[list[int]]:
     if not rows or not all(isinstance(r, (list, tuple)) for r in rows):
         raise ArgumentError("prompt_ids must be [B, L] token ids (input_ids)")
     return [[int(t) for t in r] for r in rows]
-
-
-def model_id(model: torch.nn.Module, *, sample: int = 64) -> str:
-    """A name of a transformers model's weights, for the stores behind a :class:`PagedCache`: its
-    config's ``name_or_path`` and a sha256 over every parameter's name, shape, dtype and ``sample``
-    of its numbers spread over it (the first, the last and evenly between). A fine-tune or another
-    checkpoint of the same architecture gets another id; the same weights loaded again, in any
-    process, the same one. Reads ``sample`` numbers a tensor, never the whole model."""
-    digest = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        flat = p.detach().reshape(-1)
-        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        if flat.numel():
-            at = torch.linspace(0, flat.numel() - 1, min(sample, flat.numel())).long()
-            picked = flat[at].float().cpu().numpy()
-            digest.update(np.ascontiguousarray(picked).tobytes())
-    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    return f"{name}@{digest.hexdigest()[:32]}"
-
-
-def _kv_geometry(text: Any) -> tuple[int, int]:
-    """``(K/V heads, head dim)`` from a model's text config, as its attention layers compute them."""
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
-    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-        raise ConfigError("stores with prompt_ids need the K/V geometry from the config (num_key_value_heads, "
-                          "head_dim); this config does not say it")
-    return kv_heads, head_dim
-
-
-def _config_dtype(config: Any) -> torch.dtype:
-    """The model's dtype as its config says it (float32 when it does not)."""
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _model_id_of(model: Any) -> str:
-    """A PagedCache's ``model_id`` argument as a str (see :func:`model_id`)."""
-    if isinstance(model, torch.nn.Module):
-        return model_id(model)
-    raise ConfigError("stores need a model_id: the model (PagedCache(model.config, stores=..., model_id=model)) or a "
-                      f"str naming its weights, so that models of one geometry never share blocks; got {model!r}")
 
 
 class PagedLayer(CacheLayerMixin):
@@ -240,7 +197,7 @@ class PagedCache(Cache):
         self.stores = tuple(stores)
         self.model_id: str | None = None
         if self.stores:
-            self.model_id = model_id if isinstance(model_id, str) else _model_id_of(model_id)
+            self.model_id = model_id if isinstance(model_id, str) else model_id_of(model_id)
         if share is not None:  # its pool's geometry, whatever this call's arguments say
             block_size = int(share.block_size)
             max_tokens = int(share.num_blocks) * block_size
@@ -274,7 +231,7 @@ class PagedCache(Cache):
             if self.prompt_ids is not None:
                 self._add_sequences(len(self.prompt_ids))
         elif self.stores and self.prompt_ids is not None:  # the stores may hold the prompts' prefixes: the
-            self._make_pool(*_kv_geometry(text), _config_dtype(config))  # pool now, so generate skips them
+            self._make_pool(*kv_geometry(text), config_dtype(config))  # pool now, so generate skips them
             self.dtype_from_config = self.storage_dtype is None  # checked against the model's at its first update
             self._add_sequences(len(self.prompt_ids))
 
