@@ -1,4 +1,4 @@
-"""The ``pagedkv`` command: ``demo``, ``bench`` and ``info``."""
+"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate`` and ``verify`` (``pagedkv --help``)."""
 
 from __future__ import annotations
 

@@ -135,9 +135,8 @@ def bits(x) -> np.ndarray:
     return np.ascontiguousarray(host(x)).view(np.uint8)
 
 
-def formats_of(backend) -> tuple:
-    """The storage formats ``backend`` runs: all of them, on the CPU and on a GPU."""
-    return tuple(pagedkv.formats.FORMATS)
+#: every storage format: each backend runs all of them, on the CPU and on a GPU
+ALL_FORMATS = tuple(pagedkv.formats.FORMATS)
 
 
 def device_empty(backend, shape) -> object:

@@ -14,15 +14,14 @@ from hypothesis import strategies as st
 import pagedkv
 from pagedkv.testing import strategies as pst
 
-from .conftest import bits, device_empty, formats_of, host, on_device, pool_bytes
+from .conftest import ALL_FORMATS, bits, device_empty, host, on_device, pool_bytes
 
 ref = pagedkv.get_backend("numpy")
 
 
-def small_configs(backend):
-    """The simulated GPU runs every thread as a Python thread: keep its cases small."""
-    return pst.configs(max_layers=2, max_kv_heads=3, max_head_dim=4, max_blocks=6, max_block_size=4,
-                       dtypes=formats_of(backend))
+# The simulated GPU runs every thread as a Python thread: small cases, for every backend alike.
+SMALL_CONFIGS = pst.configs(max_layers=2, max_kv_heads=3, max_head_dim=4, max_blocks=6, max_block_size=4,
+                            dtypes=ALL_FORMATS)
 
 
 def _maybe_out(backend, config, num_tokens, data):
@@ -84,7 +83,7 @@ def test_int8_rows_of_zeros_tiny_or_subnormal_numbers(backend, kind):
 
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_write(fast_backend, data, seed):
-    config = data.draw(small_configs(fast_backend), label="config")
+    config = data.draw(SMALL_CONFIGS, label="config")
     expected = pst.filled_pool(config, seed)
     actual = on_device(expected, fast_backend)
     slots = data.draw(pst.slot_mappings(config, max_tokens=12))
@@ -115,7 +114,7 @@ def test_a_long_write_of_consecutive_and_scattered_slots(layout, dtype):
 
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_read(fast_backend, data, seed):
-    config = data.draw(small_configs(fast_backend), label="config")
+    config = data.draw(SMALL_CONFIGS, label="config")
     expected_pool = pst.filled_pool(config, seed)
     actual_pool = on_device(expected_pool, fast_backend)
     slots = data.draw(pst.slot_mappings(config, max_tokens=12, unique=False))
@@ -136,7 +135,7 @@ def test_read(fast_backend, data, seed):
 
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_gather(fast_backend, data, seed):
-    config = data.draw(small_configs(fast_backend), label="config")
+    config = data.draw(SMALL_CONFIGS, label="config")
     expected_pool = pst.filled_pool(config, seed)
     actual_pool = on_device(expected_pool, fast_backend)
     tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=3))
@@ -151,7 +150,7 @@ def test_gather(fast_backend, data, seed):
 
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_copy_blocks(fast_backend, data, seed):
-    config = data.draw(small_configs(fast_backend), label="config")
+    config = data.draw(SMALL_CONFIGS, label="config")
     expected = pst.filled_pool(config, seed)
     actual = on_device(expected, fast_backend)
     src, dst = data.draw(pst.block_copies(config))
@@ -162,7 +161,7 @@ def test_copy_blocks(fast_backend, data, seed):
 
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_swap_blocks(fast_backend, data, seed):
-    config = data.draw(small_configs(fast_backend), label="config")
+    config = data.draw(SMALL_CONFIGS, label="config")
     src_pool = pst.filled_pool(config, seed)
     expected = pst.filled_pool(config, seed + 1)
     for layer in range(config.num_layers if config.format.scale == "tensor" else 0):

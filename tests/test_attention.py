@@ -17,11 +17,10 @@ from pagedkv import CacheConfig, KVPool
 from pagedkv.testing import strategies as pst
 from pagedkv.testing.tolerance import assert_attention_close, score_bound, storage_atol
 
-from .conftest import formats_of, host, on_device
+from .conftest import ALL_FORMATS, host, on_device
 
 ref = pk.get_backend("numpy")
 
-small_configs = pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4)
 
 
 def kv_max(pool, layer):
@@ -132,7 +131,7 @@ def test_backends_agree_with_the_reference(fast_backend, monkeypatch, data, seed
     if fast_backend.NAME == "cuda":
         monkeypatch.setattr(fast_backend, "SPLIT_POSITIONS", data.draw(st.integers(4, 12), label="split_positions"))
     config = data.draw(pst.configs(max_layers=2, max_kv_heads=2, max_head_dim=8, max_blocks=6, max_block_size=4,
-                                   dtypes=formats_of(fast_backend)), label="config")
+                                   dtypes=ALL_FORMATS), label="config")
     host_pool = pst.filled_pool(config, seed)
     tables, lens, rows, hq, options = data.draw(attention_case(config))
     layer = data.draw(st.integers(0, config.num_layers - 1))
@@ -285,7 +284,7 @@ def test_tiled_prefill_agrees_with_the_reference(data, seed):
 
     numba = pk.get_backend("numba")
     config = data.draw(pst.configs(max_layers=1, max_kv_heads=2, max_head_dim=8, max_blocks=12, max_block_size=6,
-                                   dtypes=formats_of(numba)), label="config")
+                                   dtypes=ALL_FORMATS), label="config")
     host_pool = pst.filled_pool(config, seed)
     tables, lens = data.draw(pst.block_tables(config, max_seqs=3, max_blocks_per_seq=6), label="tables")
     query_lens = np.array([data.draw(st.integers(0, int(n))) for n in lens], dtype=np.int32)

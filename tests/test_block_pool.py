@@ -296,7 +296,7 @@ def test_a_retained_system_prompt_outlives_one_off_prompts():
         o = m.add_sequence(prompt_token_ids=[50 + i, 50 + i, 9])
         m.append(o, 3)
         m.free(o)
-    assert m.add_sequence(prompt_token_ids=system + [8]) is not None
+    assert m.num_cached_tokens(m.add_sequence(prompt_token_ids=system + [8])) == 4
     assert m.stats()["prefix_hits"] == 2  # both system-prompt blocks were still there
     # idle now: the ttl'd prompt's two blocks, then the last one-off's block (priority 0); one block free
     now[0] = 11  # the ttl has run out: the ttl'd blocks are priority 0, and idle for longer, so they go first
