@@ -22,7 +22,6 @@ from .conftest import ALL_FORMATS, host, on_device
 ref = pk.get_backend("numpy")
 
 
-
 def kv_max(pool, layer):
     """max |K|, |V| of a layer, as decoded (the numbers attention works with)."""
     return float(max(np.abs(pool.k_decoded(layer)).max(), np.abs(pool.v_decoded(layer)).max()))
