@@ -2,7 +2,7 @@
 random order) on the CPU backends, beside torch CPU scaled_dot_product_attention on a dense
 contiguous copy of the same K/V and the copy-bandwidth limit.
 
-Targets (issue 6): numba reads K/V at >= 0.7x the contiguous-copy bandwidth, and is at least
+Targets: numba reads K/V at >= 0.7x the contiguous-copy bandwidth, and is at least
 as fast as torch SDPA on the dense copy."""
 
 import pagedkv
@@ -68,7 +68,7 @@ class AttentionRatios:
 
 
 class FormatAttention:
-    """Decode attention over a narrow pool against the same over float32 (issue 12 targets:
+    """Decode attention over a narrow pool against the same over float32 (targets:
     bfloat16 >= 1.6x the tokens/s of float32, fp8 and int8 >= 2.5x)."""
 
     params = [["float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"]]
@@ -88,7 +88,7 @@ class FormatAttention:
 
 class FormatRoutines:
     """write / gather / copy_blocks at the prefill shape on narrow pools, against a contiguous copy of
-    the same stored bytes (issue 12 target: >= 0.8x)."""
+    the same stored bytes (target: >= 0.8x)."""
 
     params = (["write", "gather", "copy_blocks"], ["bfloat16", "fp8_e4m3", "int8"])
     param_names = ["routine", "dtype"]
@@ -108,7 +108,7 @@ class FormatRoutines:
 class AttentionScaling:
     """Decode attention (numba, B=2, Hq=32, H=8, D=128) against the number of threads and the
     context length, as tokens/s of context read and as a ratio to the copy bandwidth measured in
-    the same run (the kernels issue's target: >= 0.8x at every context >= 1k)."""
+    the same run (target: >= 0.8x at every context >= 1k)."""
 
     params = ([1, 2], [512, 2048, 8192, 32768])
     param_names = ["threads", "context"]
@@ -144,7 +144,7 @@ class AttentionScaling:
 
 
 class PrefillAttention:
-    """Causal prefill of 2,048 tokens (Hq=32, H=8, D=128) in tiles (issue 16, item 1): against
+    """Causal prefill of 2,048 tokens (Hq=32, H=8, D=128) in tiles: against
     torch's scaled_dot_product_attention(is_causal=True) on a dense copy; target >= 1.0."""
 
     number = 1

@@ -1,9 +1,9 @@
 """asv: the block manager's cost per decode step, beside the K/V write it prepares.
 
-Target (issue 3): bookkeeping for one decode step of 256 running sequences
+Target: bookkeeping for one decode step of 256 running sequences
 (slot mapping, block tables, context lengths) costs less than writing that
 step's K/V for a single layer (H=8, D=128) with the numpy backend; with two
-layer groups (full, and a sliding window of 256), too (issue 15). And the
+layer groups (full, and a sliding window of 256), too. And the
 memory a Gemma-3-shaped cache saves by freeing what leaves the windows.
 """
 

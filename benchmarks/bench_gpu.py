@@ -71,7 +71,7 @@ class GpuCopyLimit:
 
 
 class GpuAttention:
-    """Decode paged attention on the GPU (issue 6 target: >= 0.5x the device copy bandwidth)."""
+    """Decode paged attention on the GPU (target: >= 0.5x the device copy bandwidth)."""
 
     params = [["NHD", "HND"]]
     param_names = ["layout"]

@@ -155,7 +155,7 @@ class Bandwidth:
 
 class DecodeCallOverhead:
     """A decode step's calls at B=64 (numba) over their bare kernels, interleaved in one process
-    (the kernels issue's target: within 1.5x); see :mod:`benchmarks.decode_calls`."""
+    (target: within 1.5x); see :mod:`benchmarks.decode_calls`."""
 
     params = (list(decode_calls.CALLS), LAYOUTS, [16, 256])
     param_names = ["call", "layout", "context"]

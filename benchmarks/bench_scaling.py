@@ -1,4 +1,4 @@
-"""asv: the cost of each bookkeeping call does not grow with what it does not touch (issue 18).
+"""asv: the cost of each bookkeeping call does not grow with what it does not touch.
 
 - ``OneTokenAppend``: appending one token to a sequence of 1k to 128k tokens (with and
   without token ids) costs the same, whatever the sequence's length.

@@ -1,4 +1,4 @@
-"""asv: the store tiers against their raw medium, measured in the same run (issue 14).
+"""asv: the store tiers against their raw medium, measured in the same run.
 
 Each tier stores and then loads 64 blocks of a Llama-3-8B-shaped layer slice (32 layers,
 8 KV heads, D=128, blocks of 16, bfloat16: 2 MiB each, 128 MiB in all): encode (header and

@@ -1,5 +1,5 @@
 """asv: ``model.generate`` on the CPU with pagedkv's PagedCache against transformers' default
-cache, on the same model in the same run (issue 13's benchmark).
+cache, on the same model in the same run.
 
 The model is a randomly initialised Llama big enough for attention to matter (4 layers, hidden
 512, 8 query heads, 2 KV heads, float32), its PagedCache run with ``attn_implementation="pagedkv"``
@@ -102,7 +102,7 @@ def measure(context: int, attention: str = "pagedkv") -> dict[str, float]:
 
 
 class Generate:
-    """Decode tokens/s of ``generate`` with a PagedCache over the default cache's (issue 13 targets:
+    """Decode tokens/s of ``generate`` with a PagedCache over the default cache's (targets:
     >= 1.0x at short context, >= 1.3x at 2k tokens) and KV bytes against the default cache's."""
 
     params = ([128, 2000], ["pagedkv", "sdpa"])

@@ -1,4 +1,4 @@
-"""What a decode step's calls cost beyond their kernels: numba, B=64 sequences (the kernels issue's item 4).
+"""What a decode step's calls cost beyond their kernels: numba, B=64 sequences.
 
 Each routine of one decode step (``write``, ``write_step``, ``attention_step`` and the
 one-shot ``paged_attention``, 64 sequences, Hq=32, H=8, D=128, block_size=16, blocks in

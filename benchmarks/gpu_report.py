@@ -1,4 +1,4 @@
-"""The GPU table of the kernels issue (16, item 8), in one short run on a machine with a real GPU.
+"""The GPU table of the kernels, in one short run on a machine with a real GPU.
 
     python -m benchmarks.gpu_report benchmarks/results/gpu-<device>.md
 

@@ -225,7 +225,7 @@ def device_copy(nbytes: int) -> Callable[[], None]:
 def step_overhead_calls(backend) -> dict[str, Callable[[], object]]:
     """A tiny decode step on the GPU (2 sequences, 16 tokens, one block each: no work to speak of)
     and its per-layer calls, beside an empty numba-cuda launch of one argument: what each costs is
-    the host's checks, numba-cuda's argument marshalling and the launch (issue 16, item 7)."""
+    the host's checks, numba-cuda's argument marshalling and the launch."""
     from numba import cuda
 
     config = CacheConfig(num_layers=1, num_kv_heads=8, head_dim=128, num_blocks=2, block_size=16)

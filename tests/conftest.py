@@ -15,7 +15,7 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ and shutil.which("nvidia-smi") is No
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if SIMULATED:
     # The simulator's block manager busy-polls its threads while holding the GIL, so each
-    # __syncthreads() waits out Python's thread switch interval (5 ms): shorten it, 4x faster.
+    # __syncthreads() waits out Python's thread switch interval (5 ms): shortened, so they wait less.
     sys.setswitchinterval(0.0005)
 
 import numpy as np  # noqa: E402

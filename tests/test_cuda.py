@@ -152,7 +152,7 @@ def test_attention_paths_agree_with_the_reference(gpu, monkeypatch, split_positi
 
 @pytest.mark.parametrize("split", [False, True])
 def test_a_decode_step_launches_two_kernels_a_layer(gpu, monkeypatch, split):
-    """Launches per decode step (issue 16, item 7), counted: planning the step launches nothing;
+    """Launches per decode step, counted: planning the step launches nothing;
     each layer launches one write and one attention kernel (three with split-K: the combine)."""
     monkeypatch.setattr(gpu, "SPLIT_POSITIONS", 3 if split else 10**9)
     layers = 3

@@ -76,7 +76,7 @@ CASES = {
     "copy chain": (lambda b, p, o: b.copy_blocks(p, I64(0, 1), I64(1, 2)), pk.BlockCopyError, "both a source"),
     "copy int32 ids": (lambda b, p, o: b.copy_blocks(p, np.array([0], np.int32), I64(1)), pk.DTypeError, "int64"),
     "swap geometry differs": (lambda b, p, o: b.swap_blocks(o, p, I64(0), I64(1)), pk.PoolMismatchError, "geometry"),
-    # the front-door holes of issue 16: each used to reach a kernel or escape as a builtin error
+    # front-door holes: each used to reach a kernel or escape as a builtin error
     "read out inside the pool": (lambda b, p, o: b.read(p, 0, SLOTS, out=(p.data[24:48].reshape(3, 2, 4), out(b, 3))),
                                  pk.ArgumentError, "overlaps the pool's memory"),
     "gather out inside the pool": (lambda b, p, o: b.gather(p, 0, TABLES, LENS,

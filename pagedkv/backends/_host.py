@@ -11,8 +11,8 @@ from ..formats import RawKV
 from ..layout import K, Strides, V
 from ..pool import KVPool
 
-#: bytes from which :func:`new_outputs` starts its arrays on a cache line (below, aligning costs
-#: more than it saves: 2.3 us an array, a tenth of a decode-sized gather)
+#: bytes from which :func:`new_outputs` starts its arrays on a cache line (below, nothing streams,
+#: and the aligned allocation costs a decode-sized call more than it saves)
 ALIGN_OUTPUTS_FROM = 1 << 20
 
 

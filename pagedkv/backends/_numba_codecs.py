@@ -11,7 +11,7 @@ copies it always had.
 
 Speed rests on two habits. Every loop runs over slices (``src = data[at:at + n]``,
 then ``src[d]``), never ``data[at + d]``: numba wraps negative indices, and only
-over a slice can LLVM see that ``d`` never is one and vectorise the loop (2-3x).
+over a slice can LLVM see that ``d`` never is one and vectorise the loop.
 And a format's decoding loop has its parameters as constants and no branch
 (:func:`decode_loop`, :func:`decode_fp8_loop`): every value computed, then chosen.
 
@@ -64,11 +64,10 @@ def decode_narrow(data, at, n, out, off, codec, kind, scale):
 
 # A float32 pool's row is one slice copy, inlined into the kernels (a call for each row of 128
 # numbers would cost a tenth of the copy); a narrow format's decoder is a call of its own
-# (decode_narrow). Inlining those too, as this module first did, had numba type each copy of
-# their branches anew at every call site, in every pass of its type inference: a bfloat16
-# attention kernel took 24 s to compile instead of 12, for no gain at run time beyond this
-# machine's noise (the callers decode a block's rows in one call, or a row's loop costs far
-# more than the call). store_row stays inlined: the write kernel calls it per row, and calls a
+# (decode_narrow). Inlined, numba would type each copy of their branches anew at every call
+# site, in every pass of its type inference, doubling a narrow attention kernel's compile time
+# for no gain at run time (the callers decode a block's rows in one call, or a row's loop costs
+# far more than the call). store_row stays inlined: the write kernel calls it per row, and calls a
 # narrow format's token (all its heads) as a function of its own instead (numba_cpu).
 @overload(store_row, inline="always")
 def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
@@ -81,7 +80,7 @@ def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at
             src, bits, dst = x[off:off + n], x_bits[off:off + n], data[at:at + n]
             # absmax on the bit patterns: with the sign cleared, the integer order of float32 bits
             # is the order of the numbers, and every NaN lies above inf; an integer max vectorises
-            # (a float max that keeps NaNs does not: 2.8x on a row of 128)
+            # (a float max that keeps NaNs does not)
             top = np.uint32(0)
             for d in range(n):
                 top = max(top, bits[d] & np.uint32(0x7FFFFFFF))
@@ -240,8 +239,8 @@ def encode_loop(x, bits, scale, divide, dst, n, exp_bits, man_bits, bias, finite
     its count of the format's smallest step ``2^(1 - bias - man_bits)``, so ``|x|`` times
     ``2^(bias + man_bits - 1)`` (exact: a power of two) rounded by ``rint`` (to nearest, ties to
     even) is the stored magnitude, and a count that rounds up to ``2^man_bits`` is, rightly, the
-    smallest normal number's bits. Before this, every zero and subnormal took the general codec
-    (1-2% of normally distributed K/V in fp8), which cost fp8 writes half their time."""
+    smallest normal number's bits. Without it every zero and subnormal (1-2% of normally
+    distributed K/V in fp8) would take the general codec, one by one."""
     base = 23 - man_bits
     top = (1 << exp_bits) - 1
     nan = (top << man_bits) | ((1 << man_bits) - 1)
@@ -292,7 +291,7 @@ def decode_fp8_loop(src, dst, n, scale, man_bits, bias, finite_only):
     inf_at = np.uint32(0x80 if finite_only else 0x7C)  # e5m2's infinity (e4m3fn has none: no byte's em is 0x80)
     inf, nan = np.float32(np.inf), np.float32(np.nan)
     for d in range(n):
-        # every value computed before it is chosen (a select, no branch): computed in one arm, 2.6x slower
+        # every value computed before it is chosen (a select, no branch): a branch stops the loop vectorising
         b = np.uint32(src[d])
         em = b & np.uint32(0x7F)
         normal = as_float32((em << exp_shift) + rebias)

@@ -15,30 +15,23 @@ K/V head:
 
 While a block is computed, the next block's rows are prefetched (:func:`prefetch_block`): the
 CPU's own prefetchers follow a run of rows only within a 4 KiB page and cannot know which
-block comes next, and a task's work on one block is too little to hide the wait for the next
-(at the shape of ``benchmarks/bench_transformers.py``, 8 sequences of 1.5-2k tokens, 2 K/V
-heads of 64, 8 query heads, read from memory rather than from the caches: 1.2 -> 0.7-0.85 ms
-a call; at the README's larger decode shape, bound by its arithmetic, no change). A float32
-block's prefetches are issued at once when the work on the block before begins: its rows are
-read where they lie, and at four bytes a number the call is bound by memory, so the longest
-lead wins. A narrow block's (half or a quarter of the bytes, the call bound about as much by
-the arithmetic) are spread over that work, a part with each head's scores and values
-(:func:`prefetch_part`): issued in one burst they measured 20-25% slower (bfloat16 19.6 ->
-15.9 ms, fp8_e4m3 16.8 -> 12.8 ms at the README's decode shape, medians of four interleaved
-runs), while float32 spread so was about 5% slower.
+block comes next, and a task's work on one block is too little to hide the wait for the next.
+A float32 block's prefetches are issued at once when the work on the block before begins: its
+rows are read where they lie, and at four bytes a number the call is bound by memory, so the
+longest lead wins. A narrow block's (half or a quarter of the bytes, the call bound about as
+much by the arithmetic) are spread over that work, a part with each head's scores and values
+(:func:`prefetch_part`), so that they do not compete with the decoding for the load ports.
 
 A float32 pool's rows are used where they lie; a narrow pool's rows of a block (all the
 task's heads) are decoded once each into a small buffer, in the order they lie in memory
-(:func:`stage_heads`), never a decoded copy of the pool: decoding head by head read each head's
-rows a token apart, a new page per row, which the CPU's prefetchers do not follow, and cost
-bfloat16 a fifth of its speed (fp8 a third).
+(:func:`stage_heads`), never a decoded copy of the pool: decoding head by head would read
+each head's rows a token apart, a new page per row, which the CPU's prefetchers do not follow.
 
-The first version of this kernel took one query against one key at a time: one chain of
-dependent vector additions, bound by their latency, with each key row reloaded per query head;
-here four independent sums keep the vector units busy (about 2x the arithmetic rate on the
-machine this project is measured on). A group's query vectors are padded to an even count
-with zeros (their results are never written out), and a block's odd last rows take one-row
-passes, so nothing past a block's visible rows is ever read.
+Four independent sums over D keep the vector units busy, where one chain of dependent vector
+additions would be bound by their latency, and each key row is loaded once for every query
+head reading it. A group's query vectors are padded to an even count with zeros (their
+results are never written out), and a block's odd last rows take one-row passes, so nothing
+past a block's visible rows is ever read.
 
 The float liberties are :data:`~pagedkv.backends._numba_prefill.FASTMATH`'s (sums
 reassociated so that they vectorise; infinities kept, since the running max starts at -inf);

@@ -17,12 +17,11 @@ with each row's causal limit, sliding window and soft cap applied to its own sco
 scores are kept transposed (one row a position) because the softmax is then a handful of
 loops over the tile's W query vectors (``TILE_ROWS`` x the group, 128 for Llama-3's shape),
 which LLVM vectorises, ``exp`` included; along a block's 16 positions each loop would be too
-short for a vector loop and ``exp`` ran one number at a time: the softmax took as long as
-the two matrix products together, and now takes a fifth of that. The rows are copied out of
-the pool even for float32: a block's rows of one head lie a page apart in NHD (``H * D * 4``
-bytes), so read in place they fall into the same few sets of the L1 cache and evict each
-other (measured 1.3x slower); the next block's rows are prefetched while a block is worked
-on (about 5% faster). A narrow-format pool's rows are decoded once per tile and
+short for a vector loop and ``exp`` would run one number at a time. The rows are copied out
+of the pool even for float32: a block's rows of one head lie a page apart in NHD (``H * D *
+4`` bytes), so read in place they would fall into the same few sets of the L1 cache and evict
+each other; the next block's rows are prefetched while a block is worked on. A
+narrow-format pool's rows are decoded once per tile and
 block instead of once per query row. The numbers are the decode kernel's (float32
 streaming softmax); the tolerance against the float64 reference is the same
 (:mod:`pagedkv.testing.tolerance`).

@@ -4,16 +4,12 @@ A plain store first reads the cache line it writes (the core must own the line
 before changing part of it), so a copy of n bytes out of memory moves 3n bytes:
 n read, n read for ownership, n written back. A non-temporal store writes whole
 lines through the CPU's write-combining buffers, skips that read and leaves the
-caches alone: a copy moves 2n. On this project's machine (AMD EPYC, two cores)
-a numba copy of 32-128 MB ran at 28-41 GB/s with plain stores and 40-50 GB/s
-streaming; a prefill write of 8,192 tokens (64 MB moved) took 3.7-3.9 ms
-instead of 5.1-5.7.
+caches alone: a copy moves 2n.
 
 Below :data:`STREAM_MIN_BYTES` plain stores win: what a small call writes is
 still in the caches when it is read back (the next layer's attention, the next
-step's write of the same blocks), and streaming would push it out. At 1,024
-tokens (8 MB) a streaming write took 330 us against 140 us plain; at 2,048
-(16 MB) the two met; from 4,096 tokens streaming was 1.3-1.8x faster.
+step's write of the same blocks), and streaming would push it out. The threshold
+is where the two meet on a two-core x86 server (``docs/performance.md``).
 
 Streaming stores are weakly ordered: another core may see them late. Every task
 of a kernel that streams ends with :func:`store_fence`, before numba's thread

@@ -55,8 +55,8 @@ def write_kernel(data, layer, key, value, slots, stream, s, codec, kind, k_scale
     pool's format; negative slots are skipped. A task is a run of consecutive tokens; with
     ``stream`` (a large call on a float32 pool) the rows go out with streaming stores, fenced
     at the end of each task (:mod:`._numba_stream`). The flat views and the uint32 bit views
-    (the codecs' input) are made here: four array methods and two more arguments in the
-    caller cost a decode-sized write about 1 us of its ~25."""
+    (the codecs' input) are made here, compiled, rather than by the caller in Python: a
+    decode-sized write is short enough for each interpreted array method to show."""
     key, value = key.reshape(key.size), value.reshape(value.size)
     key_bits, value_bits = key.view(np.uint32), value.view(np.uint32)
     n = slots.shape[0]
@@ -151,14 +151,14 @@ def gather_kernel(data, layer, tables, lens, out_k, out_v, stream, s, codec, kin
     (streamed: a head's rows in the order they lie).
     ``stream`` as in :func:`write_kernel`.
 
-    The offsets are computed here, not by the caller: a second compiled call (numba's dispatch
-    of its arguments) cost a decode-sized gather 1.2 us of its ~30."""
+    The offsets are computed here, not by the caller: a second compiled call would pay numba's
+    dispatch of its arguments again, a visible share of a decode-sized gather."""
     block_size, row_len = s.block_size, s.num_kv_heads * s.head_dim
     cu, block_cu = gather_offsets(lens, block_size)
     out_k, out_v = out_k.reshape(out_k.size), out_v.reshape(out_v.size)
     whole_runs = s.pos_stride == row_len and kind != TOKEN
-    # HND, streamed: a head's rows read in the order they lie (1.03-1.32x; plain stores gained nothing,
-    # a narrow format's decoding lost 0.82-0.92x, so they go token by token)
+    # HND, streamed: a head's rows read in the order they lie, as the streaming stores write them;
+    # plain stores and a narrow format's decoding keep token order (which their loops run best in)
     head_major = stream and s.pos_stride == s.head_dim
     for task in prange(block_cu[block_cu.shape[0] - 1]):
         b = np.searchsorted(block_cu, task, side="right") - 1
@@ -197,7 +197,7 @@ def _load_head_rows(data, layer, kv, block, h, n, out, row, stream, s, codec, ki
 def gather_offsets(lens, block_size):
     """int32 ``cu_seqlens`` (as :func:`pagedkv.layout.cu_seqlens`; lengths checked, their total
     within int32) and int64 block counts before each sequence (the gather kernel's tasks), in
-    one compiled pass: two numpy calls cost 7 us of a 30 us decode-sized gather."""
+    one compiled pass (two numpy calls would be a visible share of a decode-sized gather)."""
     cu = np.zeros(lens.shape[0] + 1, dtype=np.int32)
     blocks = np.zeros(lens.shape[0] + 1, dtype=np.int64)
     for b in range(lens.shape[0]):

@@ -97,7 +97,7 @@ def pagedkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     same_mask = not first_layer and attention_mask is not None and attention_mask is first_mask
     if same_mask and (b, t) == (first_b, first_t):
         real = first_real  # the first layer's mask tensor itself (transformers hands one to all layers of a kind)
-    else:  # read from the mask: 45 us a layer in a decode step of benchmarks/bench_transformers.py
+    else:  # read from the mask (a cost per layer worth skipping where the first layer's can be reused)
         real = _real_tokens(attention_mask, b, t)
     if first_layer:
         if cache.prompt_ids is not None and real is not None:
