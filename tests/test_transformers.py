@@ -282,8 +282,9 @@ def test_bad_input_is_refused_clearly():
     ({"block_size": -4}, "block_size"), ({"block_size": 2.5}, "block_size"), ({"max_tokens": True}, "max_tokens"),
     ({"dtype": "float64"}, "unknown KV storage format"), ({"backend": "cuda"}, "backend"),
     ({"backend": 3}, "backend"), ({"share": "other"}, "share"),
-    ({"stores": [pagedkv.stores.HostStore(1 << 20)]}, "model_id"),
-    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "model_id": ""}, "model_id"),
+    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "prompt_ids": [[1, 2]]}, "model_id"),
+    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "prompt_ids": [[1, 2]], "model_id": ""}, "model_id"),
+    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "model_id": "m"}, "prompt_ids"),
 ])
 def test_every_constructor_argument_is_checked(kw, match):
     """Before, block_size=0 raised ZeroDivisionError, "16" a TypeError, and True was taken as 1."""

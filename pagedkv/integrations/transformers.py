@@ -197,6 +197,9 @@ class PagedCache(Cache):
         self.stores = tuple(stores)
         self.model_id: str | None = None
         if self.stores:
+            if prompt_ids is None:
+                raise ConfigError("stores need prompt_ids: a prompt's blocks are found in them, and written to them, "
+                                  "by its token ids")
             self.model_id = model_id if isinstance(model_id, str) else model_id_of(model_id)
         if share is not None:  # its pool's geometry, whatever this call's arguments say
             block_size = int(share.block_size)
