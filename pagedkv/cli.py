@@ -11,24 +11,22 @@ from .errors import PagedKVError
 from .formats import FORMATS
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is {'not positive' if minimum == 1 else 'negative'}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+    return _integer(text, 0)
 
 
 #: pagedkv.testing.checkers.CONVENTIONS (named here: the checkers import hypothesis, a test extra)

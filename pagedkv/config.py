@@ -24,7 +24,8 @@ def _index(value: object, limit: int, what: str, note: str = "") -> int:
     return value
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
+    """``value`` as an int if it is a positive integer (not a bool), else a ConfigError naming ``name``."""
     if isinstance(value, bool):  # an int to Python, never a size
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     try:
@@ -135,7 +136,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
         object.__setattr__(self, "layer_groups",
                            _layer_groups(self.layer_groups, self.num_layers, self.num_blocks * self.block_size))
         object.__setattr__(self, "dtype", get_format(self.dtype).name)
@@ -224,9 +225,9 @@ class CacheConfig:
         That is ``ceil(max_seq_len / block_size) * max_batch_size`` blocks: the
         worst case, which a paged cache rarely needs (see ``pagedkv demo``).
         """
-        max_seq_len = _positive_int("max_seq_len", max_seq_len)
-        max_batch_size = _positive_int("max_batch_size", max_batch_size)
-        block_size = _positive_int("block_size", block_size)
+        max_seq_len = positive_int("max_seq_len", max_seq_len)
+        max_batch_size = positive_int("max_batch_size", max_batch_size)
+        block_size = positive_int("block_size", block_size)
         num_blocks = cdiv(max_seq_len, block_size) * max_batch_size
         return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                    num_blocks=num_blocks, block_size=block_size, **kw)
@@ -241,9 +242,9 @@ class CacheConfig:
         Raises:
             ConfigError: the budget does not hold even one block.
         """
-        budget_bytes = _positive_int("budget_bytes", budget_bytes)
+        budget_bytes = positive_int("budget_bytes", budget_bytes)
         # The bytes of one block do not depend on the windows (checked against the final size).
-        groups = _layer_groups(kw.get("layer_groups"), _positive_int("num_layers", num_layers), INT64_MAX)
+        groups = _layer_groups(kw.get("layer_groups"), positive_int("num_layers", num_layers), INT64_MAX)
         one = cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=1,
                   block_size=block_size, **{**kw, "layer_groups": [LayerGroup(g.layers) for g in groups]})
         num_blocks = (budget_bytes - (one.memory_bytes - one.bytes_per_block)) // one.bytes_per_block

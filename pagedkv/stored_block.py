@@ -26,11 +26,13 @@ geometry, another model's, a hostile header) is a miss, never loaded.
 Why not safetensors, whose container is the same shape (a bounded JSON header, then
 named tensors)? Its parser would be a dependency of the core, which needs only numpy and
 numba; and a header compared as bytes with the one expected needs no parser at all, so
-no header can be too long, too deep or of another schema. A store whose values never leave this process's memory
-(``trusted = True``: :class:`HostStore`) has nothing that could tear or flip their bytes,
-so its values are stored and served without the checksum (``"sha256": null``; hashing
-runs at about a tenth of a memory copy's speed); a value without one is never served from
-any other store.
+no header can be too long, too deep or of another schema.
+
+A store whose values never leave this process's memory (``trusted = True``:
+:class:`HostStore`) has nothing that could tear or flip their bytes, so its values are
+stored and served without the checksum (``"sha256": null``; hashing is far slower than a
+memory copy); a value without one is never served from any other
+store.
 
 :mod:`pagedkv.stores` keeps such values in its tiers.
 """
@@ -195,12 +197,12 @@ def decode_block(pool: KVPool, key: BlockKey, raw: bytes | None, fp: dict[str, A
     if len(raw) != 8 + n + size:  # a payload longer or shorter than this pool's blocks
         return None
     header, payload = bytes(raw[8:8 + n]), memoryview(raw)[8 + n:]  # the payload is not copied
-    if header == _header(fp, key, size, None):  # stored without a checksum
+    with_sum = _header(fp, key, size, _NO_SUM)  # the one header expected, its sha256 left open
+    at = with_sum.index(_NO_SUM.encode())
+    if header == with_sum[:at - 1] + b"null" + with_sum[at + 65:]:  # stored without a checksum
         if verify:
             return None
     else:
-        with_sum = _header(fp, key, size, _NO_SUM)
-        at = with_sum.index(_NO_SUM.encode())
         if len(header) != len(with_sum) or header[:at] != with_sum[:at] or header[at + 64:] != with_sum[at + 64:]:
             return None
         written = header[at:at + 64]

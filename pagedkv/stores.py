@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from .config import positive_int
 from .errors import ConfigError
 from .prefix_key import BlockKey
 from .stored_block import (  # noqa: F401  (the format's names, re-exported: stores were where they lived)
@@ -89,13 +90,6 @@ class _Counts:
                       "treated as a miss, nothing in the pool changed", RuntimeWarning, stacklevel=3)
 
 
-def _positive_int(value: object, what: str) -> int:
-    """``value`` if it is a positive int (not a bool), else a ConfigError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} must be a positive int, got {value!r}")
-    return value
-
-
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
@@ -116,7 +110,7 @@ class HostStore(_Counts):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__()
-        self.max_bytes = _positive_int(max_bytes, "HostStore's max_bytes")
+        self.max_bytes = positive_int("HostStore's max_bytes", max_bytes)
         self._values, self._bytes = OrderedDict[bytes, bytes](), 0
 
     def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
@@ -173,7 +167,7 @@ class DirectoryStore(_Counts):
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise ConfigError(f"DirectoryStore's path must be a directory's path (str or os.PathLike), got {path!r}")
         self.path = os.fspath(path)
-        self.max_bytes = _positive_int(max_bytes, "DirectoryStore's max_bytes")
+        self.max_bytes = positive_int("DirectoryStore's max_bytes", max_bytes)
         self.namespace = None if namespace is None else _namespace(namespace, in_file_names=True)
         if isinstance(stale_after, bool) or not isinstance(stale_after, (int, float)) or not stale_after > 0:
             raise ConfigError(f"stale_after must be a positive number of seconds, got {stale_after!r}")
@@ -286,7 +280,7 @@ class RedisStore(_Counts):
         super().__init__()
         namespace = _namespace(namespace, in_file_names=False)
         if ttl is not None:
-            _positive_int(ttl, "RedisStore's ttl (whole seconds, or None)")
+            positive_int("RedisStore's ttl (whole seconds, or None)", ttl)
         if isinstance(client, str):
             import redis
 

@@ -239,8 +239,9 @@ def test_crop_follows_transformers_meaning():
     cache.kv.manager.check()
 
 
-ASSISTED = {"prompt lookup 2": {"prompt_lookup_num_tokens": 2}, "prompt lookup 4": {"prompt_lookup_num_tokens": 4},
-            "assistant model": {"assistant_model": "llama seed 3"}}
+ASSISTED = {"prompt lookup 2": lambda: {"prompt_lookup_num_tokens": 2},
+            "prompt lookup 4": lambda: {"prompt_lookup_num_tokens": 4},
+            "assistant model": lambda: {"assistant_model": llama(seed=3)}}  # generate's arguments, made fresh
 REPETITIVE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 9, 5, 6, 7]]  # prompt lookup finds candidates in it
 
 
@@ -250,7 +251,7 @@ def test_assisted_decoding_is_token_identical(how):
     an assistant model (a smaller model drafting tokens): the tokens of DynamicCache and of plain
     greedy decoding."""
     model = llama()
-    kw = {k: llama(seed=3) if v == "llama seed 3" else v for k, v in ASSISTED[how].items()}
+    kw = ASSISTED[how]()
     ids = torch.tensor(REPETITIVE)
     cache = PagedCache(model.config, block_size=4)
     want, got = both(model, cache, ids, torch.ones_like(ids), do_sample=False, max_new_tokens=16, **kw)

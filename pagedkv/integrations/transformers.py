@@ -58,7 +58,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..backends import resolve_backend
 from ..cache import PagedKVCache, Step
-from ..config import CacheConfig
+from ..config import CacheConfig, positive_int
 from ..errors import ArgumentError, ConfigError
 from ..formats import get_format
 from ..layout import cdiv, window_start_block
@@ -183,10 +183,7 @@ class PagedCache(Cache):
         num_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ConfigError("PagedCache needs a model config with num_hidden_layers")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        max_tokens, block_size = positive_int("max_tokens", max_tokens), positive_int("block_size", block_size)
         if dtype is not None:
             get_format(dtype)  # a ConfigError listing the formats for an unknown one
         if not isinstance(backend, str) or resolve_backend(backend) not in ("numpy", "numba"):
@@ -319,7 +316,7 @@ class PagedCache(Cache):
         if self.groups is not None:  # sliding and full layers: the sliding ones free what leaves the window
             config = replace(config, layer_groups=self.groups)
         self.kv = PagedKVCache(config, self.backend_name,
-                               enable_prefix_caching=self.prompt_ids is not None or bool(self.stores),
+                               enable_prefix_caching=self.prompt_ids is not None,  # stores come with prompts
                                stores=self.stores, model_id=self.model_id)
         return self.kv
 
