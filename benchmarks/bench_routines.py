@@ -1,6 +1,6 @@
 """asv benchmarks of the data-movement routines on the CPU backends, beside their peers.
 
-Shapes (see pagedkv.bench): decode = 64 tokens, prefill = 8192 tokens; H=8,
+Shapes (see pagedkv.tools.bench): decode = 64 tokens, prefill = 8192 tokens; H=8,
 D=128, block_size=16, one layer of 1024 blocks, both layouts.
 
 - ``Routines.time_*``: seconds per call, validation included.
@@ -13,7 +13,7 @@ D=128, block_size=16, one layer of 1024 blocks, both layouts.
 """
 
 import pagedkv
-from pagedkv import bench as B
+from pagedkv.tools import bench as B
 
 from . import decode_calls, harness
 

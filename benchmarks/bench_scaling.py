@@ -5,11 +5,11 @@
 - ``PerSequence``: ``append_batch`` (one token each, with and without ids), ``fork`` + ``free``
   and ``block_tables`` cost the same per sequence from B = 64 to B = 4096.
 
-Each ``track_`` value is a median measured in one process (``pagedkv.bench.median_seconds``).
+Each ``track_`` value is a median measured in one process (``pagedkv.tools.bench.median_seconds``).
 """
 
 from pagedkv import BlockManager
-from pagedkv.bench import median_seconds
+from pagedkv.tools.bench import median_seconds
 
 BLOCK = 16
 

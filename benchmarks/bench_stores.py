@@ -2,7 +2,7 @@
 
 Each tier stores and then loads 64 blocks of a Llama-3-8B-shaped layer slice (32 layers,
 8 KV heads, D=128, blocks of 16, bfloat16: 2 MiB each, 128 MiB in all): encode (header and
-checksum, as :class:`~pagedkv.tiers.Tiers` encodes for that store alone) + put, then get +
+checksum, as :class:`~pagedkv.offload.tiers.Tiers` encodes for that store alone) + put, then get +
 decode + copy into a pool. The yardstick moves the same bytes with nothing around them, in and out: two
 copies for ``host`` (one to store, one to load), into memory allocated beforehand; writing and reading one file
 per block for ``disk``; a Redis SET and GET of each value for ``redis`` (only where
@@ -17,10 +17,18 @@ import time
 
 import numpy as np
 
-from pagedkv import CacheConfig, KVPool, prefix_key
-from pagedkv.bench import median_seconds
-from pagedkv.stored_block import decode_block, encode_block, encode_pool_block, fingerprint, read_block, write_block
-from pagedkv.stores import DirectoryStore, HostStore, RedisStore
+from pagedkv import CacheConfig, KVPool
+from pagedkv.blocks import prefix_key
+from pagedkv.offload.stored_block import (
+    decode_block,
+    encode_block,
+    encode_pool_block,
+    fingerprint,
+    read_block,
+    write_block,
+)
+from pagedkv.offload.stores import DirectoryStore, HostStore, RedisStore
+from pagedkv.tools.bench import median_seconds
 
 BLOCKS = 64
 
@@ -130,7 +138,7 @@ def measure_ttft(tier: str, store=None, repeat: int = 5) -> dict[str, float]:
     fresh pool each time, so ``store`` serves it; ``pool``: the same pool's prefix cache;
     ``recompute``: no stores, every token computed), with the demo model (medians)."""
     from pagedkv import PagedKVCache
-    from pagedkv.model import ModelConfig, TinyLlama, paged_step
+    from pagedkv.tools.model import ModelConfig, TinyLlama, paged_step
 
     model = TinyLlama(ModelConfig())
     config = model.cache_config(num_blocks=2 * (PREFIX + SUFFIX) // 16 + 8)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pagedkv import CacheConfig, KVPool
-from pagedkv.bench import BLOCK_SIZE, D, H, Workload, median_seconds
+from pagedkv.tools.bench import BLOCK_SIZE, D, H, Workload, median_seconds
 
 from .harness import bare_kernel
 

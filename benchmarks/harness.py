@@ -1,6 +1,6 @@
 """The benchmark harness behind the asv suite: ratio reports, bookkeeping, GPU peers, attention.
 
-Builds on :mod:`pagedkv.bench` (the workloads, CPU peers and timing that
+Builds on :mod:`pagedkv.tools.bench` (the workloads, CPU peers and timing that
 ``pagedkv bench`` needs too). Everything here is measured in one process, so
 that a ratio compares two timings taken under the same load.
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pagedkv import BlockManager, BlockPool, CacheConfig, KVPool, LayerGroup, PagedKVCache, get_backend
-from pagedkv.bench import (
+from pagedkv.geometry.layout import cdiv, gather_slots, split_slot
+from pagedkv.tools.bench import (
     BLOCK_SIZE,
     PEER_ROUTINES,
     SHAPES,
@@ -35,7 +36,6 @@ from pagedkv.bench import (
     numpy_peer,
     torch_peer,
 )
-from pagedkv.layout import cdiv, gather_slots, split_slot
 
 
 def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") -> dict[str, float | None]:
@@ -43,7 +43,7 @@ def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") ->
 
     Returns GB/s and the ratios the performance targets are stated in:
     ``vs_copy`` (bandwidth over the fastest copy of the same bytes, streaming or not, the two timed
-    in turns: :func:`~pagedkv.bench.interleaved_ratio`; ``vs_copy_out`` for ``gather``
+    in turns: :func:`~pagedkv.tools.bench.interleaved_ratio`; ``vs_copy_out`` for ``gather``
     into ``out=`` buffers, ``vs_new_copy`` for ``gather``'s new outputs over a copy into
     new memory), ``vs_torch`` (speed over torch CPU indexing; None without torch),
     ``vs_numpy_fancy``, ``vs_numpy`` (over the reference backend) and

@@ -1,33 +1,41 @@
 """pagedkv: a paged (vLLM-style) KV cache for LLM inference.
 
 The keys and values of every past token live in fixed-size blocks of one flat
-pool (:class:`KVPool`, arithmetic in :mod:`pagedkv.layout`; float32 or one of the
-16- and 8-bit formats of :mod:`pagedkv.formats`), so memory
+pool (:class:`KVPool`, arithmetic in :mod:`pagedkv.geometry.layout`; float32 or one of the
+16- and 8-bit formats of :mod:`pagedkv.geometry.formats`), so memory
 is taken block by block as sequences grow and blocks can be shared between
 sequences. The routines that move data in and out of the pool exist in several
 backends that agree exactly with the numpy reference (:func:`get_backend`).
 
-Where things live, from the bottom up (a module imports only from below it):
+The package is layered; each layer imports only from the layers listed before it:
 
-- ``errors``, ``layout`` (the arithmetic: offsets, slots, ragged batches),
-  ``formats`` (the storage formats and their exact codecs),
-  ``config``, ``device`` (host or GPU arrays), ``pool`` (:class:`KVPool`);
-- ``validate`` (front-door checks) and ``plan`` (a step's checked index
-  arrays, made once, run per layer);
-- ``backends`` (``numpy`` reference, ``numba``, ``cuda``: one :class:`Backend` protocol);
-- ``block_pool`` (free blocks, reference counts, the prefix-cache index),
-  ``block_table`` (the int32 rows), ``prefix_key`` (the chained block keys),
-  ``prefix_cache``, ``manager`` (:class:`BlockManager`: sequences, forks, appends);
-- ``cache`` (:class:`PagedKVCache`, the facade), then ``model``, ``demo``,
-  ``bench`` and ``cli``; ``testing`` is the conformance kit.
+=================  ==========================================================================
+``errors``         the exceptions (every layer may raise them)
+``geometry``       the pool's arithmetic (``layout``), storage ``formats``, ``config``
+``memory``         host and GPU arrays (``device``), the pool (:class:`KVPool`), other
+                   engines' cache layouts (``conventions``)
+``ops``            the front door of every routine: checks, plans, documentation, written once
+``backends``       the kernels behind it: ``numpy`` (the reference), ``numba``, ``cuda``
+``blocks``         the bookkeeping: block pool, prefix cache, sequences, :class:`BlockManager`
+``offload``        blocks outside the pool: stored blocks, stores, tiers
+``cache``          :class:`PagedKVCache`, the facade over all of the above
+``integrations``   bridges to other libraries (transformers), each behind its own extra
+``testing``        the conformance kit for other people's kernels and block managers
+``tools``          the programs: the ``pagedkv`` command, the demo and its model, the bench
+=================  ==========================================================================
+
+Modules of earlier releases (``pagedkv.stores``, ``pagedkv.layout``, ...) stay importable at
+their old paths (:mod:`pagedkv._old_paths`).
 """
 
-from . import formats, layout
+from . import _old_paths
 from ._version import __version__
 from .backends import BACKENDS, Backend, available_backends, get_backend, resolve_backend
-from .block_pool import BlockPool
+from .blocks.block_pool import BlockPool
+from .blocks.events import AllBlocksCleared, BlockRemoved, BlockStored, EventLog
+from .blocks.manager import BlockManager
+from .blocks.sequence import Appended
 from .cache import Added, PagedKVCache, Step
-from .config import CacheConfig, LayerGroup
 from .errors import (
     AllocatorError,
     ArgumentError,
@@ -50,12 +58,11 @@ from .errors import (
     StepError,
     UnknownSequenceError,
 )
-from .events import AllBlocksCleared, BlockRemoved, BlockStored, EventLog
-from .layout import Strides
-from .manager import BlockManager
-from .plan import Plan
-from .pool import KVPool
-from .sequence import Appended
+from .geometry import formats, layout
+from .geometry.config import CacheConfig, LayerGroup
+from .geometry.layout import Strides
+from .memory.pool import KVPool
+from .ops.plan import Plan
 
 __all__ = [
     "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventLog", "events",
@@ -66,3 +73,10 @@ __all__ = [
     "SequenceExistsError", "ShapeError", "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
     "__version__", "available_backends", "formats", "get_backend", "layout", "resolve_backend",
 ]
+
+_old_paths.install()
+
+
+def __getattr__(name: str):
+    """The modules of earlier releases as attributes (``pagedkv.stores``), imported on first use."""
+    return _old_paths.attribute(name)

@@ -31,15 +31,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backends import get_backend
-from .block_pool import BlockPool
-from .config import CacheConfig
+from .blocks.block_pool import BlockPool
+from .blocks.manager import BlockManager
+from .blocks.sequence import count
 from .errors import ConfigError, InvariantError, OutOfBlocksError, StepError
-from .manager import BlockManager
-from .plan import Plan
-from .pool import KVPool
-from .sequence import count
-from .stores import BlockStore
-from .tiers import Tiers
+from .geometry.config import CacheConfig
+from .memory.pool import KVPool
+from .offload.stores import BlockStore
+from .offload.tiers import Tiers
+from .ops.plan import Plan
 
 
 class Added(NamedTuple):
@@ -73,7 +73,7 @@ class Step:
         block_tables: int32 ``[B, max_blocks]``; context_lens: int32 ``[B]`` (new tokens included).
         is_decode: every sequence adds exactly one token.
         copies: the ``(src, dst)`` copy-on-write copies applied before this step's writes.
-        plan: the backend's :class:`~pagedkv.plan.Plan` of the step: its index arrays
+        plan: the backend's :class:`~pagedkv.ops.plan.Plan` of the step: its index arrays
             validated once (and, on a GPU, uploaded once) for every layer.
         groups: a :class:`GroupStep` per layer group.
         cache, epoch: the cache that made the step and its epoch then; the step is
@@ -108,10 +108,10 @@ class PagedKVCache:
         backend: ``"numpy"``, ``"numba"``, ``"cuda"`` or ``"auto"`` (the fastest CPU
             backend, see :func:`pagedkv.resolve_backend`).
         enable_prefix_caching: reuse the K/V of prompt prefixes seen before.
-        stores: slower tiers behind the prefix cache (:mod:`pagedkv.stores`: host memory,
+        stores: slower tiers behind the prefix cache (:mod:`pagedkv.offload.stores`: host memory,
             a directory, Redis), in lookup order: full prompt blocks are written through
             to them when their step ends, and a new prompt's next blocks are loaded from
-            them after the pool's own hits (:mod:`pagedkv.tiers`; a pool on the host or a GPU).
+            them after the pool's own hits (:mod:`pagedkv.offload.tiers`; a pool on the host or a GPU).
         write_back: write a block to the stores only when it leaves the pool (evicted, or at
             ``reset`` / ``close``) instead of as soon as it is cached.
         model_id: required with ``stores``: a name of the weights whose K/V the cache holds (a

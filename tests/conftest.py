@@ -27,7 +27,7 @@ from pagedkv import KVPool  # noqa: E402
 
 
 def pytest_configure(config):
-    # The notice pagedkv.backends._numba_codecs and _numba_decode silence for users (pytest resets
+    # The notice pagedkv.backends.numba.codecs and _numba_decode silence for users (pytest resets
     # filters per test). Added here, not in pyproject.toml: naming the warning class imports
     # numba, which must wait until NUMBA_ENABLE_CUDASIM is set above.
     config.addinivalue_line(
@@ -136,7 +136,7 @@ def bits(x) -> np.ndarray:
 
 
 #: every storage format: each backend runs all of them, on the CPU and on a GPU
-ALL_FORMATS = tuple(pagedkv.formats.FORMATS)
+ALL_FORMATS = tuple(pagedkv.geometry.formats.FORMATS)
 
 
 def device_empty(backend, shape) -> object:
@@ -152,4 +152,4 @@ def host(x) -> np.ndarray:
     """Any array or pool as a numpy array (copied from the GPU when needed)."""
     if isinstance(x, KVPool):
         return x.to_host().copy()
-    return pagedkv.device.host_array(x, "result").copy()
+    return pagedkv.memory.device.host_array(x, "result").copy()

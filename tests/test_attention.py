@@ -276,10 +276,10 @@ def test_bad_attention_input(backend, case):
 @given(st.data(), st.integers(0, 2**32 - 1))
 def test_tiled_prefill_agrees_with_the_reference(data, seed):
     """The numba backend runs long query runs (prefill, chunked prefill) as tiles of up to
-    TILE_ROWS rows (pagedkv.backends._numba_prefill), made small here so that these short
+    TILE_ROWS rows (pagedkv.backends.numba.prefill), made small here so that these short
     sequences are cut too: tiles cut mid-sequence, padded widths and block sizes, GQA groups,
     windows, soft caps, empty sequences and every storage format."""
-    from pagedkv.backends import _numba_prefill
+    from pagedkv.backends.numba import prefill as _numba_prefill
 
     numba = pk.get_backend("numba")
     config = data.draw(pst.configs(max_layers=1, max_kv_heads=2, max_head_dim=8, max_blocks=12, max_block_size=6,
@@ -311,7 +311,7 @@ def test_tiled_prefill_agrees_with_the_reference(data, seed):
 
 
 def test_tiles_cut_each_sequence_into_runs():
-    from pagedkv.backends._numba_prefill import tiles
+    from pagedkv.backends.numba.prefill import tiles
 
     first, rows = tiles(np.array([3, 0, 35, 16], np.int32), 16)
     assert first.tolist() == [0, 3, 19, 35, 38] and rows.tolist() == [3, 16, 16, 3, 16]

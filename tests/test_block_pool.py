@@ -281,7 +281,7 @@ def test_kv_events_name_each_block_its_parent_and_its_tokens():
 
 
 def test_a_retained_system_prompt_outlives_one_off_prompts():
-    """The eviction rule of pagedkv.retention: lowest priority first, then least recently used;
+    """The eviction rule of pagedkv.blocks.retention: lowest priority first, then least recently used;
     a priority with a time to live lasts that long."""
     now = [0.0]
     m = BlockManager(2, BlockPool(6, clock=lambda: now[0]))

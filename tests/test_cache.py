@@ -6,8 +6,8 @@ import pytest
 
 import pagedkv
 from pagedkv import PagedKVCache
-from pagedkv.model import ModelConfig, TinyLlama, generate_dense, generate_paged, paged_step
 from pagedkv.testing.tolerance import attention_atol
+from pagedkv.tools.model import ModelConfig, TinyLlama, generate_dense, generate_paged, paged_step
 
 from .conftest import host
 

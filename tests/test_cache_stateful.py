@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import pagedkv
 from pagedkv import CacheConfig, OutOfBlocksError, PagedKVCache
-from pagedkv.layout import window_start_block
+from pagedkv.geometry.layout import window_start_block
 
 ref = pagedkv.get_backend("numpy")
 H, D = 1, 2
@@ -145,7 +145,7 @@ TestGroupedCacheMachine = GroupedCacheMachine.TestCase
 
 def test_machine_catches_a_cache_that_frees_too_early(monkeypatch):
     """The machine is not vacuous: a sliding group that frees one block too many is caught."""
-    from pagedkv.manager import BlockManager
+    from pagedkv.blocks.manager import BlockManager
 
     real = BlockManager._leave_window
 

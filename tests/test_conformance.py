@@ -249,7 +249,7 @@ def test_workloads_yield_consistent_pools():
 
 # ---- storage formats ------------------------------------------------------------------------------
 
-ALL_FORMATS = tuple(pagedkv.formats.FORMATS)
+ALL_FORMATS = tuple(pagedkv.geometry.formats.FORMATS)
 
 
 @pytest.mark.parametrize("routine", list(KIT))

@@ -6,8 +6,8 @@ import pytest
 
 import pagedkv
 from pagedkv import CacheConfig, KVPool
-from pagedkv.conventions import CONVENTIONS, from_convention, to_convention
-from pagedkv.formats import FORMATS
+from pagedkv.geometry.formats import FORMATS
+from pagedkv.memory.conventions import CONVENTIONS, from_convention, to_convention
 from pagedkv.testing.strategies import filled_pool
 
 # where element (kv, block b, position p, head h, dim d) sits in each convention's arrays

@@ -26,15 +26,15 @@ import pytest
 
 import pagedkv
 from pagedkv import CacheConfig, KVPool
-from pagedkv.formats import FORMATS
+from pagedkv.geometry.formats import FORMATS
 
 from .conftest import SIMULATED, record_launches, shrink_cuda_launches
 
 pytestmark = pytest.mark.cuda
 
 #: the modules that hold pagedkv's CUDA kernels
-KERNEL_MODULES = ("pagedkv.backends.cuda_kernels", "pagedkv.backends.cuda_attention", "pagedkv.backends.cuda_words",
-                  "pagedkv.backends.cuda_format_kernels", "pagedkv._cuda_fill")
+KERNEL_MODULES = ("pagedkv.backends.cuda.kernels", "pagedkv.backends.cuda.attention", "pagedkv.backends.cuda.words",
+                  "pagedkv.backends.cuda.format_kernels", "pagedkv.memory._cuda_fill")
 ROOT = Path(__file__).resolve().parent.parent
 
 

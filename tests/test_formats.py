@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import pagedkv as pk
-from pagedkv import CacheConfig, KVPool, formats
-from pagedkv.backends import _numba_codecs as nc
-from pagedkv.formats import FORMATS
+from pagedkv import CacheConfig, KVPool
+from pagedkv.backends.numba import codecs as nc
+from pagedkv.geometry import formats
+from pagedkv.geometry.formats import FORMATS
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 ORACLES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,

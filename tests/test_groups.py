@@ -11,8 +11,8 @@ import pytest
 
 import pagedkv
 from pagedkv import BlockManager, CacheConfig, LayerGroup, PagedKVCache
-from pagedkv.model import ModelConfig, TinyLlama, generate_dense, generate_paged, paged_step
 from pagedkv.testing.tolerance import attention_atol
+from pagedkv.tools.model import ModelConfig, TinyLlama, generate_dense, generate_paged, paged_step
 
 from .conftest import host
 
@@ -200,9 +200,9 @@ def test_truncate_is_checked_in_every_group_before_any_moves():
 
 def test_stores_back_every_group():
     c = config(layer_groups=[((0, 2), 4), ((1, 3), None)])
-    with PagedKVCache(c, backend="numpy", stores=[pagedkv.stores.HostStore(1 << 20)], model_id="tiny") as cache:
+    with PagedKVCache(c, backend="numpy", stores=[pagedkv.offload.stores.HostStore(1 << 20)], model_id="tiny") as cache:
         assert len(cache.tiers.groups) == 2  # a side per group (tests/test_stores.py loads through them)
-        keys = [g.store_key(pagedkv.prefix_key.block_key(None, [1, 2, 3, 4])) for g in cache.tiers.groups]
+        keys = [g.store_key(pagedkv.blocks.prefix_key.block_key(None, [1, 2, 3, 4])) for g in cache.tiers.groups]
         assert keys[0].digest != keys[1].digest and keys[0].token_ids == keys[1].token_ids
 
 

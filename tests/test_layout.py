@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pagedkv import CacheConfig, KVPool, layout
-from pagedkv.layout import (
+from pagedkv import CacheConfig, KVPool
+from pagedkv.geometry import layout
+from pagedkv.geometry.layout import (
     K,
     V,
     cdiv,

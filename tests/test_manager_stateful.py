@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import pagedkv
 from pagedkv import BlockManager, CacheConfig, KVPool, OutOfBlocksError
-from pagedkv.layout import window_start_block
+from pagedkv.geometry.layout import window_start_block
 
 ref = pagedkv.get_backend("numpy")
 LAYERS, H, D = 2, 1, 2
@@ -219,7 +219,7 @@ class ManagerMachine(RuleBasedStateMachine):
         # an open step's blocks stay held, whatever was freed or truncated since: no one can get them
         assert all(self.m.block_pool.ref_count(b) > 0 for b in self.in_flight)
         # replaying the KV events rebuilds exactly the cached blocks
-        pagedkv.events.replay(self.events.take(), self.replayed)
+        pagedkv.blocks.events.replay(self.events.take(), self.replayed)
         namespace = self.m.prefix_cache.namespace
         cached = self.m.block_pool.cached_keys(namespace)
         assert self.replayed == {(namespace, key.digest): block for key, block in cached.items()}

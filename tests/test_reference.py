@@ -1,7 +1,7 @@
 """The numpy reference against oracles that do not use its offset arithmetic.
 
 The oracle reads a token through ``pool.k(layer)`` / ``pool.v(layer)``: numpy's
-own reshape of the flat buffer, independent of :mod:`pagedkv.layout`'s
+own reshape of the flat buffer, independent of :mod:`pagedkv.geometry.layout`'s
 offset functions that the reference uses.
 """
 

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 import pagedkv
-from pagedkv import PagedKVCache, prefix_key
-from pagedkv.model import TinyLlama, generate_dense, generate_paged
-from pagedkv.stored_block import MAGIC, _value, encode_pool_block, fingerprint, payload_bytes, read_block
-from pagedkv.stores import DirectoryStore, HostStore, RedisStore, open_store
+from pagedkv import PagedKVCache
+from pagedkv.blocks import prefix_key
+from pagedkv.offload.stored_block import MAGIC, _value, encode_pool_block, fingerprint, payload_bytes, read_block
+from pagedkv.offload.stores import DirectoryStore, HostStore, RedisStore, open_store
 from pagedkv.testing.strategies import filled_pool
+from pagedkv.tools.model import TinyLlama, generate_dense, generate_paged
 
 from .test_stores import PREFIX, TINY, _free_port, redis_url  # noqa: F401  (redis_url: the module's server)
 
@@ -37,7 +38,7 @@ def _resized(pool, key, delta: int) -> bytes:
     return _value(fingerprint(pool), key, [memoryview(payload.tobytes())], checksum=True)
 
 
-@pytest.mark.parametrize("dtype", list(pagedkv.formats.FORMATS))
+@pytest.mark.parametrize("dtype", list(pagedkv.geometry.formats.FORMATS))
 def test_a_value_longer_or_shorter_than_the_geometry_is_a_miss(dtype):
     """Before, decode_block checked payload_bytes against the value itself only: an int8 value 8 bytes
     long was loaded, and write_block spilled into the next block's scales (another sequence's)."""
@@ -45,9 +46,9 @@ def test_a_value_longer_or_shorter_than_the_geometry_is_a_miss(dtype):
     pool, key = filled_pool(config, seed=3), _key()
     s = pool.strides
     run = s.block_size * s.num_kv_heads * 4 if dtype == "int8" else s.block_stride * pool.config.storage_dtype.itemsize
-    assert pagedkv.stored_block.decode_block(pool, key, _resized(pool, key, 0)) is not None  # the honest one
+    assert pagedkv.offload.stored_block.decode_block(pool, key, _resized(pool, key, 0)) is not None  # the honest one
     for delta in (1, -1, 8, run, -run):
-        assert pagedkv.stored_block.decode_block(pool, key, _resized(pool, key, delta)) is None, delta
+        assert pagedkv.offload.stored_block.decode_block(pool, key, _resized(pool, key, delta)) is None, delta
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float32"])
@@ -81,7 +82,7 @@ def test_write_block_refuses_arrays_of_another_geometry():
     stored = read_block(pool, 0, _key())
     longer = stored._replace(scales=np.zeros((1, 2, 3), np.float32))
     with pytest.raises(pagedkv.ArgumentError, match="stored block"):
-        pagedkv.stored_block.write_block(pool, 1, longer)
+        pagedkv.offload.stored_block.write_block(pool, 1, longer)
 
 
 def test_hostile_headers_are_misses_and_nothing_is_parsed():
@@ -92,13 +93,13 @@ def test_hostile_headers_are_misses_and_nothing_is_parsed():
     deep = b"[" * 200_000 + b"]" * 200_000
     for header in (deep, b"{}", b'{"version": 1}', b"\xff\xfe", b" " * 70_000):
         raw = MAGIC + len(header).to_bytes(4, "little") + header + bytes(size)
-        assert pagedkv.stored_block.decode_block(pool, key, raw) is None
+        assert pagedkv.offload.stored_block.decode_block(pool, key, raw) is None
     good = encode_pool_block(pool, 1, key)
-    assert pagedkv.stored_block.decode_block(pool, key, good) is not None
+    assert pagedkv.offload.stored_block.decode_block(pool, key, good) is not None
     lying = bytearray(good)
     lying[4:8] = (int.from_bytes(good[4:8], "little") + 10**6).to_bytes(4, "little")  # a length past the end
-    assert pagedkv.stored_block.decode_block(pool, key, bytes(lying)) is None
-    assert pagedkv.stored_block.decode_block(pool, key, "not bytes") is None  # type: ignore[arg-type]
+    assert pagedkv.offload.stored_block.decode_block(pool, key, bytes(lying)) is None
+    assert pagedkv.offload.stored_block.decode_block(pool, key, "not bytes") is None  # type: ignore[arg-type]
 
 
 def _two_models():
@@ -263,7 +264,7 @@ def test_add_sequence_is_all_or_nothing_when_a_store_interrupts_it():
 _KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
     from pagedkv import prefix_key
-    from pagedkv.stores import DirectoryStore
+    from pagedkv.offload.stores import DirectoryStore
     store = DirectoryStore(sys.argv[1], max_bytes=1 << 30)
     os.replace = lambda *a: time.sleep(3600)  # stalls between writing its temporary file and renaming it
     store.put([(prefix_key.block_key(None, [int(sys.argv[2])]), b"x" * (1 << 20))])

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import pagedkv
-from pagedkv import PagedKVCache, prefix_key
-from pagedkv.model import ModelConfig, TinyLlama, generate_dense, generate_paged
-from pagedkv.stores import (
+from pagedkv import PagedKVCache
+from pagedkv.blocks import prefix_key
+from pagedkv.offload.stores import (
     DirectoryStore,
     HostStore,
     RedisStore,
@@ -30,6 +30,7 @@ from pagedkv.stores import (
     read_block,
 )
 from pagedkv.testing.strategies import filled_pool
+from pagedkv.tools.model import ModelConfig, TinyLlama, generate_dense, generate_paged
 
 TINY = ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4, hidden_dim=32)
 PREFIX = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]  # four blocks of 4
@@ -267,8 +268,8 @@ def test_another_process_shares_prefixes_through_redis(redis_url):
     script = f"""
 import json
 from pagedkv import PagedKVCache
-from pagedkv.model import ModelConfig, TinyLlama, generate_paged
-from pagedkv.stores import RedisStore
+from pagedkv.tools.model import ModelConfig, TinyLlama, generate_paged
+from pagedkv.offload.stores import RedisStore
 model = TinyLlama(ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                               hidden_dim=32))
 cache = PagedKVCache(model.cache_config(32, block_size=4), backend="numpy",
@@ -340,7 +341,7 @@ def test_a_full_disk_is_reported_and_changes_nothing_else(tmp_path, monkeypatch)
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("pagedkv.stores.tempfile.mkstemp", full)
+    monkeypatch.setattr("pagedkv.offload.stores.tempfile.mkstemp", full)
     with pytest.warns(RuntimeWarning, match="No space left"):
         got, _, cache = _serve([store], [PREFIX + [1, 2, 3]])
     assert got == [generate_dense(TinyLlama(TINY), PREFIX + [1, 2, 3], 3)[0]]

@@ -1,4 +1,4 @@
-"""The numba kernels' streaming stores (pagedkv.backends._numba_stream) equal plain copies.
+"""The numba kernels' streaming stores (pagedkv.backends.numba.stream) equal plain copies.
 
 Calls stream only from 16 MiB up, far beyond the drawn cases of test_agreement, so
 here the threshold is lowered to 0 and every call streams: each routine, every
@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from numba import njit
 
 import pagedkv
-from pagedkv.backends import _numba_stream, numba_cpu
+from pagedkv.backends import numba as numba_cpu
 from pagedkv.backends._host import ALIGN_OUTPUTS_FROM, new_outputs
-from pagedkv.device import HOST_ALIGNMENT, host_aligned
+from pagedkv.backends.numba import stream as _numba_stream
+from pagedkv.memory.device import HOST_ALIGNMENT, host_aligned
 from pagedkv.testing import strategies as pst
 
 from .conftest import bits, pool_bytes
@@ -81,7 +82,7 @@ def test_which_calls_stream():
 
 def _configs():
     return pst.configs(max_layers=2, max_kv_heads=3, max_head_dim=9, max_blocks=6, max_block_size=4,
-                       dtypes=tuple(pagedkv.formats.FORMATS))
+                       dtypes=tuple(pagedkv.geometry.formats.FORMATS))
 
 
 always_stream = mock.patch.object(_numba_stream, "STREAM_MIN_BYTES", 0)

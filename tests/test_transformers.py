@@ -283,9 +283,9 @@ def test_bad_input_is_refused_clearly():
     ({"block_size": -4}, "block_size"), ({"block_size": 2.5}, "block_size"), ({"max_tokens": True}, "max_tokens"),
     ({"dtype": "float64"}, "unknown KV storage format"), ({"backend": "cuda"}, "backend"),
     ({"backend": 3}, "backend"), ({"share": "other"}, "share"),
-    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "prompt_ids": [[1, 2]]}, "model_id"),
-    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "prompt_ids": [[1, 2]], "model_id": ""}, "model_id"),
-    ({"stores": [pagedkv.stores.HostStore(1 << 20)], "model_id": "m"}, "prompt_ids"),
+    ({"stores": [pagedkv.offload.stores.HostStore(1 << 20)], "prompt_ids": [[1, 2]]}, "model_id"),
+    ({"stores": [pagedkv.offload.stores.HostStore(1 << 20)], "prompt_ids": [[1, 2]], "model_id": ""}, "model_id"),
+    ({"stores": [pagedkv.offload.stores.HostStore(1 << 20)], "model_id": "m"}, "prompt_ids"),
 ])
 def test_every_constructor_argument_is_checked(kw, match):
     """Before, block_size=0 raised ZeroDivisionError, "16" a TypeError, and True was taken as 1."""
@@ -308,7 +308,7 @@ def test_the_model_id_tells_weights_apart():
 def test_two_models_of_one_geometry_share_a_store_and_get_only_their_own_blocks(tmp_path):
     """A base model and a 'fine-tune' (other weights) over one blocks directory: each loads only the
     prefixes it computed itself, and generates DynamicCache's tokens."""
-    store = pagedkv.stores.DirectoryStore(tmp_path, max_bytes=1 << 26)
+    store = pagedkv.offload.stores.DirectoryStore(tmp_path, max_bytes=1 << 26)
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
     kw = {"do_sample": False, "max_new_tokens": 4, "pad_token_id": 0}
     for model in (llama(), llama(seed=1)):
@@ -388,7 +388,7 @@ def _continuation(checkpoint, prompt, **kw):
 
 
 def test_the_generate_command_streams_the_models_own_tokens(checkpoint, capsys):
-    from pagedkv.cli import main
+    from pagedkv.tools.cli import main
 
     assert main(["generate", "--model", checkpoint, "--prompt", "w3 w4 w5", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
@@ -404,7 +404,7 @@ def test_the_generate_command_streams_the_models_own_tokens(checkpoint, capsys):
 
 
 def test_a_batch_of_prompts_computes_a_shared_prefix_once(checkpoint, tmp_path, capsys):
-    from pagedkv.cli import main
+    from pagedkv.tools.cli import main
 
     prefix = " ".join(f"w{i}" for i in range(40))
     batch = tmp_path / "prompts.txt"
@@ -421,7 +421,7 @@ def test_the_generate_command_says_what_is_wrong_without_a_traceback(checkpoint,
     """Each bad argument: exit 2 and one 'pagedkv: error:' line saying what was wrong. Before,
     a missing directory, a directory without a tokenizer, a batch file that is not UTF-8 and an
     empty prompt each ended in a traceback."""
-    from pagedkv.cli import main
+    from pagedkv.tools.cli import main
 
     from .test_cli import run
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from pagedkv.cli import main
+from pagedkv.tools.cli import main
 
 KERNELS = '''
 import numpy as np
@@ -75,7 +75,7 @@ def test_bad_names_are_clear_errors(spec, message, capsys):
 
 
 def test_the_command_offers_every_convention_of_the_checkers():
-    from pagedkv.cli import VERIFY_CONVENTIONS
     from pagedkv.testing.checkers import CONVENTIONS
+    from pagedkv.tools.cli import VERIFY_CONVENTIONS
 
     assert sorted(VERIFY_CONVENTIONS) == sorted(CONVENTIONS)

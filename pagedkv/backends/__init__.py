@@ -2,7 +2,7 @@
 
 Each backend is a module with ``NAME``, ``DEVICE`` (``"cpu"`` or ``"cuda"``,
 where its pools live) and the routines of :class:`Backend`. They validate
-their inputs with :mod:`pagedkv.validate` before any kernel runs.
+their inputs with :mod:`pagedkv.ops.validate` before any kernel runs.
 
 ========  ==========================================  ===================
 name      what                                        needs
@@ -20,8 +20,8 @@ import importlib
 from typing import Any, Protocol, cast
 
 from ..errors import BackendUnavailableError
-from ..plan import Plan
-from ..pool import KVPool
+from ..memory.pool import KVPool
+from ..ops.plan import Plan
 
 #: backend name -> module inside this package
 _MODULES = {"numpy": "reference", "numba": "numba_cpu", "cuda": "cuda"}

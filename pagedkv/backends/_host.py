@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import layout
-from ..device import host_aligned
-from ..formats import RawKV
-from ..layout import K, Strides, V
-from ..pool import KVPool
+from ..geometry import layout
+from ..geometry.formats import RawKV
+from ..geometry.layout import K, Strides, V
+from ..memory.device import host_aligned
+from ..memory.pool import KVPool
 
 #: bytes from which :func:`new_outputs` starts its arrays on a cache line (below, nothing streams,
 #: and the aligned allocation costs a decode-sized call more than it saves)
@@ -18,7 +18,7 @@ ALIGN_OUTPUTS_FROM = 1 << 20
 
 def new_outputs(pool: KVPool, num_tokens: int, out=None) -> tuple[np.ndarray, np.ndarray]:
     """``out`` if given (already checked), else two new float32 ``[num_tokens, H, D]`` arrays,
-    from :data:`ALIGN_OUTPUTS_FROM` bytes on aligned to a cache line (:func:`pagedkv.device.host_aligned`)."""
+    from :data:`ALIGN_OUTPUTS_FROM` bytes on aligned to a cache line (:func:`pagedkv.memory.device.host_aligned`)."""
     if out is not None:
         return out[0], out[1]
     c = pool.config

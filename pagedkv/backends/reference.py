@@ -2,23 +2,24 @@
 
 This is the truth the other backends are tested against, and it is written to
 be read. Each routine turns its slots or blocks into flat offsets with the
-arithmetic of :mod:`pagedkv.layout`, then moves numbers with one fancy-indexed
+arithmetic of :mod:`pagedkv.geometry.layout`, then moves numbers with one fancy-indexed
 assignment. Nothing here is clever; speed lives in the numba and CUDA backends.
 
 Every backend has the same functions: the one-shot routines (``write``,
 ``read``, ``gather``, ``copy_blocks``, ``swap_blocks``, ``paged_attention``),
 and the step API a decode loop uses: ``plan`` once per step, then
-``write_step`` and ``attention_step`` per layer (see :mod:`pagedkv.plan`).
+``write_step`` and ``attention_step`` per layer (see :mod:`pagedkv.ops.plan`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import formats, layout, validate
-from ..layout import K, V
-from ..plan import Plan, check_attention, check_window, check_write, make_plan
-from ..pool import KVPool
+from ..geometry import formats, layout
+from ..geometry.layout import K, V
+from ..memory.pool import KVPool
+from ..ops import validate
+from ..ops.plan import Plan, check_attention, check_window, check_write, make_plan
 from ._host import element_index, load_raw, new_outputs, read_raw, scale_index
 
 NAME = "numpy"
@@ -53,13 +54,13 @@ def _load(pool: KVPool, layer: int, kv: int, slots: np.ndarray) -> np.ndarray:
 
 def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None,
          sliding_window=None) -> Plan:
-    """Validate a step's index arrays once (see :func:`pagedkv.plan.make_plan`)."""
+    """Validate a step's index arrays once (see :func:`pagedkv.ops.plan.make_plan`)."""
     return make_plan(pool, DEVICE, slot_mapping=slot_mapping, block_tables=block_tables,
                      context_lens=context_lens, query_lens=query_lens, sliding_window=sliding_window)
 
 
 def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
-    """:func:`write` with the slot mapping of a :class:`~pagedkv.plan.Plan`."""
+    """:func:`write` with the slot mapping of a :class:`~pagedkv.ops.plan.Plan`."""
     key, value = formats.widen_input(key), formats.widen_input(value)
     layer, w = check_write(plan, pool, layer)
     slots = w.slot_mapping
@@ -71,7 +72,7 @@ def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, pla
 
 def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
                    sliding_window: int | None = None, soft_cap: float | None = None) -> np.ndarray:
-    """:func:`paged_attention` with the block tables and query rows of a :class:`~pagedkv.plan.Plan`.
+    """:func:`paged_attention` with the block tables and query rows of a :class:`~pagedkv.ops.plan.Plan`.
 
     This reference does the plain math in float64 on a gathered copy, and
     rounds the result to float32 once; the fast backends stream over the
@@ -114,7 +115,7 @@ def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_map
         layer: ``0 <= layer < num_layers``.
         key, value: float32 ``[T, H, D]``, C-contiguous, stored in the pool's format. float16
             and bfloat16 are taken too (widened exactly first, see
-            :func:`pagedkv.formats.widen_input`): numpy float16, ml_dtypes bfloat16, or
+            :func:`pagedkv.geometry.formats.widen_input`): numpy float16, ml_dtypes bfloat16, or
             uint16 arrays of bfloat16 bit patterns (torch: ``t.view(torch.uint16)``).
         slot_mapping: int64 ``[T]``; a negative slot marks padding and its token is skipped.
 
@@ -142,7 +143,7 @@ def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None, raw: b
         out: optional ``(key, value)`` float32 ``[T, H, D]`` arrays to fill
             instead of allocating (a decode loop reuses them).
         raw: return the stored elements (and int8 scales) undecoded, as a
-            :class:`~pagedkv.formats.RawKV`; padding rows are zero bits.
+            :class:`~pagedkv.geometry.formats.RawKV`; padding rows are zero bits.
 
     Returns:
         ``(key, value)``, float32 ``[T, H, D]`` each, decoded from the pool's

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from ..errors import ConfigError
-from ..pool import human_bytes
+from ..memory.pool import human_bytes
 from .hf_attention import register
 from .transformers import ATTENTION, PagedCache
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..config import LayerGroup
 from ..errors import ConfigError
+from ..geometry.config import LayerGroup
 
 #: the kinds of layer (transformers' ``layer_types``) whose attention pagedkv serves
 SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")

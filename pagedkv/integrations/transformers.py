@@ -58,11 +58,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..backends import resolve_backend
 from ..cache import PagedKVCache, Step
-from ..config import CacheConfig, positive_int
 from ..errors import ArgumentError, ConfigError
-from ..formats import get_format
-from ..layout import cdiv, window_start_block
-from ..stores import BlockStore
+from ..geometry.config import CacheConfig, positive_int
+from ..geometry.formats import get_format
+from ..geometry.layout import cdiv, window_start_block
+from ..offload.stores import BlockStore
 from .hf_identity import config_dtype, kv_geometry, model_id, model_id_of
 from .hf_layers import layer_groups
 
@@ -161,7 +161,7 @@ class PagedCache(Cache):
             full blocks into the prefix cache, for :meth:`new_cache` to reuse.
         share: another PagedCache whose pool and prefix cache this one uses (its geometry,
             format and backend too; the other arguments but ``prompt_ids`` are then ignored).
-        stores: slower tiers behind the prefix cache (:mod:`pagedkv.stores`), shared with other
+        stores: slower tiers behind the prefix cache (:mod:`pagedkv.offload.stores`), shared with other
             processes or later runs: the full blocks of ``prompt_ids`` are loaded from them when
             found, and written to them once computed.
         model_id: required with ``stores``: the model (its identity is then :func:`model_id`'s,

@@ -20,7 +20,7 @@ Conventions (``convention=``), the shapes your function receives:
     dst)``, ``paged_attention(q, pool, layer, block_tables, context_lens,
     scale=..., query_lens=...)``.
 ``"vllm"``, ``"hnd"``, ``"vllm_paged"``, ``"vllm_cpu"``, ``"flashinfer_nhd"``, ``"flashinfer_hnd"``, ``"transformers"``
-    each layer's caches in that layout of :mod:`pagedkv.conventions` (``caches``: K and
+    each layer's caches in that layout of :mod:`pagedkv.memory.conventions` (``caches``: K and
     V caches, or one K/V tensor): ``write(key, value, *caches, slot_mapping)`` (in place),
     ``read(*caches, slot_mapping) -> (key, value)``, ``gather(*caches, block_tables,
     context_lens) -> (key, value)``, ``copy_blocks(*per-kind lists over layers,
@@ -37,7 +37,7 @@ Conventions (``convention=``), the shapes your function receives:
 Arrays are numpy unless you pass ``to_user`` (numpy -> your array type: a
 torch or CuPy converter) and ``from_user`` (back to numpy).
 
-Storage formats (``dtype=``, names of :data:`pagedkv.formats.FORMATS`): every stored
+Storage formats (``dtype=``, names of :data:`pagedkv.geometry.formats.FORMATS`): every stored
 byte is compared, so truncation instead of round-to-nearest-even is found and named.
 float16 and bfloat16 caches work in every convention, and fp8 too, with vLLM's scale
 convention: a per-layer, per-tensor ``k_scale`` and ``v_scale`` (stored = fp8(x / scale)),
@@ -59,13 +59,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..backends import reference as ref
-from ..config import CacheConfig
-from ..conventions import CONVENTIONS as LAYOUT_CONVENTIONS
-from ..conventions import from_convention, to_convention
 from ..errors import PagedKVError, ShapeError
-from ..formats import get_format
-from ..layout import K, V, page_lists, scale_index
-from ..pool import KVPool
+from ..geometry.config import CacheConfig
+from ..geometry.formats import get_format
+from ..geometry.layout import K, V, page_lists, scale_index
+from ..memory.conventions import CONVENTIONS as LAYOUT_CONVENTIONS
+from ..memory.conventions import from_convention, to_convention
+from ..memory.pool import KVPool
 from . import strategies as pst
 from .compare import KernelMismatch, compare_pool, compare_rows, row_in_sequence
 from .tolerance import RTOL, attention_atol, score_bound
@@ -75,7 +75,7 @@ __all__ = [
     "check_swap_blocks", "check_paged_attention",
 ]
 
-#: pagedkv's own, "flashinfer" (page lists over vLLM-shaped caches), and the layouts of pagedkv.conventions;
+#: pagedkv's own, "flashinfer" (page lists over vLLM-shaped caches), and the layouts of pagedkv.memory.conventions;
 #: transformers' rows per slot carry no block size, which block tables and block copies need: write and read only
 CONVENTIONS = ("pagedkv", "flashinfer", *LAYOUT_CONVENTIONS)
 SLOT_ONLY = ("transformers",)
@@ -135,7 +135,7 @@ def _scale_views(pool: KVPool, layer: int) -> tuple[np.ndarray, ...]:
 
 
 def _caches(pool: KVPool, to_user, convention: str) -> list[tuple]:
-    """Each layer's caches in ``convention``'s shapes (see :mod:`pagedkv.conventions`): copies,
+    """Each layer's caches in ``convention``'s shapes (see :mod:`pagedkv.memory.conventions`): copies,
     as the user's arrays, a tuple per layer (K and V caches, or one K/V tensor; int8: then
     its K and V scales)."""
     return [tuple(to_user(c.copy()) for c in (*to_convention(pool, _layout_of(convention), i), *_scale_views(pool, i)))

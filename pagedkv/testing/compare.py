@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..layout import decode_offset
-from ..pool import KVPool
+from ..geometry.layout import decode_offset
+from ..memory.pool import KVPool
 
 
 class KernelMismatch(AssertionError):

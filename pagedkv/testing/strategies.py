@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from .. import formats
-from ..config import CacheConfig
-from ..layout import LAYOUTS, cdiv
-from ..pool import KVPool
+from ..geometry import formats
+from ..geometry.config import CacheConfig
+from ..geometry.layout import LAYOUTS, cdiv
+from ..memory.pool import KVPool
 
 __all__ = [
     "configs", "slot_mappings", "block_tables", "block_copies", "token_arrays", "filled_pool", "workloads",
@@ -26,7 +26,7 @@ __all__ = [
 def configs(draw, *, max_layers: int = 3, max_kv_heads: int = 4, max_head_dim: int = 8,
             max_blocks: int = 8, max_block_size: int = 8, layouts=LAYOUTS, dtypes=("float32",)) -> CacheConfig:
     """A small :class:`CacheConfig` in one of ``layouts`` and one of the storage formats ``dtypes``
-    (``tuple(pagedkv.formats.FORMATS)`` for all of them)."""
+    (``tuple(pagedkv.geometry.formats.FORMATS)`` for all of them)."""
     return CacheConfig(
         dtype=draw(st.sampled_from(dtypes)),
         num_layers=draw(st.integers(1, max_layers)),
@@ -124,8 +124,8 @@ def workloads(draw, config: CacheConfig, *, max_ops: int = 12):
     which forks share blocks, as a serving engine's would be.
     """
     from ..backends import reference as ref
+    from ..blocks.manager import BlockManager
     from ..errors import OutOfBlocksError
-    from ..manager import BlockManager
 
     pool = KVPool(config)
     m = BlockManager(config.block_size, num_blocks=config.num_blocks)

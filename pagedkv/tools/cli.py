@@ -1,0 +1,244 @@
+"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate`` and ``verify`` (``pagedkv --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._version import __version__
+from ..backends import BACKENDS, available_backends, get_backend
+from ..errors import PagedKVError
+from ..geometry.formats import FORMATS
+
+
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is {'not positive' if minimum == 1 else 'negative'}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _integer(text, 0)
+
+
+#: pagedkv.testing.checkers.CONVENTIONS (named here: the checkers import hypothesis, a test extra)
+VERIFY_CONVENTIONS = ["pagedkv", "flashinfer", "vllm", "hnd", "vllm_paged", "vllm_cpu", "flashinfer_nhd",
+                      "flashinfer_hnd", "transformers"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pagedkv", description="A paged KV cache for LLM inference: demo, benchmarks and environment.")
+    p.add_argument("--version", action="version", version=f"pagedkv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="serve many requests with a small model over a paged KV cache",
+                       description="Continuous batching of a small Llama-shaped model (random weights) over "
+                                   "requests that share a system prompt and arrive over time; then a summary, "
+                                   "a map of the pool, and a check that paged and dense generation agree.")
+    d.add_argument("--requests", type=_positive, default=32, help="number of requests (default 32)")
+    d.add_argument("--blocks", type=_positive, default=96, help="blocks in the pool, of 16 tokens (default 96)")
+    d.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the model weights and the requests (default 0)")
+    d.add_argument("--backend", choices=[*BACKENDS, "auto"], default="auto",
+                   help="where the cache routines run (default auto: numba, else numpy; "
+                        "cuda runs them on a GPU)")
+    d.add_argument("--dtype", choices=list(FORMATS), default="float32",
+                   help="how the pool stores K/V (default float32); another format is compared with a float32 run")
+    d.add_argument("--plot", metavar="FILE.png", help="also draw memory in use over time (needs matplotlib)")
+    d.add_argument("--store", metavar="DIR|redis://HOST:PORT",
+                   help="back the prefix cache with a directory or a Redis/Valkey server, shared with other runs "
+                        "and processes (a second run finds the shared prompt there)")
+    d.add_argument("--model", choices=["llama", "gemma-like"], default="llama",
+                   help="llama: two full-attention layers (default); gemma-like: four layers alternating a "
+                        "sliding window of 16 and full attention, the sliding ones freeing what leaves the window")
+    d.add_argument("--no-check", action="store_true",
+                   help="skip re-running every request over a dense cache to compare the tokens")
+
+    b = sub.add_parser("bench", help="a quick table of every routine on every backend beside its peers",
+                       description="Times write, gather and copy_blocks at the decode (64 tokens) and prefill "
+                                   "(8192 tokens) shapes, H=8, D=128, on each available backend, beside numpy "
+                                   "fancy indexing, torch CPU indexing (when installed) and the fastest plain "
+                                   "copy of the same bytes. The asv suite in benchmarks/ is the full record.")
+    b.add_argument("--layout", choices=["NHD", "HND"], default="NHD", help="pool layout (default NHD)")
+    b.add_argument("--shape", choices=["decode", "prefill", "both"], default="both", help="(default both)")
+
+    sub.add_parser("info", help="version, backends available and why not, threading layer, GPU",
+                   description="What pagedkv can use on this machine.")
+
+    g = sub.add_parser("generate", help="text from a transformers checkpoint with pagedkv as its KV cache",
+                       description="Loads a local transformers checkpoint (a directory with the model and its "
+                                   "tokenizer; a hub id where there is network), streams the continuation of each "
+                                   "prompt, then prints tokens/s, KV-cache bytes against a dense cache and prefix-"
+                                   "cache hits. Prompts run one after another on one pool, so a shared prefix is "
+                                   "computed once. Needs pip install \"pagedkv[hf]\".")
+    g.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory (or hub id)")
+    prompts = g.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    prompts.add_argument("--batch", metavar="FILE", help="a file of prompts, one per line")
+    g.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per prompt (default 32)")
+    g.add_argument("--dtype", choices=list(FORMATS), default=None,
+                   help="how the pool stores K/V (default: the model's dtype, exact)")
+    g.add_argument("--num-beams", type=_positive, default=1, help="beam search width (default 1: greedy)")
+    g.add_argument("--attention", choices=["pagedkv", "sdpa", "eager"], default=None,
+                   help="the model's attention: pagedkv (its kernels over the pool, nothing gathered) or the "
+                        "model's own, sdpa or eager, over gathered K/V (default: the checkpoint's)")
+    v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
+                       description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
+                                   "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
+                                   "of calls, or FAIL with the smallest failing case and the first wrong element. "
+                                   "Exits 1 on a failure. Needs pip install \"pagedkv[test]\"; the signatures "
+                                   "each convention expects are in pagedkv.testing.checkers.")
+    v.add_argument("function", metavar="MODULE:FUNCTION", help="your kernel, e.g. mykernels:reshape_and_cache")
+    v.add_argument("--routine", required=True,
+                   choices=["write", "read", "gather", "copy_blocks", "swap_blocks", "paged_attention"])
+    v.add_argument("--convention", default="pagedkv", choices=VERIFY_CONVENTIONS,
+                   help="the shapes your function takes (default pagedkv)")
+    v.add_argument("--dtype", choices=list(FORMATS), default="float32", help="storage format (default float32)")
+    v.add_argument("--examples", type=_positive, default=100, help="cases to draw (default 100)")
+    arrays = v.add_mutually_exclusive_group()
+    arrays.add_argument("--torch", action="store_const", const="torch", dest="arrays",
+                        help="hand your function torch tensors (on the GPU if there is one)")
+    arrays.add_argument("--cupy", action="store_const", const="cupy", dest="arrays", help="hand it CuPy arrays")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify}
+        return commands[args.command](args)
+    except PagedKVError as e:
+        print(f"pagedkv: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _verify(args) -> int:
+    try:
+        from ..testing.verify import verify
+    except ImportError as e:
+        print(f"pagedkv: error: verify needs hypothesis: pip install \"pagedkv[test]\" ({e})", file=sys.stderr)
+        return 2
+    try:
+        return verify(args.function, args.routine, args.convention, args.dtype, args.examples, args.arrays)
+    except (ImportError, AttributeError, ValueError) as e:
+        print(f"pagedkv: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    try:
+        from ..integrations.generate import generate
+    except ImportError as e:
+        print(f"pagedkv: error: generate needs transformers and torch: pip install \"pagedkv[hf]\" ({e})",
+              file=sys.stderr)
+        return 2
+    if args.batch is not None:
+        try:
+            with open(args.batch, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            print(f"pagedkv: error: cannot read {args.batch}: {e.strerror}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as e:
+            print(f"pagedkv: error: {args.batch} is not UTF-8 text (byte {e.start}: {e.reason})", file=sys.stderr)
+            return 2
+        if not prompts:
+            print(f"pagedkv: error: {args.batch} holds no prompt", file=sys.stderr)
+            return 2
+    else:
+        prompts = [args.prompt]
+    generate(args.model, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype, num_beams=args.num_beams,
+             attention=args.attention)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import format_summary, plot, run_demo
+
+    backend = get_backend(args.backend).NAME
+    print(f"pagedkv demo: {args.model} model, {args.requests} requests, {args.blocks} blocks of 16 tokens, "
+          f"backend {backend}, K/V stored as {args.dtype}")
+    res = run_demo(args.requests, seed=args.seed, backend=backend, num_blocks=args.blocks,
+                   check=not args.no_check, dtype=args.dtype, store=args.store, model_name=args.model)
+    print(format_summary(res, backend))
+    if args.plot:
+        plot(res, args.plot)
+        print(f"\nplot written to {args.plot}")
+    return 0 if res.agree in (True, None) else 1
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    shapes = ["decode", "prefill"] if args.shape == "both" else [args.shape]
+    backends = [n for n, why in available_backends().items() if why is None and n != "cuda"]
+    print(f"pagedkv bench, layout {args.layout}: GB/s moved (read + written), medians; higher is better")
+    header = ["routine", "shape", *backends, "numpy fancy", "torch", "copy limit"]
+    rows = []
+    for shape in shapes:
+        w = bench.make_workload(shape, args.layout)
+        for routine in bench.PEER_ROUTINES:
+            n = bench.bytes_moved(w, routine)
+            def gbps(f, n=n):
+                return "n/a" if f is None else f"{n / bench.median_seconds(f, repeat=3) / 1e9:.1f}"
+
+            row = [routine, shape] + [gbps(bench.backend_call(get_backend(b), w, routine)) for b in backends]
+            row += [gbps(bench.numpy_peer(w, routine)), gbps(bench.torch_peer(w, routine)),
+                    f"{n / bench.copy_limit_seconds(n) / 1e9:.1f}"]
+            rows.append(row)
+            print("  measured", routine, shape, file=sys.stderr)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)))
+    return 0
+
+
+def _info(args) -> int:
+    import numba
+    import numpy
+
+    print(f"pagedkv {__version__}")
+    print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}, numba {numba.__version__}")
+    for name, why in available_backends().items():
+        print(f"  backend {name:6} {'available' if why is None else 'unavailable: ' + why}")
+    layer: str = "unknown"
+    try:
+        _run_parallel_once()
+        layer = numba.threading_layer()
+    except (ImportError, ValueError):
+        pass
+    print(f"numba threads {numba.get_num_threads()}, threading layer {layer}")
+    print(f"storage formats: {', '.join(FORMATS)} (every backend)")
+    gpu = "none"
+    if available_backends()["cuda"] is None:
+        from numba import cuda
+
+        name = getattr(cuda.get_current_device(), "name", "?")
+        gpu = name.decode() if isinstance(name, bytes) else str(name)
+    print(f"GPU: {gpu}")
+    return 0
+
+
+def _run_parallel_once() -> None:
+    """Run one tiny parallel kernel, so that numba has chosen its threading layer."""
+    import numpy as np
+
+    from ..backends import numba as numba_cpu
+    from ..geometry.config import CacheConfig
+    from ..memory.pool import KVPool
+
+    pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=1, block_size=1))
+    numba_cpu.read(pool, 0, np.zeros(1, np.int64))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
