@@ -153,3 +153,23 @@ def host(x) -> np.ndarray:
     if isinstance(x, KVPool):
         return x.to_host().copy()
     return pagedkv.memory.device.host_array(x, "result").copy()
+
+
+#: how a peer may hand pagedkv an array: as numpy does, as a strided view of a larger array (vLLM's
+#: and FlashInfer's ``key = kv[:, 0]``), through the buffer protocol, or as a CPU torch tensor
+INPUT_KINDS = ("numpy", "strided", "memoryview", "torch")
+
+
+def as_input(x: np.ndarray, kind: str):
+    """``x``'s numbers, handed over as ``kind`` (:data:`INPUT_KINDS`; "torch" only where torch is)."""
+    if kind == "strided":
+        both = np.empty((x.shape[0], 2, *x.shape[1:]), x.dtype)
+        both[:, 0] = x
+        both[:, 1] = np.nan if x.dtype.kind == "f" else -7  # numbers a kernel reading them would show
+        return both[:, 0]
+    if kind == "memoryview":
+        return memoryview(np.ascontiguousarray(x))
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.from_numpy(x.copy())
+    return x

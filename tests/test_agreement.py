@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import pagedkv
 from pagedkv.testing import strategies as pst
 
-from .conftest import ALL_FORMATS, bits, device_empty, host, on_device, pool_bytes
+from .conftest import ALL_FORMATS, INPUT_KINDS, as_input, bits, device_empty, host, on_device, pool_bytes
 
 ref = pagedkv.get_backend("numpy")
 
@@ -89,8 +89,9 @@ def test_write(fast_backend, data, seed):
     slots = data.draw(pst.slot_mappings(config, max_tokens=12))
     layer = data.draw(st.integers(0, config.num_layers - 1))
     key, value = _tokens(config, len(slots), seed + 1)
+    kind = data.draw(st.sampled_from(INPUT_KINDS), label="input kind")
     ref.write(expected, layer, key, value, slots)
-    fast_backend.write(actual, layer, key, value, slots)
+    fast_backend.write(actual, layer, as_input(key, kind), as_input(value, kind), as_input(slots, kind))
     np.testing.assert_array_equal(pool_bytes(actual), pool_bytes(expected))
 
 

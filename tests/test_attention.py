@@ -17,7 +17,7 @@ from pagedkv import CacheConfig, KVPool
 from pagedkv.testing import strategies as pst
 from pagedkv.testing.tolerance import assert_attention_close, score_bound, storage_atol
 
-from .conftest import ALL_FORMATS, host, on_device
+from .conftest import ALL_FORMATS, INPUT_KINDS, as_input, host, on_device
 
 ref = pk.get_backend("numpy")
 
@@ -138,7 +138,9 @@ def test_backends_agree_with_the_reference(fast_backend, monkeypatch, data, seed
     poison = _poison(host_pool, layer, tables, lens, data, seed + 2)
     q = np.random.default_rng(seed + 1).standard_normal((rows, hq, config.head_dim), dtype=np.float32)
     expected = ref.paged_attention(q, host_pool, layer, tables, lens, **options)
-    actual = host(fast_backend.paged_attention(q, on_device(host_pool, fast_backend), layer, tables, lens, **options))
+    kind = data.draw(st.sampled_from(INPUT_KINDS), label="input kind")
+    actual = host(fast_backend.paged_attention(as_input(q, kind), on_device(host_pool, fast_backend), layer,
+                                               as_input(tables, kind), as_input(lens, kind), **options))
     assert actual.shape == expected.shape and actual.dtype == np.float32
     largest = max(largest, float(np.abs(np.nan_to_num(pst.token_arrays(config, 1, seed + 2)[0])).max()))
     scale = options["scale"] or 1 / np.sqrt(config.head_dim)

@@ -19,6 +19,12 @@ def out(backend, tokens):
     """An output buffer of ``tokens`` rows where ``backend`` keeps its outputs."""
     return device_empty(backend, (tokens, 2, 4))
 
+
+def strided_out(backend):
+    """An output buffer of 3 rows whose numbers are every other one of a larger array's: a kernel
+    writes its rows densely, so outputs must be C-contiguous (inputs are copied once instead)."""
+    return device_empty(backend, (3, 2, 8))[:, :, ::2]
+
 CONFIG = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=4, block_size=4)
 OTHER = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, num_blocks=5, block_size=4)
 T = 3
@@ -37,8 +43,8 @@ CASES = {
     "write key wrong heads": (lambda b, p, o: b.write(p, 0, np.ones((T, 3, 4), np.float32), KEY, SLOTS),
                               pk.ShapeError, "[T, 2, 4]"),
     "write value fewer tokens": (lambda b, p, o: b.write(p, 0, KEY, KEY[:2], SLOTS), pk.ShapeError, "expected 3"),
-    "write key not contiguous": (lambda b, p, o: b.write(p, 0, np.ones((T, 2, 8), np.float32)[:, :, ::2], KEY, SLOTS),
-                                 pk.ContiguityError, "C-contiguous"),
+    "read out not contiguous": (lambda b, p, o: b.read(p, 0, SLOTS, out=(strided_out(b), out(b, 3))),
+                                pk.ContiguityError, "C-contiguous"),
     "write slots int32": (lambda b, p, o: b.write(p, 0, KEY, KEY, SLOTS.astype(np.int32)), pk.DTypeError, "int64"),
     "write slots a list": (lambda b, p, o: b.write(p, 0, KEY, KEY, [0, 1, 2]), pk.DTypeError, "slot_mapping"),
     "write slots 2-D": (lambda b, p, o: b.write(p, 0, KEY, KEY, SLOTS[None]), pk.ShapeError, "dimension"),

@@ -1,8 +1,11 @@
 """Backends: the same routines, with the same signatures, on different machinery.
 
-Each backend is a module with ``NAME``, ``DEVICE`` (``"cpu"`` or ``"cuda"``,
-where its pools live) and the routines of :class:`Backend`. They validate
-their inputs with :mod:`pagedkv.ops.validate` before any kernel runs.
+Each backend is a module with ``NAME``, ``DEVICE`` (``"cpu"`` or ``"cuda"``, where its pools
+live) and the routines of :class:`Backend`. The routines are written once, in
+:mod:`pagedkv.ops.routines` (their documentation and every check of their arguments, made
+before any kernel runs); a backend provides only its kernels, as
+:class:`pagedkv.ops.base.Kernels` states, and binds the routines to them. A new backend joins
+by doing the same and naming its module here.
 
 ========  ==========================================  ===================
 name      what                                        needs
@@ -24,13 +27,13 @@ from ..memory.pool import KVPool
 from ..ops.plan import Plan
 
 #: backend name -> module inside this package
-_MODULES = {"numpy": "reference", "numba": "numba_cpu", "cuda": "cuda"}
+_MODULES = {"numpy": "reference", "numba": "numba", "cuda": "cuda"}
 
 BACKENDS = tuple(_MODULES)
 
 
 class Backend(Protocol):
-    """What every backend module provides (see :mod:`pagedkv.backends.reference` for the contracts)."""
+    """The routines every backend module provides (their contracts: :mod:`pagedkv.ops.routines`)."""
 
     NAME: str
     DEVICE: str

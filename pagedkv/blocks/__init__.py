@@ -7,8 +7,8 @@
 - :mod:`.prefix_key`: the chained keys of full blocks; :mod:`.prefix_cache` finds and
   registers them;
 - :mod:`.sequence` and :mod:`.manager`: :class:`~pagedkv.BlockManager`, sequences, forks,
-  appends, copy-on-write, preemption and sliding windows (:mod:`.manager_views`: what the
-  manager shows of a sequence).
+  appends, copy-on-write, preemption and sliding windows, and the views of a sequence that
+  kernels read (block tables, lengths, page lists).
 
 Pure Python over integers: no numbers of the pool pass through here. Imports only from
 :mod:`pagedkv.geometry` and below.

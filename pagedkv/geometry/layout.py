@@ -120,6 +120,19 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
+def window_start(position, window):
+    """The first position a query at ``position`` sees: 0 under full attention (``window`` None
+    or 0), else ``position - window + 1`` (never below 0). Every attention kernel and the
+    reference start there; :func:`window_start_block` is its block.
+
+    >>> window_start(40, 16), window_start(40, None), window_start(5, 16)
+    (25, 0, 0)
+    """
+    if not window:
+        return 0
+    return max(position - window + 1, 0)
+
+
 def window_start_block(position, window, block_size):
     """The first block a query at ``position`` reads: 0 under full attention (``window`` None
     or 0), else the block of its window's first position ``position - window + 1``; the
@@ -128,9 +141,7 @@ def window_start_block(position, window, block_size):
     >>> window_start_block(40, 16, 8), window_start_block(40, None, 8), window_start_block(5, 16, 8)
     (3, 0, 0)
     """
-    if not window:
-        return 0
-    return max(position - window + 1, 0) // block_size
+    return window_start(position, window) // block_size
 
 
 # ---- the pool arithmetic (scalar; compiled for numba and CUDA) -----------------------------------

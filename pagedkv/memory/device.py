@@ -89,14 +89,45 @@ def is_device_array(a: object) -> bool:
     return hasattr(a, "copy_to_host")
 
 
-def host_array(a: object, name: str) -> np.ndarray:
-    """``a`` as a numpy array: numpy as is, a GPU array copied to the host.
+def host_view(a: object, name: str) -> np.ndarray | None:
+    """``a`` as a numpy array without a copy if it is a host array of any library: numpy as is;
+    anything with ``__array_interface__`` or the buffer protocol (``memoryview``, ``array``);
+    anything that exports a CPU DLPack tensor (a CPU torch tensor, a JAX CPU array). None for
+    anything else (a GPU array, a list).
 
-    Accepts numpy arrays, numba device arrays, CuPy arrays and any object
-    with ``__cuda_array_interface__`` (torch CUDA tensors).
+    Raises:
+        DTypeError: a DLPack producer numpy cannot view (a bfloat16 torch tensor: pass
+            ``t.view(torch.uint16)``, which pagedkv reads as bfloat16 bits; a tensor that
+            requires grad: pass ``t.detach()``).
     """
     if isinstance(a, np.ndarray):
         return a
+    if hasattr(a, "__cuda_array_interface__") or is_device_array(a):
+        return None
+    if hasattr(a, "__array_interface__"):
+        return np.asarray(a)
+    if hasattr(a, "__dlpack__"):
+        try:
+            return np.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError, ValueError) as e:
+            hint = " (for bfloat16 pass t.view(torch.uint16), read as bfloat16 bits)" if "dtype" in str(e) else ""
+            raise DTypeError(f"{name}: numpy cannot view this {type(a).__name__}: {e}{hint}") from None
+    try:
+        return np.asarray(memoryview(a))  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def host_array(a: object, name: str) -> np.ndarray:
+    """``a`` as a numpy array: a host array of any library viewed (:func:`host_view`), a GPU
+    array copied to the host.
+
+    Accepts numpy arrays and host arrays of other libraries, numba device arrays, CuPy arrays
+    and any object with ``__cuda_array_interface__`` (torch CUDA tensors).
+    """
+    view = host_view(a, name)
+    if view is not None:
+        return view
     if is_device_array(a):
         return a.copy_to_host()  # type: ignore[attr-defined]
     if hasattr(a, "__cuda_array_interface__"):  # CuPy, torch CUDA tensors

@@ -34,6 +34,17 @@ from typing import Any, Protocol
 from ..blocks.prefix_key import BlockKey
 from ..errors import ConfigError
 from ..geometry.config import positive_int
+from .stored_block import (  # noqa: F401  (the format's names, re-exported: stores were where they lived)
+    MAGIC,
+    VERSION,
+    StoredBlock,
+    decode_block,
+    encode_block,
+    encode_pool_block,
+    fingerprint,
+    read_block,
+    write_block,
+)
 
 
 class BlockStore(Protocol):

@@ -232,12 +232,12 @@ def _run_parallel_once() -> None:
     """Run one tiny parallel kernel, so that numba has chosen its threading layer."""
     import numpy as np
 
-    from ..backends import numba as numba_cpu
+    from ..backends import numba as numba_backend
     from ..geometry.config import CacheConfig
     from ..memory.pool import KVPool
 
     pool = KVPool(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, num_blocks=1, block_size=1))
-    numba_cpu.read(pool, 0, np.zeros(1, np.int64))
+    numba_backend.read(pool, 0, np.zeros(1, np.int64))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..cache import PagedKVCache
 from ..geometry.config import CacheConfig, LayerGroup
+from ..geometry.layout import window_start
 
 Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -153,7 +154,7 @@ class DenseCache:
                 window = c.window(layer)
                 for row in range(lo, hi):
                     pos = positions[row]
-                    first = 0 if window is None else max(0, pos - window + 1)
+                    first = window_start(pos, window)
                     for h in range(c.num_heads):
                         scores = keys[first:pos + 1, h // group] @ q[row, h].astype(np.float64) / np.sqrt(c.head_dim)
                         w = np.exp(scores - scores.max())

@@ -37,7 +37,7 @@ import math
 from numba import config, cuda, float32, int64
 
 from ...geometry.layout import K, V
-from .kernels import load_value, scale_index, table_slot, token_base
+from .kernels import load_value, scale_index, table_slot, token_base, window_start
 
 #: the most query heads one CUDA block serves; a larger group is served by several blocks
 MAX_GROUP = 32
@@ -179,10 +179,7 @@ def attention_kernel(data, layer, q, tables, row_seq, row_pos, window, scale, ca
         ml[MAX_GROUP + g] = 0.0
     cuda.syncthreads()
     pos = row_pos[r]
-    start = 0
-    if window > 0:
-        start = max(0, pos - window + 1)
-    start += split * split_len
+    start = window_start(pos, window) + split * split_len
     stop = min(pos + 1, start + split_len)  # empty for padding rows and for splits past the row's end
     b = row_seq[r]
     for tile in range(start, stop, TILE):  # the same for the whole block, so the barriers inside are safe

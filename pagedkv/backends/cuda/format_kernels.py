@@ -160,7 +160,7 @@ def unused(ndim: int = 1):
 
 def decoding(pool: KVPool, layer: int) -> tuple:
     """``(decode, k_table, v_table, scales)``: how the kernels turn ``layer``'s stored
-    elements into float32 (see ``cuda_kernels.load_value``)."""
+    elements into float32 (see ``kernels.load_value``)."""
     fmt, none = pool.config.format, unused()
     if fmt.is_float32:
         return AS_IS, none, none, none

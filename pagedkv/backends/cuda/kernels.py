@@ -20,6 +20,7 @@ token_base = cuda.jit(device=True)(layout.token_base)
 block_base = cuda.jit(device=True)(layout.block_base)
 table_slot = cuda.jit(device=True)(layout.table_slot)
 scale_index = cuda.jit(device=True)(layout.scale_index)
+window_start = cuda.jit(device=True)(layout.window_start)
 
 #: how load_value turns a stored element into float32: as it is, by table, or times its int8 scale
 AS_IS, TABLE, INT8 = 0, 1, 2

@@ -1,8 +1,8 @@
 """The routines as parallel CPU kernels compiled by ``numba.njit``.
 
-Each public function validates exactly as the reference does (same checks,
-same errors), then hands the checked arrays and the layout's strides (one
-integer :class:`~pagedkv.geometry.layout.Strides` tuple) to a kernel. The kernels call
+The routines are :mod:`pagedkv.ops.routines` bound to the kernels here (same checks, same
+errors as every backend); each kernel takes the checked arrays and the layout's strides (one
+integer :class:`~pagedkv.geometry.layout.Strides` tuple). The kernels call
 the helpers of :mod:`pagedkv.geometry.layout` compiled for the CPU, so the arithmetic
 is the reference's, line for line; one kernel serves both layouts because
 only the strides differ.
@@ -14,20 +14,31 @@ process starts fast.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ...geometry import formats, layout
 from ...geometry.layout import K, V
 from ...memory.pool import KVPool
-from ...ops import validate
-from ...ops.plan import Plan, check_attention, check_window, check_write, make_plan
-from .._host import new_outputs, read_raw
+from ...ops.plan import AttentionPlan, WritePlan
+from ...ops.routines import bind
+from ...ops.validate import AttentionOptions
+from .._host import (  # the host side of the contract, the same for both CPU backends
+    load_raw,
+    new_outputs,
+    on_device,
+    swap_devices,
+    to_index,
+    to_outputs,
+    to_queries,
+    to_tokens,
+)
 from .codecs import NO_CODEC, SCALE_KINDS, TENSOR, TOKEN
+from .common import block_base, block_scale_base, row_scale, scale_index, token_base
 from .decode import decode_attention_kernel
-from .prefill import block_base, scale_index, tiled_attention_kernel, tiles
-from .prefill import row_scale as _row_scale
+from .prefill import tiled_attention_kernel, tiles
 from .stream import get_row, put_row, should_stream, store_fence, stream_copy
 
 NAME = "numba"
@@ -35,15 +46,9 @@ DEVICE = "cpu"
 PREFILL_MIN_ROWS = 4  #: query rows per sequence (on average) from which attention runs tiled
 TASKS = 256  #: most tasks a token loop is cut into (runs of consecutive tokens, one fence each when streaming)
 
-# The layout arithmetic, compiled for the CPU: the same source as the reference uses.
-token_base = njit(inline="always", cache=True)(layout.token_base)
-table_slot = njit(inline="always", cache=True)(layout.table_slot)
-block_scale_base = njit(inline="always", cache=True)(layout.block_scale_base)
-
-
 # The copies below are slice assignments: numba compiles them to a vectorised
 # copy (several times faster than an element loop) with memmove semantics. A pool
-# of another format stores and decodes rows through _numba_codecs (see there).
+# of another format stores and decodes rows through :mod:`.codecs` (see there).
 
 # Token buffers reach the kernels flattened to 1-D (``key.reshape(-1)``, a view):
 # numba copies flat slices several times faster than rows of a 3-D array. Their
@@ -55,7 +60,7 @@ def write_kernel(data, layer, key, value, slots, stream, s, codec, kind, k_scale
     """Store token t of key/value (``[T, H, D]`` float32, C-contiguous) at ``slots[t]`` in the
     pool's format; negative slots are skipped. A task is a run of consecutive tokens; with
     ``stream`` (a large call on a float32 pool) the rows go out with streaming stores, fenced
-    at the end of each task (:mod:`._numba_stream`). The flat views and the uint32 bit views
+    at the end of each task (:mod:`.stream`). The flat views and the uint32 bit views
     (the codecs' input) are made here, compiled, rather than by the caller in Python: a
     decode-sized write is short enough for each interpreted array method to show."""
     key, value = key.reshape(key.size), value.reshape(value.size)
@@ -87,7 +92,7 @@ def _store_token(data, layer, key, value, key_bits, value_bits, slots, t, stream
 
 # A float32 token (slice copies) is inlined into the kernel; a narrow format's, with its codecs
 # inlined in it, is a call of its own: inlined into the parallel loop, whose body numba types
-# twice, it made the write kernel's compilation twice as long (see _numba_codecs).
+# twice, it made the write kernel's compilation twice as long (see :mod:`.codecs`).
 _store_token_call = njit(cache=True)(_store_token)
 
 
@@ -117,9 +122,9 @@ def _load_token(data, layer, slot, out_k, out_v, i, stream, s, codec, kind, k_sc
     for h in range(num_kv_heads):
         dst = (i * num_kv_heads + h) * head_dim
         get_row(data, k_base + h * s.head_stride, head_dim, out_k, dst, codec, kind,
-                _row_scale(layer, K, slot, h, s, kind, k_scale, scales), stream)
+                row_scale(layer, K, slot, h, s, kind, k_scale, scales), stream)
         get_row(data, v_base + h * s.head_stride, head_dim, out_v, dst, codec, kind,
-                _row_scale(layer, V, slot, h, s, kind, v_scale, scales), stream)
+                row_scale(layer, V, slot, h, s, kind, v_scale, scales), stream)
 
 
 @njit(parallel=True, cache=True)
@@ -191,7 +196,7 @@ def _load_head_rows(data, layer, kv, block, h, n, out, row, stream, s, codec, ki
     at, row_len = block_base(layer, kv, block, s) + h * s.head_stride, s.num_kv_heads * s.head_dim
     for i in range(n):
         get_row(data, at + i * s.pos_stride, s.head_dim, out, (row + i) * row_len + h * s.head_dim, codec, kind,
-                _row_scale(layer, kv, block * s.block_size + i, h, s, kind, scale, scales), stream)
+                row_scale(layer, kv, block * s.block_size + i, h, s, kind, scale, scales), stream)
 
 
 @njit(cache=True)
@@ -241,8 +246,8 @@ _NO_SCALES = np.ones(1, np.float32)
 
 def streams_rows(pool: KVPool, num_tokens: int) -> bool:
     """Whether a write, read or gather of ``num_tokens`` tokens streams its float32 rows
-    (:mod:`._numba_stream`): a float32 pool, and K and V together at least
-    :data:`~._numba_stream.STREAM_MIN_BYTES`."""
+    (:mod:`.stream`): a float32 pool, and K and V together at least
+    :data:`~.stream.STREAM_MIN_BYTES`."""
     c = pool.config
     return pool.data.dtype == np.float32 and should_stream(2 * num_tokens * c.num_kv_heads * c.head_dim * 4)
 
@@ -264,20 +269,10 @@ def _format_args(pool: KVPool, layer: int) -> tuple:
     return fmt.codec or NO_CODEC, kind, k_scale, v_scale, scales
 
 
-# ---- the step API: plan once, run per layer --------------------------------------------------------
+# ---- the kernel contract (pagedkv.ops.base.Kernels) ------------------------------------------------
 
-def plan(pool: KVPool, *, slot_mapping=None, block_tables=None, context_lens=None, query_lens=None,
-         sliding_window=None) -> Plan:
-    """Same contract as :func:`pagedkv.backends.reference.plan`."""
-    return make_plan(pool, DEVICE, slot_mapping=slot_mapping, block_tables=block_tables,
-                     context_lens=context_lens, query_lens=query_lens, sliding_window=sliding_window)
-
-
-def write_step(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, plan: Plan) -> None:
-    """Same contract as :func:`pagedkv.backends.reference.write_step`."""
-    key, value = formats.widen_input(key), formats.widen_input(value)
-    layer, w = check_write(plan, pool, layer)
-    validate.step_tokens(pool, key, value, w.slot_mapping.shape[0])
+def store(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, w: WritePlan) -> None:
+    """The write kernel, streaming when the call is large (:func:`streams_rows`)."""
     write_kernel(pool.data, layer, key, value, w.kernel_slots, streams_rows(pool, key.shape[0]), pool.strides,
                  *_format_args(pool, layer))
 
@@ -288,13 +283,8 @@ def decode_heads_per_task(pool: KVPool) -> int:
     return pool.config.num_kv_heads if pool.config.layout == "NHD" else 1
 
 
-def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale: float | None = None,
-                   sliding_window: int | None = None, soft_cap: float | None = None) -> np.ndarray:
-    """Same contract as :func:`pagedkv.backends.reference.attention_step`, in float32."""
-    layer, a = check_attention(plan, pool, layer)
-    validate.queries(pool, q, a.num_rows, a.query_lens is None)
-    opt = validate.attention_options(pool, scale, sliding_window, soft_cap)
-    check_window(a, opt.window)
+def attend(q: np.ndarray, pool: KVPool, layer: int, a: AttentionPlan, opt: AttentionOptions) -> np.ndarray:
+    """Tiled prefill attention when the rows are many per sequence, else decode attention; in float32."""
     out = np.empty(q.shape, dtype=np.float32)
     if a.query_lens is not None and a.num_rows >= PREFILL_MIN_ROWS * a.query_lens.shape[0]:
         # prefill: tiles of query rows stream each block once per tile, not once per row
@@ -304,71 +294,38 @@ def attention_step(q: np.ndarray, pool: KVPool, layer: int, plan: Plan, *, scale
                                pool.strides, *_format_args(pool, layer))
         return out
     decode_attention_kernel(pool.data, layer, q, a.kernel_tables, a.kernel_row_seq, a.kernel_row_pos, out, opt.window,
-                     np.float32(opt.scale), np.float32(opt.soft_cap), decode_heads_per_task(pool), pool.strides,
-                     *_format_args(pool, layer))
+                            np.float32(opt.scale), np.float32(opt.soft_cap), decode_heads_per_task(pool),
+                            pool.strides, *_format_args(pool, layer))
     return out
 
 
-# ---- one-shot routines ------------------------------------------------------------------------------
-
-def write(pool: KVPool, layer: int, key: np.ndarray, value: np.ndarray, slot_mapping: np.ndarray) -> None:
-    """Same contract as :func:`pagedkv.backends.reference.write`."""
-    write_step(pool, layer, key, value, plan(pool, slot_mapping=slot_mapping))
-
-
-def read(pool: KVPool, layer: int, slot_mapping: np.ndarray, *, out=None, raw: bool = False):
-    """Same contract as :func:`pagedkv.backends.reference.read`."""
-    if raw:
-        validate.no_out_with_raw(out)
-    layer, slot_mapping = validate.read_args(pool, layer, slot_mapping, out, DEVICE)
-    if raw:  # the stored elements as they are: index arithmetic on the host, no kernel
-        return read_raw(pool, layer, slot_mapping)
-    out_k, out_v = new_outputs(pool, slot_mapping.shape[0], out)
-    fk, fv = out_k.reshape(-1), out_v.reshape(-1)
-    read_kernel(pool.data, layer, slot_mapping, fk, fv, streams_rows(pool, slot_mapping.shape[0]), pool.strides,
-                *_format_args(pool, layer))
-    return out_k, out_v
+def load(pool: KVPool, layer: int, slots: np.ndarray, at: np.ndarray, out_k: np.ndarray, out_v: np.ndarray) -> None:
+    """The read kernel over the flat outputs."""
+    read_kernel(pool.data, layer, at, out_k.reshape(-1), out_v.reshape(-1), streams_rows(pool, slots.shape[0]),
+                pool.strides, *_format_args(pool, layer))
 
 
-def gather(pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray, *, out=None,
-           raw: bool = False):
-    """Same contract as :func:`pagedkv.backends.reference.gather`."""
-    if raw:
-        validate.no_out_with_raw(out)
-    layer, block_tables, context_lens, total = validate.gather_args(pool, layer, block_tables, context_lens, out,
-                                                                    DEVICE)
-    if raw:
-        return read_raw(pool, layer, layout.gather_slots(block_tables, context_lens, pool.config.block_size)), \
-            layout.cu_seqlens(context_lens)
-    out_k, out_v = new_outputs(pool, total, out)
-    cu = gather_kernel(pool.data, layer, block_tables, context_lens, out_k, out_v, streams_rows(pool, total),
-                       pool.strides, *_format_args(pool, layer))
-    return out_k, out_v, cu
+def gather_rows(pool: KVPool, layer: int, tables: np.ndarray, at: np.ndarray, lens: np.ndarray, out_k: np.ndarray,
+                out_v: np.ndarray) -> np.ndarray:
+    """The gather kernel (which computes ``cu_seqlens`` as it goes)."""
+    return gather_kernel(pool.data, layer, at, lens, out_k, out_v, streams_rows(pool, out_k.shape[0]), pool.strides,
+                         *_format_args(pool, layer))
 
 
-def _move_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
-    move_blocks_kernel(src_pool.data, dst_pool.data, src, dst, streams_blocks(src_pool, src.shape[0]),
+def move_blocks(src_pool: KVPool, dst_pool: KVPool, src, dst, src_host: np.ndarray, dst_host: np.ndarray) -> None:
+    """Whole blocks in one parallel kernel, streaming when many; int8's scales after them."""
+    move_blocks_kernel(src_pool.data, dst_pool.data, src_host, dst_host, streams_blocks(src_pool, src_host.shape[0]),
                        src_pool.strides)
     if src_pool.scales is not None:  # int8: the scales go with their blocks
-        move_scales_kernel(src_pool.host_scales, dst_pool.host_scales, src, dst, src_pool.strides)
+        move_scales_kernel(src_pool.host_scales, dst_pool.host_scales, src_host, dst_host, src_pool.strides)
 
 
-def copy_blocks(pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
-    """Same contract as :func:`pagedkv.backends.reference.copy_blocks`."""
-    src, dst = validate.copy_args(pool, pool, src, dst, DEVICE, DEVICE)
-    _move_blocks(pool, pool, src, dst)
+__all__ = [  # the routines, then the kernel contract (pagedkv.ops.base.Kernels)
+    "NAME", "DEVICE", "write", "read", "gather", "copy_blocks", "swap_blocks", "paged_attention", "plan", "write_step",
+    "attention_step", "new_outputs", "to_tokens", "to_queries", "to_outputs", "to_index", "on_device", "store",
+    "attend", "load", "gather_rows", "load_raw", "swap_devices", "move_blocks",
+]
 
-
-def swap_blocks(src_pool: KVPool, dst_pool: KVPool, src: np.ndarray, dst: np.ndarray) -> None:
-    """Same contract as :func:`pagedkv.backends.reference.swap_blocks`."""
-    src, dst = validate.copy_args(src_pool, dst_pool, src, dst, DEVICE, DEVICE)
-    _move_blocks(src_pool, dst_pool, src, dst)
-
-
-def paged_attention(q: np.ndarray, pool: KVPool, layer: int, block_tables: np.ndarray, context_lens: np.ndarray,
-                    *, scale: float | None = None, sliding_window: int | None = None,
-                    soft_cap: float | None = None, query_lens: np.ndarray | None = None) -> np.ndarray:
-    """Same contract as :func:`pagedkv.backends.reference.paged_attention`, in float32."""
-    p = plan(pool, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens,
-             sliding_window=sliding_window)
-    return attention_step(q, pool, layer, p, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+# the routines, bound to these kernels
+write, read, gather, copy_blocks, swap_blocks, paged_attention, plan, write_step, attention_step = \
+    bind(sys.modules[__name__])

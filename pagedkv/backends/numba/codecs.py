@@ -17,7 +17,7 @@ And a format's decoding loop has its parameters as constants and no branch
 
 A note for whoever edits this module: numba's on-disk cache of the kernels in
 :mod:`pagedkv.backends.numba` is keyed on that file alone, so after a change
-here delete its ``__pycache__/*.nbi``/``*.nbc`` (or touch ``numba_cpu.py``).
+here delete its ``__pycache__/*.nbi``/``*.nbc`` (or touch ``backends/numba/__init__.py``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def decode_narrow(data, at, n, out, off, codec, kind, scale):
 # site, in every pass of its type inference, doubling a narrow attention kernel's compile time
 # for no gain at run time (the callers decode a block's rows in one call, or a row's loop costs
 # far more than the call). store_row stays inlined: the write kernel calls it per row, and calls a
-# narrow format's token (all its heads) as a function of its own instead (numba_cpu).
+# narrow format's token (all its heads) as a function of its own instead (the write kernel).
 @overload(store_row, inline="always")
 def _store_row(data, at, x, x_bits, off, n, codec, kind, scale, scales, scale_at):
     if data.dtype == types.float32:

@@ -37,9 +37,9 @@ The float liberties are :data:`~pagedkv.backends.numba.prefill.FASTMATH`'s (sums
 reassociated so that they vectorise; infinities kept, since the running max starts at -inf);
 the tolerance against the float64 reference is :mod:`pagedkv.testing.tolerance`'s.
 
-As for ``_numba_prefill``, numba's on-disk cache of this module's kernel is keyed on this file:
-after editing a helper it inlines (``_numba_codecs``, ``_numba_prefill``), delete
-``pagedkv/backends/__pycache__/*.nbi`` / ``*.nbc``.
+As for ``prefill``, numba's on-disk cache of this module's kernel is keyed on this file:
+after editing a helper it inlines (``codecs``, ``prefill``), delete
+``pagedkv/backends/numba/__pycache__/*.nbi`` / ``*.nbc``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from numba.extending import overload
 
 from ...geometry.layout import K, V
 from .codecs import TOKEN, decode_row, prefetch
-from .prefill import FASTMATH, add_four_rows, block_base, dot_2x2, fast_exp, row_scale
+from .common import FASTMATH, add_four_rows, block_base, dot_2x2, fast_exp, row_scale, window_start
 
 
 def stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
@@ -83,7 +83,7 @@ def _stage_heads(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0
     return decoded
 
 
-# a call of its own, not inlined: see _numba_codecs on what inlining a narrow format's decoder costs
+# a call of its own, not inlined: see codecs on what inlining a narrow format's decoder costs
 @njit(cache=True)
 def stage_decoded(data, at, n, heads, pos_stride, head_dim, buf, layer, kv, slot0, h0, s, codec, kind, tensor_scale,
                   scales):
@@ -181,7 +181,7 @@ def decode_attention_kernel(data, layer, q, tables, row_seq, row_pos, out, windo
             out[r, h0 * group:(h0 + heads_per_task) * group, :] = 0.0
             continue
         b = row_seq[r]
-        start = max(0, pos - window + 1) if window > 0 else 0
+        start = window_start(pos, window)
         qs = np.zeros((width, head_dim), dtype=np.float32)  # the task's queries, pre-scaled, padded
         for hh in range(heads_per_task):
             for g in range(group):

@@ -19,7 +19,7 @@ LLVM spells a non-temporal store as an ordinary store with ``!nontemporal``
 metadata; on x86 a 16-byte aligned vector store becomes ``movntps``, on other
 CPUs what they have (or a plain store where they have nothing). numba's on-disk
 cache of :mod:`pagedkv.backends.numba` is keyed on that file alone: after a
-change here delete its ``__pycache__/*.nbi``/``*.nbc`` (or touch ``numba_cpu.py``).
+change here delete its ``__pycache__/*.nbi``/``*.nbc`` (or touch ``backends/numba/__init__.py``).
 """
 
 from __future__ import annotations
