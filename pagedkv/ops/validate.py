@@ -70,13 +70,15 @@ def layer(p: KVPool, layer: object) -> int:
 
 
 def index_array(a, name: str, dtype: np.dtype, ndim: int) -> np.ndarray:
-    """A host index array of exactly ``dtype`` and ``ndim`` dimensions."""
+    """A host index array of exactly ``dtype`` and ``ndim`` dimensions, C-contiguous (a strided
+    one, ``slots[::2]``, copied: the kernels are compiled for one array layout, not one per
+    layout a caller happens to pass)."""
     a = host_array(a, name)
     if a.dtype != dtype:
         raise DTypeError(f"{name} must be {dtype}, got {a.dtype}")
     if a.ndim != ndim:
         raise ShapeError(f"{name} must have {ndim} dimension(s), got shape {a.shape}")
-    return a
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def tokens(p: KVPool, name: str, a, num_tokens: int | None = None) -> int:
