@@ -20,6 +20,7 @@ The package is layered; each layer imports only from the layers listed before it
 ``offload``        blocks outside the pool: stored blocks, stores, tiers
 ``cache``          :class:`PagedKVCache`, the facade over all of the above
 ``integrations``   bridges to other libraries (transformers), each behind its own extra
+``engine``         :class:`LLM`: many requests of a transformers model over one pool
 ``testing``        the conformance kit for other people's kernels and block managers
 ``tools``          the programs: the ``pagedkv`` command, the demo and its model, the bench
 =================  ==========================================================================
@@ -78,5 +79,11 @@ _old_paths.install()
 
 
 def __getattr__(name: str):
-    """The modules of earlier releases as attributes (``pagedkv.stores``), imported on first use."""
+    """``LLM``, ``SamplingParams`` and ``RequestOutput`` (the engine: :mod:`pagedkv.engine`, which
+    needs the ``hf`` extra for ``LLM``), and the modules of earlier releases (``pagedkv.stores``),
+    imported on first use: ``import pagedkv`` imports neither torch nor transformers."""
+    if name in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput"):
+        from . import engine
+
+        return getattr(engine, name)
     return _old_paths.attribute(name)

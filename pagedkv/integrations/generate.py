@@ -25,8 +25,9 @@ from .transformers import ATTENTION, PagedCache
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def load(model_path: str) -> tuple[Any, Any]:
-    """The tokenizer and the model (in eval mode) of a checkpoint directory or hub id. Raises
+def load(model_path: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """The tokenizer and the model (in eval mode, in ``dtype`` if given, else the checkpoint's)
+    of a checkpoint directory or hub id. Raises
     ConfigError saying what is missing: no such directory, no tokenizer or no model in it, or
     a checkpoint transformers cannot read."""
     local = os.path.isabs(model_path) or model_path.startswith((".", "~")) or os.path.exists(model_path) \
@@ -44,7 +45,8 @@ def load(model_path: str) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load a tokenizer from {model_path!r}: {_first_line(e)}") from e
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **({"dtype": dtype} if dtype else {}))
+        model = model.eval()
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load a causal language model from {model_path!r}: {_first_line(e)}") from e
     return tokenizer, model

@@ -1,0 +1,277 @@
+"""``pagedkv.LLM``: many requests over one paged pool, one forward per step.
+
+::
+
+    from pagedkv import LLM, SamplingParams
+
+    llm = LLM("path/to/checkpoint", kv_cache_bytes=2 << 30)
+    for out in llm.generate(["The capital of France is", "1, 2, 3,"], SamplingParams(max_tokens=32)):
+        print(out.outputs[0].text)
+
+    llm.add_request("a", "Once upon a time", SamplingParams(max_tokens=64, temperature=0.8, seed=1))
+    while llm.has_unfinished_requests():
+        for out in llm.step():                 # what each request produced in this step
+            print(out.request_id, out.new_token_ids)
+
+Requests join and leave between steps (continuous batching): each step, the
+:class:`~.scheduler.Scheduler` packs decode tokens and prompt chunks under a token budget,
+and the :class:`~.runner.ModelRunner` runs them through the model in one forward pass over
+the pool. A prompt prefix already in the pool (or in a store behind it) is not computed again.
+With a float32 model and pool, each request's greedy tokens are the model's own (those of
+transformers' ``generate`` for that request alone), whatever else runs beside it.
+
+Needs the ``hf`` extra (transformers and torch), CPU only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..cache import PagedKVCache
+from ..errors import ArgumentError, ConfigError
+from ..geometry.config import CacheConfig, positive_int
+from ..geometry.formats import get_format
+from ..integrations.generate import load
+from ..integrations.hf_identity import kv_geometry, model_id_of
+from ..integrations.hf_layers import layer_groups
+from ..integrations.transformers import EXACT_FORMATS
+from ..offload.stores import BlockStore
+from .params import CompletionOutput, RequestOutput, SamplingParams
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler import Request, Scheduler
+
+#: the pool's size when neither kv_cache_bytes nor num_blocks is given
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+class LLM:
+    """A transformers causal LM served from a paged KV cache, many requests at once.
+
+    Args:
+        model: a checkpoint directory (or hub id) with its tokenizer, or a loaded
+            ``PreTrainedModel`` (then pass ``tokenizer=`` for text prompts and outputs).
+        tokenizer: a tokenizer for a model object (None: token ids in, token ids out).
+        dtype: the model's dtype when loading from a path (``"float32"``, ``"bfloat16"``; None:
+            the checkpoint's).
+        kv_dtype: the pool's storage format (:mod:`pagedkv.geometry.formats`; None: the model's
+            own dtype, which stores K/V exactly).
+        block_size: tokens per block.
+        kv_cache_bytes, num_blocks: the pool's size, as a byte budget or in blocks (not both;
+            neither: :data:`DEFAULT_KV_CACHE_BYTES`).
+        max_num_seqs: requests running at once, at most.
+        max_num_batched_tokens: tokens one step computes, at most (the chunk of a long prompt).
+        enable_prefix_caching: reuse the K/V of prompt prefixes computed before.
+        stores: slower tiers behind the prefix cache (:mod:`pagedkv.offload.stores`).
+        max_model_len: the longest request, prompt and output (None: the model's
+            ``max_position_embeddings``, and never more than the pool holds).
+
+    Raises ConfigError (or ArgumentError) naming the argument that is wrong, before anything
+    is loaded.
+    """
+
+    def __init__(self, model: Any, *, tokenizer: Any = None, dtype: str | None = None, kv_dtype: str | None = None,
+                 block_size: int = 16, kv_cache_bytes: int | None = None, num_blocks: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 stores: Sequence[BlockStore] = (), max_model_len: int | None = None) -> None:
+        block_size = positive_int("block_size", block_size)
+        max_num_seqs = positive_int("max_num_seqs", max_num_seqs)
+        max_num_batched_tokens = positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        if kv_cache_bytes is not None and num_blocks is not None:
+            raise ConfigError("give the pool's size as kv_cache_bytes or as num_blocks, not both")
+        if kv_dtype is not None:
+            get_format(kv_dtype)
+        torch_dtype = None
+        if dtype is not None:
+            torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+            if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+                raise ConfigError(f"dtype must name a torch floating-point dtype ('float32', 'bfloat16'), "
+                                  f"got {dtype!r}")
+        if isinstance(model, (str, os.PathLike)):
+            tokenizer, model = load(os.fspath(model), dtype=torch_dtype)
+        elif not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ConfigError(f"model must be a checkpoint path or a transformers model, got {type(model).__name__}")
+        elif torch_dtype is not None:
+            model = model.to(torch_dtype)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        config = model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ConfigError("pagedkv.LLM needs a model config with num_hidden_layers")
+        kv_heads, head_dim = kv_geometry(text)
+        model_dtype = next(model.parameters()).dtype
+        fmt = kv_dtype or EXACT_FORMATS.get(model_dtype, "float32")
+        if num_blocks is not None:
+            cache_config = CacheConfig(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                                       num_blocks=positive_int("num_blocks", num_blocks), block_size=block_size,
+                                       dtype=fmt)
+        else:
+            cache_config = CacheConfig.from_memory_budget(
+                DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes, num_layers=num_layers,
+                num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, dtype=fmt)
+        groups = layer_groups(config, text, num_layers, cache_config.num_slots)
+        if groups is not None:  # sliding layers: their group frees the blocks that leave the window
+            cache_config = replace(cache_config, layer_groups=groups)
+        stores = tuple(stores)
+        self.cache = PagedKVCache(cache_config, "auto", enable_prefix_caching=enable_prefix_caching, stores=stores,
+                                  model_id=model_id_of(model) if stores else None)
+        limit = getattr(text, "max_position_embeddings", None)
+        self.max_model_len = min(cache_config.num_slots, limit if isinstance(limit, int) and limit > 0 else 1 << 62)
+        if max_model_len is not None:
+            self.max_model_len = min(self.max_model_len, positive_int("max_model_len", max_model_len))
+        self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        self.eos_token_id: int | None = eos if isinstance(eos, int) else None
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _token_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ArgumentError("a text prompt needs a tokenizer: pass tokenizer= (or token ids)")
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt) if isinstance(prompt, Sequence) else None
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids) \
+                or (isinstance(vocab, int) and max(ids) >= vocab):
+            raise ArgumentError(f"a prompt must be a str or a non-empty sequence of token ids below the vocabulary's "
+                                f"{vocab}, got {prompt!r:.80}")
+        return None, ids
+
+    def add_request(self, request_id: str | None, prompt: Any, params: SamplingParams | None = None,
+                    *, cache_salt: Hashable = None) -> str:
+        """Queue a request; returns its id (a new one for ``None``). A prompt too long for the
+        model or the pool finishes at once with ``finish_reason == "error"`` (the next
+        :meth:`step` reports it); the other requests go on."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if not isinstance(request_id, str):
+            raise ArgumentError(f"request_id must be a str, got {request_id!r}")
+        if request_id in self._requests:
+            raise ArgumentError(f"request {request_id!r} exists already")
+        text, ids = self._token_ids(prompt)
+        r = Request(request_id, text, ids, params, self.max_model_len, cache_salt)
+        self._requests[request_id] = r
+        if len(ids) >= self.max_model_len:
+            r.finish_reason = "error"
+            r.error = (f"the prompt has {len(ids)} tokens; this engine serves at most {self.max_model_len - 1} "
+                       f"(max_model_len {self.max_model_len}: the model's positions and the pool's "
+                       f"{self.cache.config.num_slots} slots)")
+        else:
+            self.scheduler.add(r)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """End a request now (its blocks go back); its output says ``finish_reason == "abort"``.
+        Unknown or finished requests are left as they are."""
+        r = self._requests.get(request_id)
+        if r is not None and not r.finished:
+            self.scheduler.finish(r, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a request is running or waiting, or finished without :meth:`step` saying so yet."""
+        return self.scheduler.has_unfinished() or any(r.finished for r in self._requests.values())
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns what changed: each request that produced tokens (``new_token_ids``)
+        or finished since the last call. Finished requests are then forgotten."""
+        batch = self.scheduler.schedule()
+        if batch.requests:
+            try:
+                logits, sampling = self.runner.run(batch)
+            except BaseException as e:  # their sequences are half-written: they cannot go on
+                for r in batch.requests:
+                    self.scheduler.finish(r, "error")
+                    r.error = f"the model's forward failed: {e}"
+                raise
+            tokens = sample(logits, [batch.requests[i] for i in sampling])
+            self.scheduler.advance(batch, dict(zip(sampling, tokens, strict=True)), self.eos_token_id)
+        changed = []
+        for r in list(self._requests.values()):
+            if r.finished or len(r.output_token_ids) > r.reported:
+                changed.append(self._output(r, new=True))
+                r.reported = len(r.output_token_ids)
+                if r.finished:
+                    del self._requests[r.request_id]
+        return changed
+
+    def _output(self, r: Request, new: bool = False) -> RequestOutput:
+        text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True) if self.tokenizer else None
+        ttft = None if r.first_token_time is None else r.first_token_time - r.arrival
+        return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
+                             [CompletionOutput(0, list(r.output_token_ids), text, r.finish_reason, r.error)],
+                             r.finished, r.num_cached_tokens or 0, ttft,
+                             list(r.output_token_ids[r.reported:]) if new else [])
+
+    def stream(self, request_id: str) -> Iterator[int]:
+        """The tokens of one request as they come, running steps (of every request) as needed."""
+        r = self._requests.get(request_id)
+        if r is None:
+            raise ArgumentError(f"no request {request_id!r} (finished requests are forgotten by step())")
+        given = 0
+        while True:
+            while given < len(r.output_token_ids):
+                yield r.output_token_ids[given]
+                given += 1
+            if r.finished:
+                return
+            self.step()
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to its end as one continuous batch; one output per prompt, in order.
+
+        ``prompts``: a str or token ids, or a list of them. ``params``: one for all, or one per
+        prompt. A prompt that cannot run here gets ``finish_reason == "error"``; the others run.
+        """
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
+                                              and isinstance(prompts[0], int))
+        batch: list[Any] = [prompts] if single else list(prompts)
+        if isinstance(params, Sequence):
+            if len(params) != len(batch):
+                raise ArgumentError(f"{len(params)} SamplingParams for {len(batch)} prompts")
+            per = list(params)
+        else:
+            per = [params or SamplingParams()] * len(batch)
+        ids = [self.add_request(None, p, sp) for p, sp in zip(batch, per, strict=True)]
+        requests = [self._requests[i] for i in ids]
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="requests", unit="req")
+        start = time.perf_counter()
+        try:
+            while any(not r.finished for r in requests):
+                self.step()
+                if bar is not None:
+                    done = sum(r.finished for r in requests)
+                    bar.update(done - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.last_run_seconds = time.perf_counter() - start
+        for r in requests:
+            self._requests.pop(r.request_id, None)
+        return [self._output(r) for r in requests]

@@ -1,0 +1,214 @@
+"""pagedkv.LLM: many requests of a transformers model over one pool, each getting the model's own tokens.
+
+Every request's greedy tokens equal transformers' ``generate`` of that request alone (default
+cache), whatever else runs beside it: requests of unequal lengths arriving at different steps,
+prompts chunked under a small token budget, shared prefixes served from the prefix cache,
+preemption forced by a small pool, aborts. Tiny models with random weights (nothing is
+downloaded).
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import pagedkv  # noqa: E402
+from pagedkv import LLM, SamplingParams  # noqa: E402
+
+from .test_transformers import architecture, gemma2, llama  # noqa: E402
+from .test_transformers import checkpoint as checkpoint  # noqa: E402  (a fixture, for the text test)
+
+
+def alone(model, prompt, max_tokens):
+    """transformers' greedy tokens for ``prompt`` alone, with its default cache (``DynamicCache``),
+    going on past end-of-sequence tokens as ``ignore_eos`` does (``generate`` stops at them, and
+    ``min_new_tokens`` would forbid them instead): generate's greedy loop, written out."""
+    cache = transformers.DynamicCache(config=model.config)
+    ids, tokens = torch.tensor([prompt]), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+            tokens.append(int(logits.float().argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens
+
+
+def random_prompts(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(1, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+FAMILIES = {
+    "llama MHA": lambda: llama(kv_heads=4),
+    "llama GQA": lambda: llama(kv_heads=2),
+    "llama MQA": lambda: llama(kv_heads=1),
+    "qwen3": lambda: architecture("qwen3"),
+    "qwen2 sliding": lambda: architecture("qwen2"),
+    "mistral sliding": lambda: architecture("mistral"),
+    "gemma2 sliding, soft cap": lambda: gemma2(window=8),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_request_gets_the_tokens_it_gets_alone(family):
+    """Unequal prompts, some sharing a 12-token prefix, arriving over several steps, with prompts
+    chunked by a budget of 16 tokens a step (a long one takes three steps)."""
+    model = FAMILIES[family]().eval()
+    prompts = random_prompts([5, 19, 33, 9], seed=1) + random_prompts([4, 11], seed=2, prefix=range(1, 13))
+    want = [alone(model, p, GREEDY.max_tokens) for p in prompts]
+    llm = LLM(model, num_blocks=96, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    got = {}
+    pending = list(enumerate(prompts))
+    while pending or llm.has_unfinished_requests():
+        if pending:  # one new request every step
+            i, p = pending.pop(0)
+            llm.add_request(str(i), p, GREEDY)
+        for out in llm.step():
+            if out.finished:
+                got[int(out.request_id)] = out.outputs[0].token_ids
+                assert out.outputs[0].finish_reason == "length"
+    assert [got[i] for i in range(len(prompts))] == want
+    llm.cache.check()
+    assert llm.cache.stats()["blocks_used"] == 0  # every finished request gave its blocks back
+
+
+def test_a_pool_too_small_for_everyone_preempts_and_recomputes():
+    """A pool of 12 blocks of 4 for 4 requests of about 30 tokens each: the newest running request
+    is preempted (its blocks freed) whenever the others need them, and recomputed later; every
+    request still gets its own tokens."""
+    model = llama()
+    prompts = random_prompts([14, 18, 11, 16], seed=3)
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    want = [alone(model, p, params.max_tokens) for p in prompts]
+    llm = LLM(model, num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=32)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    assert llm.scheduler.num_preemptions > 0
+    llm.cache.check()
+
+
+def test_a_shared_prefix_is_computed_once():
+    model = llama()
+    system = list(range(1, 25))  # 24 tokens: 6 full blocks of 4
+    prompts = random_prompts([3, 5, 7], seed=4, prefix=system)
+    llm = LLM(model, num_blocks=64, block_size=4)
+    first = llm.generate(prompts[0], GREEDY)[0]
+    rest = llm.generate(prompts[1:], GREEDY)
+    assert first.num_cached_tokens == 0
+    assert [o.num_cached_tokens for o in rest] == [24, 24]
+    assert [o.outputs[0].token_ids for o in rest] == [alone(model, p, 10) for p in prompts[1:]]
+
+
+def test_a_prompt_seen_before_still_computes_its_last_block():
+    """The prefix cache never serves the block of a prompt's last token: its logits pick the first
+    new token, so the model computes that block again."""
+    model = llama()
+    prompt = random_prompts([16], seed=5)[0]  # 4 whole blocks
+    llm = LLM(model, num_blocks=32, block_size=4)
+    a, b = (llm.generate(prompt, GREEDY)[0] for _ in range(2))
+    assert b.num_cached_tokens == 12 and a.outputs[0].token_ids == b.outputs[0].token_ids == alone(model, prompt, 10)
+
+
+def test_aborted_requests_leave_and_the_others_go_on():
+    model = llama()
+    prompts = random_prompts([6, 9, 12], seed=6)
+    llm = LLM(model, num_blocks=64, block_size=4)
+    for i, p in enumerate(prompts):
+        llm.add_request(str(i), p, GREEDY)
+    llm.step()
+    llm.step()
+    llm.abort("1")
+    outs = {}
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            outs[o.request_id] = o
+    assert outs["1"].outputs[0].finish_reason == "abort" and len(outs["1"].outputs[0].token_ids) == 2
+    assert outs["0"].outputs[0].token_ids == alone(model, prompts[0], 10)
+    assert outs["2"].outputs[0].token_ids == alone(model, prompts[2], 10)
+    assert llm.cache.stats()["blocks_used"] == 0
+
+
+def test_a_request_that_can_never_fit_fails_alone():
+    model = llama()
+    llm = LLM(model, num_blocks=8, block_size=4)  # 32 slots
+    prompts = random_prompts([40, 6], seed=7)
+    long, short = llm.generate(prompts, GREEDY)
+    assert long.outputs[0].finish_reason == "error" and "40 tokens" in long.outputs[0].error
+    assert short.outputs[0].token_ids == alone(model, prompts[1], 10)
+    capped = llm.generate(random_prompts([28], seed=8), SamplingParams(max_tokens=50, temperature=0))[0]
+    assert capped.outputs[0].finish_reason == "length" and len(capped.outputs[0].token_ids) == 4  # 32 slots
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    model = llama()
+    prompts = random_prompts([7, 13, 5], seed=9)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=123, ignore_eos=True)
+    alone_tokens = [LLM(model, num_blocks=64, block_size=4).generate(p, params)[0].outputs[0].token_ids
+                    for p in prompts]
+    together = LLM(model, num_blocks=64, block_size=4).generate(prompts[::-1], params)
+    assert [o.outputs[0].token_ids for o in together][::-1] == alone_tokens
+
+
+def test_stop_tokens_and_streaming():
+    model = llama()
+    prompt = random_prompts([8], seed=10)[0]
+    tokens = alone(model, prompt, 10)
+    llm = LLM(model, num_blocks=64, block_size=4)
+    out = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[tokens[3]]))[0]
+    assert out.outputs[0].token_ids == tokens[:tokens.index(tokens[3]) + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.time_to_first_token > 0
+    rid = llm.add_request(None, prompt, GREEDY)
+    assert list(llm.stream(rid)) == tokens
+
+
+def test_text_in_text_out(checkpoint, tmp_path):  # noqa: F811  (the fixture)
+    llm = LLM(checkpoint, num_blocks=64, block_size=4)
+    out = llm.generate(["w1 w2 w3 w4"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.prompt == "w1 w2 w3 w4" and out.outputs[0].text.startswith("w")
+    assert len(out.outputs[0].token_ids) == 5
+    with pytest.raises(pagedkv.ConfigError, match="no checkpoint directory"):
+        LLM(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"top_k": -1}, "top_k"), ({"seed": "1"}, "seed"), ({"stop_token_ids": [-3]}, "stop_token_ids"),
+])
+def test_sampling_params_are_checked(kw, match):
+    with pytest.raises(pagedkv.ArgumentError, match=match):
+        SamplingParams(**kw)
+
+
+def test_bad_arguments_are_refused_before_anything_runs():
+    model = llama()
+    with pytest.raises(pagedkv.ConfigError, match="not both"):
+        LLM(model, num_blocks=8, kv_cache_bytes=1 << 20)
+    with pytest.raises(pagedkv.ArgumentError, match="max_num_batched_tokens"):
+        LLM(model, num_blocks=8, max_num_seqs=8, max_num_batched_tokens=4)
+    llm = LLM(model, num_blocks=8)
+    with pytest.raises(pagedkv.ArgumentError, match="tokenizer"):
+        llm.add_request(None, "text without a tokenizer")
+    with pytest.raises(pagedkv.ArgumentError, match="vocabulary"):
+        llm.add_request(None, [1, 500])
+    llm.add_request("x", [1, 2])
+    with pytest.raises(pagedkv.ArgumentError, match="exists"):
+        llm.add_request("x", [3])
+
+
+def test_a_bfloat16_model_runs_with_a_bfloat16_pool():
+    model = llama(dtype=torch.bfloat16)
+    llm = LLM(model, num_blocks=32, block_size=4)
+    assert llm.cache.config.dtype == "bfloat16"
+    out = llm.generate(random_prompts([9, 4], seed=11), GREEDY)
+    assert all(len(o.outputs[0].token_ids) == 10 for o in out)
+
+
+def test_sampling_params_import_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pagedkv; pagedkv.SamplingParams(max_tokens=3); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
