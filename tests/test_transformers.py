@@ -410,6 +410,12 @@ def test_a_batch_of_prompts_computes_a_shared_prefix_once(checkpoint, tmp_path, 
     batch = tmp_path / "prompts.txt"
     batch.write_text(f"{prefix} w1 w2\n\n{prefix} w5\n")
     assert main(["generate", "--model", checkpoint, "--batch", str(batch), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out  # one continuous batch: both prompts start together, each computed
+    assert "2 prompts in one continuous batch" in out and "0 prompt tokens not computed" in out
+    assert _continuation(checkpoint, f"{prefix} w1 w2", max_new_tokens=4).strip() in out
+    assert _continuation(checkpoint, f"{prefix} w5", max_new_tokens=4).strip() in out
+    assert main(["generate", "--model", checkpoint, "--batch", str(batch), "--max-new-tokens", "4",
+                 "--max-num-seqs", "1"]) == 0  # one at a time: the second finds the first's blocks
     out = capsys.readouterr().out
     assert "32 prompt tokens not computed" in out  # two whole blocks of 16 of the 40 shared tokens
     assert _continuation(checkpoint, f"{prefix} w5", max_new_tokens=4).strip() in out

@@ -76,10 +76,12 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="text from a transformers checkpoint with pagedkv as its KV cache",
                        description="Loads a local transformers checkpoint (a directory with the model and its "
-                                   "tokenizer; a hub id where there is network), streams the continuation of each "
-                                   "prompt, then prints tokens/s, KV-cache bytes against a dense cache and prefix-"
-                                   "cache hits. Prompts run one after another on one pool, so a shared prefix is "
-                                   "computed once. Needs pip install \"pagedkv[hf]\".")
+                                   "tokenizer; a hub id where there is network) and prints the greedy continuation "
+                                   "of each prompt, then tokens/s, KV-cache bytes against a dense cache and prefix-"
+                                   "cache hits. The prompts run on pagedkv.LLM as one continuous batch over one "
+                                   "pool (a prefix computed before is not computed again). With --num-beams or "
+                                   "--attention, they run one after another through transformers' generate with "
+                                   "pagedkv as its cache instead. Needs pip install \"pagedkv[hf]\".")
     g.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory (or hub id)")
     prompts = g.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", metavar="TEXT", help="the prompt")
@@ -87,10 +89,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per prompt (default 32)")
     g.add_argument("--dtype", choices=list(FORMATS), default=None,
                    help="how the pool stores K/V (default: the model's dtype, exact)")
-    g.add_argument("--num-beams", type=_positive, default=1, help="beam search width (default 1: greedy)")
+    g.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
+    g.add_argument("--kv-cache-bytes", type=_positive, default=None,
+                   help="the KV pool's size in bytes (default 1 GiB; the engine)")
+    g.add_argument("--max-num-seqs", type=_positive, default=64,
+                   help="requests running at once, at most (default 64; the engine)")
+    g.add_argument("--num-beams", type=_positive, default=1,
+                   help="beam search width (default 1: greedy, on the engine; above 1: transformers' generate)")
     g.add_argument("--attention", choices=["pagedkv", "sdpa", "eager"], default=None,
-                   help="the model's attention: pagedkv (its kernels over the pool, nothing gathered) or the "
-                        "model's own, sdpa or eager, over gathered K/V (default: the checkpoint's)")
+                   help="run transformers' generate with this attention, one prompt at a time: pagedkv (its "
+                        "kernels over the pool, nothing gathered) or the model's own, sdpa or eager, over "
+                        "gathered K/V (default: the engine)")
     v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
@@ -136,6 +145,7 @@ def _verify(args) -> int:
 
 def _generate(args) -> int:
     try:
+        from ..engine.generate import generate as on_engine
         from ..integrations.generate import generate
     except ImportError as e:
         print(f"pagedkv: error: generate needs transformers and torch: pip install \"pagedkv[hf]\" ({e})",
@@ -156,8 +166,12 @@ def _generate(args) -> int:
             return 2
     else:
         prompts = [args.prompt]
-    generate(args.model, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype, num_beams=args.num_beams,
-             attention=args.attention)
+    if args.num_beams > 1 or args.attention is not None:
+        generate(args.model, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype, num_beams=args.num_beams,
+                 block_size=args.block_size, attention=args.attention)
+    else:
+        on_engine(args.model, prompts, max_new_tokens=args.max_new_tokens, kv_dtype=args.dtype,
+                  block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs)
     return 0
 
 
