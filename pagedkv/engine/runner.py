@@ -80,7 +80,8 @@ class ModelRunner:
     def _packed_attention(self) -> Iterator[None]:
         """The model's attention is the engine's for the forward pass, and the caller's again after
         (the model stays usable on its own: ``generate``, other caches)."""
-        before = self.model.config._attn_implementation  # type: ignore[union-attr]
+        # transformers has a setter and no public getter: the config attribute its own code reads
+        before = getattr(self.model.config, "_attn_implementation", None)
         self.model.set_attn_implementation(ATTENTION)  # type: ignore[operator]
         try:
             yield
