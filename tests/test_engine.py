@@ -74,6 +74,17 @@ def test_every_request_gets_the_tokens_it_gets_alone(family):
     assert llm.cache.stats()["blocks_used"] == 0  # every finished request gave its blocks back
 
 
+def test_prepacked_weights_give_the_same_tokens():
+    """The linear layers on oneDNN's reordered weights: other float32 roundings (another order of
+    the sums), the same greedy tokens here; the model itself is left as it was."""
+    model = llama()
+    prompts = random_prompts([7, 21, 12], seed=12)
+    want = [alone(model, p, 10) for p in prompts]
+    llm = LLM(model, num_blocks=64, block_size=4, prepack_weights=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert alone(model, prompts[0], 10) == want[0]  # the model's own forward again
+
+
 def test_a_pool_too_small_for_everyone_preempts_and_recomputes():
     """A pool of 12 blocks of 4 for 4 requests of about 30 tokens each: the newest running request
     is preempted (its blocks freed) whenever the others need them, and recomputed later; every
