@@ -72,6 +72,8 @@ class LLM:
         stores: slower tiers behind the prefix cache (:mod:`pagedkv.offload.stores`).
         max_model_len: the longest request, prompt and output (None: the model's
             ``max_position_embeddings``, and never more than the pool holds).
+        skip_tokenizer_init: load no tokenizer from the checkpoint (prompts and outputs as
+            token ids), as vLLM's flag; without it, a checkpoint without one is a ConfigError.
         prepack_weights: run the linear layers on weights reordered once for oneDNN (float32:
             about 1.2x the engine's tokens/s on the benchmark workload; bfloat16: no gain), at
             the cost of a second copy of every linear layer's weights.
@@ -84,7 +86,7 @@ class LLM:
                  block_size: int = 16, kv_cache_bytes: int | None = None, num_blocks: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  stores: Sequence[BlockStore] = (), max_model_len: int | None = None,
-                 prepack_weights: bool = False) -> None:
+                 skip_tokenizer_init: bool = False, prepack_weights: bool = False) -> None:
         block_size = positive_int("block_size", block_size)
         max_num_seqs = positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = positive_int("max_num_batched_tokens", max_num_batched_tokens)
@@ -99,7 +101,7 @@ class LLM:
                 raise ConfigError(f"dtype must name a torch floating-point dtype ('float32', 'bfloat16'), "
                                   f"got {dtype!r}")
         if isinstance(model, (str, os.PathLike)):
-            tokenizer, model = load(os.fspath(model), dtype=torch_dtype)
+            tokenizer, model = load(os.fspath(model), dtype=torch_dtype, tokenizer=not skip_tokenizer_init)
         elif not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise ConfigError(f"model must be a checkpoint path or a transformers model, got {type(model).__name__}")
         elif torch_dtype is not None:

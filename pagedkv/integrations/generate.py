@@ -25,23 +25,25 @@ from .transformers import ATTENTION, PagedCache
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def load(model_path: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """The tokenizer and the model (in eval mode, in ``dtype`` if given, else the checkpoint's)
-    of a checkpoint directory or hub id. Raises
-    ConfigError saying what is missing: no such directory, no tokenizer or no model in it, or
-    a checkpoint transformers cannot read."""
+def load(model_path: str, dtype: torch.dtype | None = None, *, tokenizer: bool = True) -> tuple[Any, Any]:
+    """The tokenizer (None with ``tokenizer=False``) and the model (in eval mode, in ``dtype`` if
+    given, else the checkpoint's) of a checkpoint directory or hub id. Raises ConfigError saying
+    what is missing: no such directory, no tokenizer or no model in it, or a checkpoint
+    transformers cannot read."""
     local = os.path.isabs(model_path) or model_path.startswith((".", "~")) or os.path.exists(model_path) \
         or model_path.count("/") != 1  # a hub id is "owner/name"
     if local:
         if not os.path.isdir(model_path):
             raise ConfigError(f"no checkpoint directory at {model_path!r}")
-        if not any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+        if tokenizer and not any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
             raise ConfigError(f"{model_path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
                               "save one beside the model with tokenizer.save_pretrained(DIR)")
         if not os.path.exists(os.path.join(model_path, "config.json")):
             raise ConfigError(f"{model_path!r} holds no model (config.json): save one with model.save_pretrained(DIR)")
+    loaded = None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        if tokenizer:
+            loaded = transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load a tokenizer from {model_path!r}: {_first_line(e)}") from e
     try:
@@ -49,7 +51,7 @@ def load(model_path: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
         model = model.eval()
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load a causal language model from {model_path!r}: {_first_line(e)}") from e
-    return tokenizer, model
+    return loaded, model
 
 
 def _first_line(error: BaseException) -> str:
