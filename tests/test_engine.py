@@ -223,3 +223,32 @@ def test_sampling_params_import_no_torch():
     code = "import sys, pagedkv; pagedkv.SamplingParams(max_tokens=3); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_a_store_serves_a_prefix_to_another_engine(tmp_path):
+    """Two engines (as two processes would) over one blocks directory: the second finds the
+    first's prompt blocks there and computes only the rest, with the same tokens."""
+    from pagedkv.offload.stores import DirectoryStore
+
+    model = llama()
+    prompt = random_prompts([22], seed=13)[0]  # 5 whole blocks of 4 before the last token's
+    first = LLM(model, num_blocks=32, block_size=4, stores=[DirectoryStore(tmp_path, 1 << 20)])
+    a = first.generate(prompt, GREEDY)[0]
+    second = LLM(model, num_blocks=32, block_size=4, stores=[DirectoryStore(tmp_path, 1 << 20)])
+    b = second.generate(prompt, GREEDY)[0]
+    assert a.num_cached_tokens == 0 and b.num_cached_tokens == 20
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids == alone(model, prompt, 10)
+
+
+def test_requests_of_other_salts_never_share_blocks():
+    model = llama()
+    prompt = random_prompts([18], seed=14)[0]
+    llm = LLM(model, num_blocks=32, block_size=4)
+    outs = {}
+    for rid, salt in (("a", "tenant-1"), ("b", "tenant-2"), ("c", "tenant-1")):
+        llm.add_request(rid, prompt, GREEDY, cache_salt=salt)
+        while llm.has_unfinished_requests():
+            for o in llm.step():
+                outs[o.request_id] = o
+    assert [outs[r].num_cached_tokens for r in "abc"] == [0, 0, 16]
+    assert outs["a"].outputs[0].token_ids == outs["b"].outputs[0].token_ids == outs["c"].outputs[0].token_ids
