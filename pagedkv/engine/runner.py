@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if getattr(module, "sinks", None) is not None or kwargs.get("s_aux") is not None:
         raise ConfigError("pagedkv.LLM does not serve attention sinks (gpt-oss) yet")
     cache = step.cache
-    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    layer = int(cast(Any, module).layer_idx)
     _, hq, n, d = query.shape
     cache.write(layer, _to_numpy(key), _to_numpy(value), step)
     q = _to_numpy(query if query.dtype == torch.float32 else query.float())
@@ -111,11 +111,11 @@ class ModelRunner:
         (the model stays usable on its own: ``generate``, other caches)."""
         # transformers has a setter and no public getter: the config attribute its own code reads
         before = getattr(self.model.config, "_attn_implementation", None)
-        self.model.set_attn_implementation(ATTENTION)  # type: ignore[operator]
+        cast(Any, self.model).set_attn_implementation(ATTENTION)
         try:
             yield
         finally:
-            self.model.set_attn_implementation(before)  # type: ignore[operator]
+            cast(Any, self.model).set_attn_implementation(before)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
