@@ -27,7 +27,7 @@ CALLS = ("write", "write_step", "attention_step", "paged_attention")
 def decode_calls(layout: str = "NHD", context: int = 16, seed: int = 0) -> dict[str, tuple[Callable, Callable]]:
     """``{call: (whole call, bare kernel)}`` for one layer of a decode step of ``BATCH``
     sequences of ``context`` tokens each (the last token of each is the one written)."""
-    from pagedkv.backends import numba_cpu as nb
+    from pagedkv.backends import numba as nb
 
     rng = np.random.default_rng(seed)
     per_seq = -(-context // BLOCK_SIZE)

@@ -78,7 +78,7 @@ def measure(routine: str, layout: str, shape: str, *, backend: str = "numba") ->
 
 def bare_kernel(w: Workload, routine: str) -> Callable[[], object]:
     """The numba kernel alone on already-checked arguments: what validation is measured against."""
-    from pagedkv.backends import numba_cpu as nb
+    from pagedkv.backends import numba as nb
 
     s, fmt = w.pool.strides, nb._format_args(w.pool, 0)
     if routine == "write":
