@@ -186,6 +186,7 @@ def test_text_in_text_out(checkpoint, tmp_path):  # noqa: F811  (the fixture)
 @pytest.mark.parametrize("kw, match", [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_k": -1}, "top_k"), ({"seed": "1"}, "seed"), ({"stop_token_ids": [-3]}, "stop_token_ids"),
+    ({"logprobs": -1}, "logprobs"),
 ])
 def test_sampling_params_are_checked(kw, match):
     with pytest.raises(pagedkv.ArgumentError, match=match):
@@ -252,3 +253,56 @@ def test_requests_of_other_salts_never_share_blocks():
                 outs[o.request_id] = o
     assert [outs[r].num_cached_tokens for r in "abc"] == [0, 0, 16]
     assert outs["a"].outputs[0].token_ids == outs["b"].outputs[0].token_ids == outs["c"].outputs[0].token_ids
+
+
+def unit_roundoff(name):
+    """The largest relative error of storing a number in format ``name``: half a unit in the last
+    place (2^-(mantissa bits + 1)); int8, half a step of absmax / 127 against the absmax."""
+    from pagedkv.geometry.formats import get_format
+
+    fmt = get_format(name)
+    if fmt.is_float32:
+        return 0.0
+    return 1 / 254 if fmt.codec is None else 2.0 ** -(fmt.codec.man_bits + 1)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"])
+def test_every_kv_storage_format_stays_within_its_rounding(kv_dtype):
+    """A float32 model over a pool of each narrow format: the first new token's log-probabilities
+    (the whole vocabulary) move from the float32 pool's by at most the format's unit roundoff u.
+    Stored K and V are each off by at most u relatively; the logits are sums of V rows weighted by
+    a softmax whose scores move by about u times their size, so with unit-scale activations the
+    log-probabilities move by a fraction of u (0.07-0.25 u measured here, from float16's 3.6e-5 to
+    fp8_e5m2's 1.1e-2). Greedy tokens are the float32 pool's here."""
+    model = llama()
+    prompts = random_prompts([30, 45], seed=20)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=128)
+    exact = LLM(model, num_blocks=64, block_size=4).generate(prompts, params)
+    narrow = LLM(model, num_blocks=64, block_size=4, kv_dtype=kv_dtype).generate(prompts, params)
+    for a, b in zip(narrow, exact, strict=True):
+        got, want = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert set(got) == set(want) == set(range(128))
+        assert max(abs(got[t] - want[t]) for t in want) <= unit_roundoff(kv_dtype)
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_a_bfloat16_model_is_within_bfloat16s_rounding_of_float32():
+    """The same weights in bfloat16 (its own bfloat16 pool): the first new token's log-probabilities
+    within 2^-7 (two of bfloat16's unit roundoffs: the weights and every layer's activations are
+    rounded, not only K and V; 3.0e-3 measured) of the float32 model's."""
+    prompts = random_prompts([30, 45], seed=20)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=128)
+    exact = LLM(llama(), num_blocks=64, block_size=4).generate(prompts, params)
+    bf16 = LLM(llama(dtype=torch.bfloat16), num_blocks=64, block_size=4).generate(prompts, params)
+    for a, b in zip(bf16, exact, strict=True):
+        got, want = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert max(abs(got[t] - want[t]) for t in want) <= 2.0 ** -7
+
+
+def test_logprobs_name_the_chosen_token_and_the_most_likely():
+    model = llama()
+    out = LLM(model, num_blocks=32, block_size=4).generate(
+        random_prompts([9], seed=21)[0], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))[0]
+    assert len(out.outputs[0].logprobs) == 4
+    for token, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True):
+        assert token in lp and len(lp) == 3 and lp[token] == max(lp.values()) <= 0  # greedy: the most likely

@@ -45,7 +45,7 @@ from ..integrations.transformers import EXACT_FORMATS
 from ..offload.stores import BlockStore
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .sampler import sample
+from .sampler import logprobs_of, sample
 from .scheduler import Request, Scheduler
 
 #: the pool's size when neither kv_cache_bytes nor num_blocks is given
@@ -213,7 +213,9 @@ class LLM:
                     r.error = f"the model's forward failed: {e}"
                 raise
             tokens = sample(logits, [batch.requests[i] for i in sampling])
-            self.scheduler.advance(batch, dict(zip(sampling, tokens, strict=True)), self.eos_token_id)
+            asked = {i: logprobs_of(logits[row], tokens[row], batch.requests[i].params.logprobs or 0)
+                     for row, i in enumerate(sampling) if batch.requests[i].params.logprobs is not None}
+            self.scheduler.advance(batch, dict(zip(sampling, tokens, strict=True)), self.eos_token_id, asked)
         changed = []
         for r in list(self._requests.values()):
             if r.finished or len(r.output_token_ids) > r.reported:
@@ -227,7 +229,8 @@ class LLM:
         text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True) if self.tokenizer else None
         ttft = None if r.first_token_time is None else r.first_token_time - r.arrival
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
-                             [CompletionOutput(0, list(r.output_token_ids), text, r.finish_reason, r.error)],
+                             [CompletionOutput(0, list(r.output_token_ids), text, r.finish_reason, r.error,
+                                               list(r.logprobs) if r.params.logprobs is not None else None)],
                              r.finished, r.num_cached_tokens or 0, ttft,
                              list(r.output_token_ids[r.reported:]) if new else [])
 

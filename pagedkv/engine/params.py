@@ -33,6 +33,9 @@ class SamplingParams:
             the batch and in whatever order (None: drawn from torch's global generator).
         stop_token_ids: tokens that end the request (kept in its output, as vLLM does).
         ignore_eos: go on past the tokenizer's end-of-sequence token (benchmarks).
+        logprobs: with each new token, the log-probabilities (of the model's own distribution,
+            before temperature, top-k and top-p) of that token and of the ``logprobs`` most
+            likely ones (None: none; 0: the chosen token's alone).
 
     Raises ArgumentError for a value out of range, when made.
     """
@@ -44,6 +47,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: Sequence[int] = field(default=())
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def integer(name: str, value: object, low: int) -> None:
@@ -52,6 +56,8 @@ class SamplingParams:
 
         integer("max_tokens", self.max_tokens, 1)
         integer("top_k", self.top_k, 0)
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs, 0)
         if self.seed is not None:
             integer("seed", self.seed, 0)
         for name, value, low, high in (("temperature", self.temperature, 0.0, math.inf),
@@ -83,6 +89,8 @@ class CompletionOutput:
         text: their text, with a tokenizer (None without one).
         finish_reason: one of :data:`FINISH_REASONS`, None while running.
         error: what went wrong, with ``finish_reason == "error"``.
+        logprobs: with ``SamplingParams(logprobs=k)``, for each new token a dict of token id to
+            log-probability: the token itself and the ``k`` most likely (None otherwise).
     """
 
     index: int
@@ -90,6 +98,7 @@ class CompletionOutput:
     text: str | None = None
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass

@@ -28,6 +28,14 @@ def _filtered(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def logprobs_of(logits: torch.Tensor, token: int, top: int) -> dict[int, float]:
+    """Log-probabilities (of ``logits``' own distribution) of ``token`` and the ``top`` most likely."""
+    lp = logits.log_softmax(dim=-1)
+    out = {int(t): float(v) for v, t in zip(*torch.topk(lp, min(top, lp.shape[-1])), strict=True)} if top else {}
+    out[token] = float(lp[token])
+    return out
+
+
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     """The next token of each request; row i of ``logits [S, vocab]`` (float32) is request i's."""
     tokens = []

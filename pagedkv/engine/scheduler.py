@@ -51,6 +51,7 @@ class Request:
     error: str | None = None
     preemptions: int = 0
     generator: Any = None  #: its own torch generator, for a seeded request (the sampler makes it)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  #: per new token, with params.logprobs
     reported: int = 0  #: output tokens already handed out by LLM.step
 
     @property
@@ -173,9 +174,11 @@ class Scheduler:
 
     # -- after the step ------------------------------------------------------------------------
 
-    def advance(self, batch: Batch, sampled: dict[int, int], eos_token_id: int | None) -> None:
+    def advance(self, batch: Batch, sampled: dict[int, int], eos_token_id: int | None,
+                logprobs: dict[int, dict[int, float]] | None = None) -> None:
         """Account for a step that ran: each request's chunk is in the cache, and request
-        ``batch.requests[i]`` got token ``sampled[i]``; finish the requests that stop."""
+        ``batch.requests[i]`` got token ``sampled[i]`` (with ``logprobs[i]``, if it asked for
+        them); finish the requests that stop."""
         now = time.perf_counter()
         for i, (r, tokens) in enumerate(zip(batch.requests, batch.token_ids, strict=True)):
             r.num_computed += len(tokens)
@@ -183,6 +186,8 @@ class Scheduler:
                 continue
             token = sampled[i]
             r.output_token_ids.append(token)
+            if logprobs is not None and i in logprobs:
+                r.logprobs.append(logprobs[i])
             if r.first_token_time is None:
                 r.first_token_time = now
             p = r.params
