@@ -306,3 +306,13 @@ def test_logprobs_name_the_chosen_token_and_the_most_likely():
     assert len(out.outputs[0].logprobs) == 4
     for token, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True):
         assert token in lp and len(lp) == 3 and lp[token] == max(lp.values()) <= 0  # greedy: the most likely
+
+
+def test_a_long_offline_run_shows_progress(capsys):
+    model = llama()
+    llm = LLM(model, num_blocks=64, block_size=4)
+    outs = llm.generate(random_prompts([5, 6, 7], seed=22), GREEDY, use_tqdm=True)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [10, 10, 10]
+    assert "3/3" in capsys.readouterr().err
+    with pytest.raises(pagedkv.ArgumentError, match="no request"):
+        next(llm.stream("never-added"))
