@@ -1,7 +1,7 @@
 """Host-side helpers shared by the backends: the parts of the kernel contract
-(:class:`pagedkv.ops.base.Kernels`) that are the same for both CPU backends (inputs taken as
-they are, index arrays used where they were checked, outputs, raw reads), and the offsets the
-cuda backend's host-device swaps pack."""
+(:class:`pagedkv.ops.base.Kernels`) that are the same for both CPU backends (inputs taken from
+any library's host arrays, index arrays used where they were checked, outputs, raw reads), and
+the offsets the cuda backend's host-device swaps pack."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ documentation, every check of their arguments, the plan of a step) is written on
 
 By the time a kernel function is called, every argument has been checked against the pool:
 layers, slots and blocks are in range, shapes and dtypes match, index arrays are int32 or
-int64 and C-contiguous on the host, and there is at least one token, row or block to move.
+int64 and C-contiguous on the host, and (but for :meth:`Kernels.attend`, which may get no query
+rows) there is at least one token or block to move.
 A kernel function validates nothing and raises nothing but a backend's own limit (the cuda
 backend's largest ``head_dim``).
 """
