@@ -1,7 +1,7 @@
 """The programs on top of the library, apart from it.
 
-- :mod:`.cli`: the ``pagedkv`` command (``demo``, ``bench``, ``verify``, ``generate``,
-  ``backends``);
+- :mod:`.cli`: the ``pagedkv`` command (``demo``, ``bench``, ``info``, ``generate``,
+  ``verify``);
 - :mod:`.demo` and :mod:`.model`: a tiny Llama-style model in numpy, served from a paged
   cache, to show the paging at work;
 - :mod:`.bench`: the quick benchmark ``pagedkv bench`` prints.
