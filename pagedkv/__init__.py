@@ -34,7 +34,7 @@ from ._version import __version__
 from .backends import BACKENDS, Backend, available_backends, get_backend, resolve_backend
 from .blocks.block_pool import BlockPool
 from .blocks.events import AllBlocksCleared, BlockRemoved, BlockStored, EventLog
-from .blocks.manager import BlockManager
+from .blocks.manager import BlockManager, SlidingWindowManager
 from .blocks.sequence import Appended
 from .cache import Added, PagedKVCache, Step
 from .errors import (
@@ -71,7 +71,8 @@ __all__ = [
     "BlockCopyError", "BlockIndexError", "BlockManager", "BlockPool", "CacheConfig", "ConfigError",
     "ContextLengthError", "ContiguityError", "DTypeError", "DuplicateSlotError", "InvariantError", "KVPool",
     "LayerGroup", "LayerIndexError", "OutOfBlocksError", "PagedKVCache", "PagedKVError", "Plan", "PoolMismatchError",
-    "SequenceExistsError", "ShapeError", "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
+    "SequenceExistsError", "ShapeError", "SlidingWindowManager",
+    "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
     "__version__", "available_backends", "formats", "get_backend", "layout", "resolve_backend",
 ]
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from .backends import get_backend
 from .blocks.block_pool import BlockPool
-from .blocks.manager import BlockManager
+from .blocks.manager import BlockManager, SlidingWindowManager
 from .blocks.sequence import count
 from .errors import ConfigError, InvariantError, OutOfBlocksError, StepError
 from .geometry.config import CacheConfig
@@ -145,9 +145,12 @@ class PagedKVCache:
         self.pool = KVPool(config, device=self.backend.DEVICE)
         shared = BlockPool(config.num_blocks)
         #: a BlockManager per layer group, over one BlockPool (``manager``: the first)
-        self.managers = tuple(BlockManager(config.block_size, shared, enable_prefix_caching=enable_prefix_caching,
-                                           sliding_window=g.sliding_window, group=i)
-                              for i, g in enumerate(config.layer_groups))
+        self.managers = tuple(
+            SlidingWindowManager(config.block_size, shared, enable_prefix_caching=enable_prefix_caching,
+                                 sliding_window=g.sliding_window, group=i)
+            if g.sliding_window is not None else
+            BlockManager(config.block_size, shared, enable_prefix_caching=enable_prefix_caching, group=i)
+            for i, g in enumerate(config.layer_groups))
         self.manager = self.managers[0]
         self._planes = tuple(config.plane_of(layer) for layer in range(config.num_layers))
         self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale

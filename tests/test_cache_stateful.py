@@ -145,13 +145,13 @@ TestGroupedCacheMachine = GroupedCacheMachine.TestCase
 
 def test_machine_catches_a_cache_that_frees_too_early(monkeypatch):
     """The machine is not vacuous: a sliding group that frees one block too many is caught."""
-    from pagedkv.blocks.manager import BlockManager
+    from pagedkv.blocks.manager import SlidingWindowManager
 
-    real = BlockManager._leave_window
+    real = SlidingWindowManager._appended
 
     def greedy(self, seqs, firsts):
         real(self, seqs, [f + self.block_size for f in firsts])
 
-    monkeypatch.setattr(BlockManager, "_leave_window", greedy)
+    monkeypatch.setattr(SlidingWindowManager, "_appended", greedy)
     with pytest.raises(Exception):  # noqa: B017  (an InvariantError or a read-back mismatch)
         GroupedCacheMachine.TestCase("runTest").runTest()

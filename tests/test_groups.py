@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pagedkv
-from pagedkv import BlockManager, CacheConfig, LayerGroup, PagedKVCache
+from pagedkv import BlockManager, CacheConfig, LayerGroup, PagedKVCache, SlidingWindowManager
 from pagedkv.testing.tolerance import attention_atol
 from pagedkv.tools.model import ModelConfig, TinyLlama, generate_dense, generate_paged, paged_step
 
@@ -88,6 +88,25 @@ def test_null_entries_before_the_window_are_never_read(backend):
 
 
 # -- the block manager of a sliding group ---------------------------------------------------------
+
+def test_a_window_makes_its_own_manager():
+    """A sliding window is a manager class of its own (vLLM's SlidingWindowManager beside the
+    full-attention one); BlockManager(..., sliding_window=W) makes one, as it always did."""
+    sliding = BlockManager(4, num_blocks=8, sliding_window=6)
+    assert type(sliding) is SlidingWindowManager and sliding.sliding_window == 6
+    assert type(SlidingWindowManager(4, num_blocks=8, sliding_window=3)) is SlidingWindowManager
+    full = BlockManager(4, num_blocks=8)
+    assert type(full) is BlockManager and full.sliding_window is None
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(pagedkv.ConfigError, match="sliding_window"):
+            BlockManager(4, num_blocks=8, sliding_window=bad)
+    with pytest.raises(pagedkv.ConfigError, match="sliding_window"):
+        SlidingWindowManager(4, num_blocks=8)
+    cache = pagedkv.PagedKVCache(pagedkv.CacheConfig(
+        num_layers=2, num_kv_heads=1, head_dim=2, num_blocks=8, block_size=4,
+        layer_groups=[pagedkv.LayerGroup((0,), 6), pagedkv.LayerGroup((1,))]), "numpy")
+    assert [type(m) for m in cache.managers] == [SlidingWindowManager, BlockManager]
+
 
 def test_a_sliding_manager_frees_what_left_the_window():
     m = BlockManager(4, num_blocks=16, sliding_window=6)

@@ -56,23 +56,26 @@ class BlockManager:
             ``num_blocks`` for a private one.
         num_blocks: size of a private pool.
         enable_prefix_caching: reuse cached full blocks of earlier prompts.
-        sliding_window: for the layers of a sliding-window group (see
-            :class:`~pagedkv.LayerGroup`): each append first lets go of the blocks
-            whose positions have all left the window of the step's first query
-            (their table entries become -1), and a prefix hit needs only the
-            cached blocks inside the window of the first uncached token.
+        sliding_window: a window makes a :class:`SlidingWindowManager` (the layers of a
+            sliding-window group); None, this one, whose layers attend to every position.
         group: the layer group this manager serves, named by its KV events.
     """
+
+    #: the positions a query attends to, itself included (None: all; see :class:`SlidingWindowManager`)
+    sliding_window: int | None = None
+
+    def __new__(cls, *args: object, sliding_window: int | None = None, **kwargs: object) -> BlockManager:
+        # BlockManager(..., sliding_window=W) makes the window's manager, as it always has
+        return super().__new__(SlidingWindowManager if cls is BlockManager and sliding_window is not None else cls)
 
     def __init__(self, block_size: int, block_pool: BlockPool | None = None, *,
                  num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  sliding_window: int | None = None, group: int = 0) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
-        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                           or sliding_window <= 0):
-            raise ConfigError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
-        self.sliding_window = sliding_window
+        if sliding_window is not None:
+            raise ConfigError("a sliding window needs a SlidingWindowManager (BlockManager(..., sliding_window=W) "
+                              "makes one)")
         if (block_pool is None) == (num_blocks is None):
             raise ConfigError("pass exactly one of block_pool and num_blocks")
         self.block_size = block_size
@@ -204,10 +207,6 @@ class BlockManager:
         seq, new_len = self._get(seq_id), count(new_len, "new_len")
         if new_len > seq.num_tokens:
             raise ArgumentError(f"cannot truncate sequence {seq_id!r} of {seq.num_tokens} tokens to {new_len}")
-        if window_start_block(new_len, self.sliding_window, self.block_size) < min(seq.nulls,
-                                                                                   cdiv(new_len, self.block_size)):
-            raise ArgumentError(f"cannot truncate sequence {seq_id!r} to {new_len} tokens: blocks its next "
-                                f"token would read left the sliding window of {self.sliding_window} and were freed")
         return new_len
 
     def reset(self) -> None:
@@ -374,21 +373,12 @@ class BlockManager:
             if self.prefix_cache.has_new_full_blocks(seq.keys, seq.token_ids, seq.num_tokens):
                 self.prefix_cache.enter_full_blocks(seq.keys, seq.token_ids, self.table.blocks(seq.row, len(seq.keys)),
                                                     seq.num_tokens, seq.extras, seq.retention)
-        if self.sliding_window is not None:  # after the cache took what filled: it may keep them idle
-            self._leave_window(seqs, starts)
+        self._appended(seqs, starts)  # after the cache took what filled: a window may keep them idle
         return Appended(slots, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64))
 
-    def _leave_window(self, seqs: list[SequenceState], first_queries: list[int]) -> None:
-        """Let go of each sequence's blocks wholly before the window of its query at
-        ``first_queries[i]``: no query of this step or after reads them (a truncation that
-        would is refused). Inline arithmetic: this runs for every sequence of every step."""
-        window, bs = self.sliding_window, self.block_size
-        assert window is not None
-        for seq, first in zip(seqs, first_queries, strict=True):
-            gone = (first - window + 1) // bs  # window_start_block, unclamped: < 0 frees nothing
-            if gone > seq.nulls:
-                self._release(self.table.null_entries(seq.row, seq.nulls, gone))
-                seq.nulls = gone
+    def _appended(self, seqs: list[SequenceState], first_queries: list[int]) -> None:
+        """After an append, whose query ``i`` at ``first_queries[i]`` is the first of its sequence:
+        nothing here (every position stays readable); a sliding window lets go of blocks."""
 
     # -- views for kernels -------------------------------------------------------------------
 
@@ -487,3 +477,51 @@ class BlockManager:
             if held != self.block_pool.holds(self._owner):
                 raise InvariantError("this manager's references in the pool differ from its block-table entries, "
                                      "pending copy sources and frees deferred by a step in flight")
+
+
+class SlidingWindowManager(BlockManager):
+    """The manager of a sliding-window layer group (vLLM's ``SlidingWindowManager`` beside its
+    full-attention one): a query at position ``p`` reads positions ``p - W + 1 .. p`` only, so
+
+    - each append first lets go of the blocks whose positions have all left the window of the
+      step's first query (their table entries become -1: the kernels never read them);
+    - a prefix hit needs only the cached blocks inside the window of the first uncached token
+      (the prefix cache asks for ``sliding_window``);
+    - a truncation that would make the next token read a freed block is refused.
+
+    Args:
+        sliding_window: the window W, a positive int; the rest as for :class:`BlockManager`.
+    """
+
+    def __new__(cls, *args: object, **kwargs: object) -> SlidingWindowManager:
+        return object.__new__(cls)
+
+    def __init__(self, block_size: int, block_pool: BlockPool | None = None, *,
+                 num_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None, group: int = 0) -> None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
+        super().__init__(block_size, block_pool, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
+                         group=group)
+        self.sliding_window = sliding_window
+
+    def check_truncate(self, seq_id: Hashable, new_len: object) -> int:
+        new_len = super().check_truncate(seq_id, new_len)
+        seq = self._get(seq_id)
+        if window_start_block(new_len, self.sliding_window, self.block_size) < min(seq.nulls,
+                                                                                   cdiv(new_len, self.block_size)):
+            raise ArgumentError(f"cannot truncate sequence {seq_id!r} to {new_len} tokens: blocks its next "
+                                f"token would read left the sliding window of {self.sliding_window} and were freed")
+        return new_len
+
+    def _appended(self, seqs: list[SequenceState], first_queries: list[int]) -> None:
+        """Let go of each sequence's blocks wholly before the window of its query at
+        ``first_queries[i]``: no query of this step or after reads them (a truncation that
+        would is refused). Inline arithmetic: this runs for every sequence of every step."""
+        window, bs = self.sliding_window, self.block_size
+        assert window is not None
+        for seq, first in zip(seqs, first_queries, strict=True):
+            gone = (first - window + 1) // bs  # window_start_block, unclamped: < 0 frees nothing
+            if gone > seq.nulls:
+                self._release(self.table.null_entries(seq.row, seq.nulls, gone))
+                seq.nulls = gone
