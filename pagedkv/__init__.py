@@ -21,6 +21,7 @@ The package is layered; each layer imports only from the layers listed before it
 ``cache``          :class:`PagedKVCache`, the facade over all of the above
 ``integrations``   bridges to other libraries (transformers), each behind its own extra
 ``engine``         :class:`LLM`: many requests of a transformers model over one pool
+``serve``          ``pagedkv serve``: an OpenAI-compatible HTTP server on the engine
 ``testing``        the conformance kit for other people's kernels and block managers
 ``tools``          the programs: the ``pagedkv`` command, the demo and its model, the bench
 =================  ==========================================================================

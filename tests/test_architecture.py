@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(pagedkv.__file__).parent
 # its own layer or the layers before it. A layer is a subpackage, or one of the few modules at the
 # top; "" is the package itself and __main__, which may import anything.
 LAYERS = ["errors", "geometry", "memory", "ops", "backends", "blocks", "offload", "cache", "integrations", "engine",
-          "testing", "tools", ""]
+          "serve", "testing", "tools", ""]
 BASE = {"_version", "_old_paths"}  # no imports of pagedkv; anything may import them
 
 

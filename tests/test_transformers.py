@@ -353,7 +353,8 @@ def test_layers_pagedkv_does_not_serve_are_refused_before_anything_is_stored():
 
 
 def test_import_pagedkv_imports_neither_torch_nor_transformers():
-    code = "import sys, pagedkv; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    others = "{'torch', 'transformers', 'fastapi', 'uvicorn', 'openai'}"
+    code = f"import sys, pagedkv; print(sorted({others} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

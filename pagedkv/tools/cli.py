@@ -1,4 +1,4 @@
-"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate`` and ``verify`` (``pagedkv --help``)."""
+"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate``, ``verify``, ``serve`` (``pagedkv --help``)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,21 @@ def parser() -> argparse.ArgumentParser:
                    help="run transformers' generate with this attention, one prompt at a time: pagedkv (its "
                         "kernels over the pool, nothing gathered) or the model's own, sdpa or eager, over "
                         "gathered K/V (default: the engine)")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server on pagedkv.LLM (needs the serve extra)",
+                        description="Serves a local transformers checkpoint (a directory with the model and its "
+                                    "tokenizer) over HTTP with OpenAI's API: /v1/models, /v1/completions, "
+                                    "/v1/chat/completions (streamed or not), /health. Requests from every client "
+                                    "run in one continuous batch over one paged pool. Needs pip install "
+                                    "\"pagedkv[hf,serve]\".")
+    sv.add_argument("model", metavar="MODEL_DIR", help="checkpoint directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
+    sv.add_argument("--kv-cache-bytes", type=_positive, default=None, help="the KV pool's size (default 1 GiB)")
+    sv.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
+    sv.add_argument("--max-num-seqs", type=_positive, default=64, help="requests running at once (default 64)")
+    sv.add_argument("--api-key", default=None,
+                    help="require Authorization: Bearer KEY on every endpoint but /health (default: the "
+                         "PAGEDKV_API_KEY environment variable, if set)")
     v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
@@ -123,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify}
+        commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify,
+                    "serve": _serve}
         return commands[args.command](args)
     except PagedKVError as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
@@ -172,6 +188,25 @@ def _generate(args) -> int:
     else:
         on_engine(args.model, prompts, max_new_tokens=args.max_new_tokens, kv_dtype=args.dtype,
                   block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs)
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from ..engine.llm import LLM
+        from ..serve.app import create_app
+    except ImportError as e:
+        print(f"pagedkv: error: serve needs its extra: pip install \"pagedkv[hf,serve]\" ({e})", file=sys.stderr)
+        return 2
+    llm = LLM(args.model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, args.max_num_seqs))
+    key = args.api_key or os.environ.get("PAGEDKV_API_KEY") or None
+    app = create_app(llm, model_name=os.path.basename(os.path.normpath(args.model)), api_key=key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

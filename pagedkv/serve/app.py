@@ -1,0 +1,245 @@
+"""The OpenAI-compatible HTTP API over :class:`~.engine_thread.EngineThread`.
+
+Endpoints (the shapes of OpenAI's API, as vLLM's server serves them): ``GET /v1/models``;
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (the tokenizer's chat template),
+each streamed as server-sent events with ``"stream": true``; ``GET /health``. Sampling takes
+``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop`` (strings); ``usage`` counts the
+prompt tokens served from the prefix cache (``prompt_tokens_details.cached_tokens``). A request
+may carry a ``cache_salt``: requests of other salts never share prefix blocks (tenants cannot
+time each other's prompts). With an API key, every endpoint but ``/health`` answers 401 without
+``Authorization: Bearer KEY``. Bad requests get
+an OpenAI-style error body (``{"error": {"message", "type", "param", "code"}}``) with a 4xx
+status, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.llm import LLM
+from ..engine.params import RequestOutput, SamplingParams
+from ..errors import PagedKVError
+from .engine_thread import EngineThread
+
+#: the largest request body taken, in bytes
+MAX_BODY_BYTES = 1 << 20
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    cache_salt: str | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": status}})
+
+
+def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default_max_tokens: int = 16) -> FastAPI:
+    """The application serving ``llm`` as ``model_name``."""
+    engine = EngineThread(llm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.stop()  # the server shuts down: the engine's thread ends with it
+
+    app = FastAPI(title="pagedkv", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return _error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body",
+                      param=where)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "pagedkv"}]}
+
+    def params_of(body: _Body, prompt_len: int) -> SamplingParams:
+        max_tokens = body.max_tokens or default_max_tokens
+        if prompt_len + max_tokens > llm.max_model_len:
+            raise ValueError(f"max_tokens: the prompt's {prompt_len} tokens and {max_tokens} new ones are more than "
+                             f"this model serves ({llm.max_model_len})")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+
+    async def run(body: _Body, prompt: Any, chat: bool) -> Any:
+        if body.model is not None and body.model != model_name:
+            return _error(404, f"no model {body.model!r} here; this server serves {model_name!r}", param="model")
+        try:
+            ids = prompt if isinstance(prompt, list) else llm.tokenizer(prompt)["input_ids"]
+            if not ids:
+                raise ValueError("prompt: empty")
+            params = params_of(body, len(ids))
+            request_id, queue = engine.submit(list(ids), params, body.cache_salt)
+        except (PagedKVError, ValueError) as e:
+            return _error(400, str(e))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        kind = "chat.completion" if chat else "text_completion"
+        created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.stream:
+            return StreamingResponse(_stream(engine, request_id, queue, stops, chat, kind, created, cid, model_name),
+                                     media_type="text/event-stream")
+        text, reason, last = await _collect(engine, request_id, queue, stops)
+        if reason == "error":
+            return _error(400, last.outputs[0].error or "the request could not run")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": cid, "object": kind, "created": created, "model": model_name, "choices": [choice],
+                "usage": _usage(last)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Any:
+        return await run(body, body.prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody) -> Any:
+        try:
+            prompt = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                       add_generation_prompt=True)
+        except (ValueError, AttributeError) as e:
+            return _error(400, f"messages: the tokenizer has no chat template to apply ({e})", param="messages")
+        return await run(body, prompt, chat=True)
+
+    return app
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+
+
+class _Text:
+    """A request's text as it grows, cut at the first stop string."""
+
+    def __init__(self, engine: EngineThread, request_id: str, stops: list[str]) -> None:
+        self.engine, self.request_id, self.stops = engine, request_id, stops
+        self.tokens: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, out: RequestOutput) -> str:
+        """The new text since the last call (held back while it may begin a stop string)."""
+        self.tokens += out.new_token_ids
+        tokenizer = self.engine.llm.tokenizer
+        self.text = tokenizer.decode(self.tokens, skip_special_tokens=True) if tokenizer else ""
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        if self.stopped and not out.finished:
+            self.engine.abort(self.request_id)
+        hold = 0 if self.stopped or out.finished else max((len(s) - 1 for s in self.stops), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        new, self.sent = self.text[self.sent:end], end
+        return new
+
+    def reason(self, out: RequestOutput) -> str | None:
+        return "stop" if self.stopped else out.outputs[0].finish_reason
+
+
+async def _collect(engine: EngineThread, request_id: str, queue, stops: list[str]) -> tuple[str, Any, RequestOutput]:
+    text = _Text(engine, request_id, stops)
+    while True:
+        out = await queue.get()
+        text.add(out)
+        if out.finished:
+            return text.text, text.reason(out), out
+
+
+async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str], chat: bool, kind: str,
+                  created: int, cid: str, model: str) -> AsyncIterator[str]:
+    text = _Text(engine, request_id, stops)
+    chunk_kind = "chat.completion.chunk" if chat else kind
+
+    def event(piece: str | None, reason: str | None, usage: dict | None = None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if piece:
+                delta["content"] = piece
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": reason, "logprobs": None}
+        body: dict[str, Any] = {"id": cid, "object": chunk_kind, "created": created, "model": model,
+                                "choices": [choice]}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    finished = False
+    try:
+        if chat:
+            yield event(None, None, role=True)
+        while True:
+            out = await queue.get()
+            piece = text.add(out)
+            if out.finished:
+                finished = True
+                if out.outputs[0].finish_reason == "error":
+                    error = {"error": {"message": out.outputs[0].error, "type": "server_error"}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                else:
+                    yield event(piece, text.reason(out), _usage(out))
+                yield "data: [DONE]\n\n"
+                return
+            if piece:
+                yield event(piece, None)
+    finally:
+        if not finished:  # the client went away mid-stream: its request ends, its blocks go back
+            engine.abort(request_id)

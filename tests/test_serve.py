@@ -1,0 +1,228 @@
+"""``pagedkv serve``: a real server process on a free localhost port, driven by the official
+``openai`` client (and plain HTTP for what the client hides): completions and chat, streamed
+and not, stop strings, seeded sampling, concurrent clients, API keys, bad requests."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from pagedkv import LLM, SamplingParams  # noqa: E402
+
+KEY = "test-key"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama and a word-level tokenizer with a chat template, saved as a checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[EOS]", "user", "assistant", "system"] + [f"w{i}" for i in range(58)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                     eos_token="[EOS]")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    path = tmp_path_factory.mktemp("served")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """``pagedkv serve`` as its own process, with an API key; stopped after the module."""
+    port = _free_port()
+    env = {**os.environ, "PAGEDKV_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "pagedkv", "serve", checkpoint, "--port", str(port),
+                             "--kv-cache-bytes", str(4 << 20), "--block-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the server did not start:\n{proc.stdout.read().decode()[-3000:]}") from None
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return LLM(checkpoint, num_blocks=256, block_size=4)
+
+
+def model_name(checkpoint):
+    return os.path.basename(checkpoint)
+
+
+def test_completions_are_the_engines_own(client, engine, checkpoint):
+    prompt = "w1 w2 w3 w4 w5"
+    want = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0))[0]
+    got = client.completions.create(model=model_name(checkpoint), prompt=prompt, max_tokens=8, temperature=0)
+    assert got.choices[0].text == want.outputs[0].text
+    assert got.choices[0].finish_reason == want.outputs[0].finish_reason
+    assert got.usage.prompt_tokens == 5 and got.usage.completion_tokens == len(want.outputs[0].token_ids)
+    again = client.completions.create(model=model_name(checkpoint), prompt=prompt + " w6 w7 w8", max_tokens=2,
+                                      temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 4  # the first prompt's whole block of 4
+
+
+def test_streamed_completions_and_chat_match_the_whole(client, checkpoint):
+    kw = {"model": model_name(checkpoint), "max_tokens": 10, "temperature": 0}
+    whole = client.completions.create(prompt="w9 w8 w7", **kw).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(prompt="w9 w8 w7", stream=True, **kw)]
+    assert "".join(pieces) == whole and len(pieces) > 1
+    messages = [{"role": "user", "content": "w3 w4"}]
+    chat = client.chat.completions.create(messages=messages, **kw)
+    assert chat.choices[0].message.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(messages=messages, stream=True, **kw))
+    assert streamed == chat.choices[0].message.content
+
+
+def test_stop_strings_and_seeded_sampling(client, checkpoint):
+    for first in range(6, 58):  # a prompt whose greedy continuation runs a few words before end-of-sequence
+        kw = {"model": model_name(checkpoint), "prompt": f"w{first} w5 w7", "max_tokens": 12}
+        full = client.completions.create(temperature=0, **kw).choices[0].text
+        words = full.split()
+        if len(words) > 3 and full.index(words[2]) > 0:
+            break
+    else:
+        pytest.fail("no prompt's continuation runs past three words")
+    stopped = client.completions.create(temperature=0, stop=[words[2]], **kw).choices[0]
+    assert stopped.text == full[:full.index(words[2])] and stopped.finish_reason == "stop"
+    a, b = (client.completions.create(temperature=1.0, seed=5, **kw).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_concurrent_clients_each_get_their_own_tokens(server, client, checkpoint, engine):
+    """Eight clients at once, streaming: requests batched together, each with its tokens alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3 + i)) for i in range(8)]
+    want = [o.outputs[0].text for o in engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))]
+
+    def ask(prompt):
+        stream = client.completions.create(model=model_name(checkpoint), prompt=prompt, max_tokens=6, temperature=0,
+                                           stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, prompts)) == want
+
+
+def _post(url, body, key=KEY, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, key, status, words", [
+    ({"prompt": "w1", "max_tokens": 2}, None, 401, "API key"),
+    ({"prompt": "w1", "max_tokens": 2}, "wrong", 401, "API key"),
+    ({"prompt": "w1", "max_tokens": 0}, KEY, 400, "max_tokens"),
+    ({"prompt": "w1", "max_tokens": "many"}, KEY, 400, "max_tokens"),
+    ({"prompt": "w1", "max_tokens": 2, "model": "other"}, KEY, 404, "no model"),
+    ({"prompt": "w1", "max_tokens": 300}, KEY, 400, "max_tokens"),
+    ({"prompt": " ".join(["w1"] * 300), "max_tokens": 2}, KEY, 400, "tokens"),
+    ({"max_tokens": 2}, KEY, 400, "prompt"),
+    (None, KEY, 400, "not valid JSON"),
+])
+def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, client, checkpoint, body, key, status, words):
+    raw = b"{not json" if body is None else None
+    got, answer = _post(f"{server}/v1/completions", body, key, raw)
+    assert got == status and words in answer["error"]["message"]
+    assert client.completions.create(model=model_name(checkpoint), prompt="w2", max_tokens=2).choices[0].text
+
+
+def test_models_and_health(server, client, checkpoint):
+    assert [m.id for m in client.models.list()] == [model_name(checkpoint)]
+    with urllib.request.urlopen(f"{server}/health", timeout=5) as r:  # no key needed
+        assert json.loads(r.read()) == {"status": "ok"}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_client_that_vanishes_mid_stream_frees_its_blocks(checkpoint):
+    """The server in this process (uvicorn in a thread), so that its engine can be looked at: a
+    streaming client reads one event and drops the connection; its request ends and the pool
+    holds no block, and it passes check()."""
+    import threading
+
+    import uvicorn
+
+    from pagedkv.serve.app import create_app
+
+    llm = LLM(checkpoint, num_blocks=64, block_size=4)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, model_name="m"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        body = json.dumps({"prompt": "w1 w2 w3", "max_tokens": 200, "temperature": 1.0, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            got = b""
+            while b"data:" not in got:  # one event arrived: the request runs
+                got += s.recv(65536)
+        deadline = time.monotonic() + 30
+        while llm.has_unfinished_requests() or llm.cache.stats()["blocks_used"]:
+            assert time.monotonic() < deadline, "the vanished client's request still holds blocks"
+            time.sleep(0.05)
+        llm.cache.check()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
