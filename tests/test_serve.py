@@ -226,3 +226,21 @@ def test_a_client_that_vanishes_mid_stream_frees_its_blocks(checkpoint):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_metrics_say_what_the_engine_holds(server, client, checkpoint):
+    """/metrics in Prometheus' text format: the pool's blocks, the requests, the latencies."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(2):  # the second finds the first's whole block in the prefix cache
+        client.completions.create(model=model_name(checkpoint), prompt="w4 w5 w6 w7 w8", max_tokens=4, temperature=0)
+    request = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    value = {name: f.samples[0].value for name, f in families.items() if f.samples}
+    assert value["pagedkv_kv_blocks_total"] == (4 << 20) // (2 * 2 * 4 * 2 * 16 * 4)  # 4 MiB of float32 blocks
+    assert value["pagedkv_kv_blocks_used"] == 0 and value["pagedkv_requests_running"] == 0  # all finished
+    assert value["pagedkv_requests_finished"] >= 1
+    ttft = {s.name: s.value for s in families["pagedkv_time_to_first_token_seconds"].samples}
+    assert ttft["pagedkv_time_to_first_token_seconds_count"] >= 1
+    assert 0 < value["pagedkv_prefix_cache_hit_rate"] <= 1

@@ -2,7 +2,8 @@
 
 Endpoints (the shapes of OpenAI's API, as vLLM's server serves them): ``GET /v1/models``;
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the tokenizer's chat template),
-each streamed as server-sent events with ``"stream": true``; ``GET /health``. Sampling takes
+each streamed as server-sent events with ``"stream": true``; ``GET /health``; ``GET /metrics``
+(:mod:`.metrics`). Sampling takes
 ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop`` (strings); ``usage`` counts the
 prompt tokens served from the prefix cache (``prompt_tokens_details.cached_tokens``). A request
 may carry a ``cache_salt``: requests of other salts never share prefix blocks (tenants cannot
@@ -24,13 +25,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.llm import LLM
 from ..engine.params import RequestOutput, SamplingParams
 from ..errors import PagedKVError
 from .engine_thread import EngineThread
+from .metrics import Metrics
 
 #: the largest request body taken, in bytes
 MAX_BODY_BYTES = 1 << 20
@@ -79,6 +81,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
 
     app = FastAPI(title="pagedkv", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
+    metrics = Metrics(engine)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -103,6 +106,10 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -130,10 +137,12 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         kind = "chat.completion" if chat else "text_completion"
         created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        started = time.perf_counter()
         if body.stream:
-            return StreamingResponse(_stream(engine, request_id, queue, stops, chat, kind, created, cid, model_name),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_stream(engine, request_id, queue, stops, chat, kind, created, cid, model_name,
+                                             metrics, started), media_type="text/event-stream")
         text, reason, last = await _collect(engine, request_id, queue, stops)
+        metrics.observe(last, time.perf_counter() - started)
         if reason == "error":
             return _error(400, last.outputs[0].error or "the request could not run")
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -204,7 +213,7 @@ async def _collect(engine: EngineThread, request_id: str, queue, stops: list[str
 
 
 async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str], chat: bool, kind: str,
-                  created: int, cid: str, model: str) -> AsyncIterator[str]:
+                  created: int, cid: str, model: str, metrics: Metrics, started: float) -> AsyncIterator[str]:
     text = _Text(engine, request_id, stops)
     chunk_kind = "chat.completion.chunk" if chat else kind
 
@@ -231,6 +240,7 @@ async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str]
             piece = text.add(out)
             if out.finished:
                 finished = True
+                metrics.observe(out, time.perf_counter() - started)
                 if out.outputs[0].finish_reason == "error":
                     error = {"error": {"message": out.outputs[0].error, "type": "server_error"}}
                     yield f"data: {json.dumps(error)}\n\n"
