@@ -2,6 +2,7 @@
 ``openai`` client (and plain HTTP for what the client hides): completions and chat, streamed
 and not, stop strings, seeded sampling, concurrent clients, API keys, bad requests."""
 
+import contextlib
 import json
 import os
 import socket
@@ -53,32 +54,41 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    """``pagedkv serve`` as its own process, with an API key; stopped after the module."""
+@contextlib.contextmanager
+def serving(checkpoint, *args):
+    """``pagedkv serve`` as its own process on a free port, with an API key; its URL."""
     port = _free_port()
     env = {**os.environ, "PAGEDKV_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "pagedkv", "serve", checkpoint, "--port", str(port),
-                             "--kv-cache-bytes", str(4 << 20), "--block-size", "4"],
+                             "--kv-cache-bytes", str(4 << 20), "--block-size", "4", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"the server did not start:\n{proc.stdout.read().decode()[-3000:]}") from None
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"the server did not start:\n{proc.stdout.read().decode()[-3000:]}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """One server for the module's tests."""
+    with serving(checkpoint) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +254,19 @@ def test_metrics_say_what_the_engine_holds(server, client, checkpoint):
     ttft = {s.name: s.value for s in families["pagedkv_time_to_first_token_seconds"].samples}
     assert ttft["pagedkv_time_to_first_token_seconds_count"] >= 1
     assert 0 < value["pagedkv_prefix_cache_hit_rate"] <= 1
+
+
+def test_two_servers_share_prefixes_through_a_store(checkpoint, tmp_path):
+    """Two server processes over one blocks directory: a prompt the first served is found by the
+    second, which loads its whole blocks from the store instead of computing them."""
+    prompt = "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"  # 10 tokens: two whole blocks of 4 before the last
+    answers = []
+    for _ in range(2):
+        with serving(checkpoint, "--store", str(tmp_path / "blocks")) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+            answers.append(client.completions.create(model=model_name(checkpoint), prompt=prompt, max_tokens=6,
+                                                     temperature=0))
+    first, second = answers
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 8
+    assert second.choices[0].text == first.choices[0].text

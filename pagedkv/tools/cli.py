@@ -112,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-cache-bytes", type=_positive, default=None, help="the KV pool's size (default 1 GiB)")
     sv.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
     sv.add_argument("--max-num-seqs", type=_positive, default=64, help="requests running at once (default 64)")
+    sv.add_argument("--store", default=None, metavar="DIR_OR_URL",
+                    help="a blocks store behind the prefix cache, shared with other servers: a directory or "
+                         "redis://HOST:PORT (prompt blocks computed by one server are loaded by the others)")
     sv.add_argument("--api-key", default=None,
                     help="require Authorization: Bearer KEY on every endpoint but /health (default: the "
                          "PAGEDKV_API_KEY environment variable, if set)")
@@ -202,8 +205,11 @@ def _serve(args) -> int:
     except ImportError as e:
         print(f"pagedkv: error: serve needs its extra: pip install \"pagedkv[hf,serve]\" ({e})", file=sys.stderr)
         return 2
+    from ..offload.stores import open_store
+
+    stores = [open_store(args.store, "pagedkv-serve")] if args.store else []
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, args.max_num_seqs))
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, args.max_num_seqs), stores=stores)
     key = args.api_key or os.environ.get("PAGEDKV_API_KEY") or None
     app = create_app(llm, model_name=os.path.basename(os.path.normpath(args.model)), api_key=key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
