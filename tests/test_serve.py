@@ -270,3 +270,19 @@ def test_two_servers_share_prefixes_through_a_store(checkpoint, tmp_path):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens == 8
     assert second.choices[0].text == first.choices[0].text
+
+
+def test_each_api_key_is_a_tenant_of_its_own(checkpoint):
+    """--salt-by-key: a prompt one key sent before is found in the prefix cache for that key only;
+    another key's request computes it all (and cannot time the first's)."""
+    prompt = "w21 w22 w23 w24 w25 w26 w27 w28 w29"
+    with serving(checkpoint, "--api-key", "alice,bob", "--salt-by-key") as url:
+        def cached(key):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+            answer = client.completions.create(model=model_name(checkpoint), prompt=prompt, max_tokens=2,
+                                               temperature=0)
+            return answer.usage.prompt_tokens_details.cached_tokens
+
+        assert [cached("alice"), cached("alice"), cached("bob"), cached("bob")] == [0, 8, 0, 8]
+        with pytest.raises(openai.AuthenticationError):
+            cached(KEY)  # the environment's key is not one of those given

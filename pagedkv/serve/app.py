@@ -8,7 +8,8 @@ each streamed as server-sent events with ``"stream": true``; ``GET /health``; ``
 prompt tokens served from the prefix cache (``prompt_tokens_details.cached_tokens``). A request
 may carry a ``cache_salt``: requests of other salts never share prefix blocks (tenants cannot
 time each other's prompts). With an API key, every endpoint but ``/health`` answers 401 without
-``Authorization: Bearer KEY``. Bad requests get
+``Authorization: Bearer KEY`` (one of several keys), and ``salt_by_key`` salts each key's requests
+apart. Bad requests get
 an OpenAI-style error body (``{"error": {"message", "type", "param", "code"}}``) with a 4xx
 status, and the server goes on serving.
 """
@@ -16,11 +17,12 @@ status, and the server goes on serving.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -70,8 +72,14 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
                                                                "code": status}})
 
 
-def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default_max_tokens: int = 16) -> FastAPI:
-    """The application serving ``llm`` as ``model_name``."""
+def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_by_key: bool = False,
+               default_max_tokens: int = 16) -> FastAPI:
+    """The application serving ``llm`` as ``model_name``; with ``api_keys``, only to clients that
+    send one of them, and with ``salt_by_key`` each key's requests salted apart (tenants never
+    share prefix blocks)."""
+    keys = [k for k in api_keys if k]
+    if salt_by_key and not keys:
+        raise ValueError("salt_by_key needs API keys: each key's requests are salted apart")
     engine = EngineThread(llm)
 
     @contextlib.asynccontextmanager
@@ -85,10 +93,12 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if keys and request.url.path != "/health":
+            given = request.headers.get("authorization", "").encode()
+            matches = [secrets.compare_digest(given, f"Bearer {k}".encode()) for k in keys]  # every key compared
+            if not any(matches):
                 return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+            request.state.tenant = hashlib.sha256(keys[matches.index(True)].encode()).hexdigest()[:32]
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return _error(413, f"the request body is over {MAX_BODY_BYTES} bytes")
@@ -123,7 +133,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
                              f"this model serves ({llm.max_model_len})")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
 
-    async def run(body: _Body, prompt: Any, chat: bool) -> Any:
+    async def run(body: _Body, prompt: Any, chat: bool, request: Request) -> Any:
         if body.model is not None and body.model != model_name:
             return _error(404, f"no model {body.model!r} here; this server serves {model_name!r}", param="model")
         try:
@@ -131,7 +141,10 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
             if not ids:
                 raise ValueError("prompt: empty")
             params = params_of(body, len(ids))
-            request_id, queue = engine.submit(list(ids), params, body.cache_salt)
+            salt = body.cache_salt
+            if salt_by_key:  # the key's tenant, and within it the request's own salt
+                salt = f"{request.state.tenant}:{salt or ''}"
+            request_id, queue = engine.submit(list(ids), params, salt)
         except (PagedKVError, ValueError) as e:
             return _error(400, str(e))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -154,17 +167,17 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, default
                 "usage": _usage(last)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
-        return await run(body, body.prompt, chat=False)
+    async def completions(body: CompletionBody, request: Request) -> Any:
+        return await run(body, body.prompt, False, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody) -> Any:
+    async def chat_completions(body: ChatBody, request: Request) -> Any:
         try:
             prompt = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
                                                        add_generation_prompt=True)
         except (ValueError, AttributeError) as e:
             return _error(400, f"messages: the tokenizer has no chat template to apply ({e})", param="messages")
-        return await run(body, prompt, chat=True)
+        return await run(body, prompt, True, request)
 
     return app
 

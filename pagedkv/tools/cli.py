@@ -116,8 +116,11 @@ def parser() -> argparse.ArgumentParser:
                     help="a blocks store behind the prefix cache, shared with other servers: a directory or "
                          "redis://HOST:PORT (prompt blocks computed by one server are loaded by the others)")
     sv.add_argument("--api-key", default=None,
-                    help="require Authorization: Bearer KEY on every endpoint but /health (default: the "
-                         "PAGEDKV_API_KEY environment variable, if set)")
+                    help="require Authorization: Bearer KEY on every endpoint but /health; several keys "
+                         "separated by commas (default: the PAGEDKV_API_KEY environment variable, if set)")
+    sv.add_argument("--salt-by-key", action="store_true",
+                    help="salt each API key's requests apart: tenants never share prefix blocks, so none can "
+                         "time another's prompts")
     v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
@@ -205,13 +208,17 @@ def _serve(args) -> int:
     except ImportError as e:
         print(f"pagedkv: error: serve needs its extra: pip install \"pagedkv[hf,serve]\" ({e})", file=sys.stderr)
         return 2
+    keys = [k.strip() for k in (args.api_key or os.environ.get("PAGEDKV_API_KEY") or "").split(",") if k.strip()]
+    if args.salt_by_key and not keys:
+        print("pagedkv: error: --salt-by-key needs API keys (--api-key or PAGEDKV_API_KEY)", file=sys.stderr)
+        return 2
     from ..offload.stores import open_store
 
     stores = [open_store(args.store, "pagedkv-serve")] if args.store else []
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, args.max_num_seqs), stores=stores)
-    key = args.api_key or os.environ.get("PAGEDKV_API_KEY") or None
-    app = create_app(llm, model_name=os.path.basename(os.path.normpath(args.model)), api_key=key)
+    app = create_app(llm, model_name=os.path.basename(os.path.normpath(args.model)), api_keys=keys,
+                     salt_by_key=args.salt_by_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
