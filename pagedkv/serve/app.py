@@ -16,6 +16,7 @@ status, and the server goes on serving.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -218,11 +219,15 @@ class _Text:
 
 async def _collect(engine: EngineThread, request_id: str, queue, stops: list[str]) -> tuple[str, Any, RequestOutput]:
     text = _Text(engine, request_id, stops)
-    while True:
-        out = await queue.get()
-        text.add(out)
-        if out.finished:
-            return text.text, text.reason(out), out
+    try:
+        while True:
+            out = await queue.get()
+            text.add(out)
+            if out.finished:
+                return text.text, text.reason(out), out
+    except asyncio.CancelledError:  # the client went away before the answer: its request ends
+        engine.abort(request_id)
+        raise
 
 
 async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str], chat: bool, kind: str,
