@@ -74,9 +74,9 @@ class LLM:
             ``max_position_embeddings``, and never more than the pool holds).
         skip_tokenizer_init: load no tokenizer from the checkpoint (prompts and outputs as
             token ids), as vLLM's flag; without it, a checkpoint without one is a ConfigError.
-        prepack_weights: run the linear layers on weights reordered once for oneDNN (float32:
-            about 1.2x the engine's tokens/s on the benchmark workload; bfloat16: no gain), at
-            the cost of a second copy of every linear layer's weights.
+        prepack_weights: run the linear layers on weights reordered once for oneDNN, which
+            eager ``nn.Linear`` does at every call (float32 gains most; ``docs/performance.md``
+            has the figures), at the cost of a second copy of every linear layer's weights.
 
     Raises ConfigError (or ArgumentError) naming the argument that is wrong, before anything
     is loaded.

@@ -65,9 +65,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
 def _packed_forward(linear: torch.nn.Linear) -> Any:
     """A forward for ``linear`` on its weight reordered once into oneDNN's blocked layout (what
-    ``torch.compile``'s CPU freezing does): float32 matrix products of a step's few rows run
-    several times faster than eager ``nn.Linear`` here; bfloat16 ones gain little. The reordered
-    copy is made now, beside the weight (a second copy of every linear layer's weights)."""
+    ``torch.compile``'s CPU freezing does), instead of at every call as eager ``nn.Linear`` does:
+    what a step's small matrix products gain is in ``docs/performance.md``. The reordered copy is
+    made now, beside the weight (a second copy of every linear layer's weights)."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
