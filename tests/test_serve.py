@@ -22,6 +22,8 @@ openai = pytest.importorskip("openai")
 
 from pagedkv import LLM, SamplingParams  # noqa: E402
 
+from .test_transformers import save_checkpoint  # noqa: E402
+
 KEY = "test-key"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant{% endif %}")
@@ -36,22 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny Llama and a word-level tokenizer with a chat template, saved as a checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["[PAD]", "[UNK]", "[EOS]", "user", "assistant", "system"] + [f"w{i}" for i in range(58)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                     eos_token="[EOS]")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    path = tmp_path_factory.mktemp("served")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_checkpoint(tmp_path_factory.mktemp("served"), ["user", "assistant", "system"], CHAT_TEMPLATE)
 
 
 @contextlib.contextmanager

@@ -359,24 +359,32 @@ def test_import_pagedkv_imports_neither_torch_nor_transformers():
     assert out.strip() == "[]"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny Llama and a word-level tokenizer saved as a checkpoint directory."""
+def save_checkpoint(path, words=(), chat_template=None) -> str:
+    """A tiny Llama and a word-level tokenizer (``[PAD]``, ``[UNK]``, ``[EOS]``, ``words``, then
+    ``w0``, ``w1``... up to 64 words) saved as a checkpoint directory at ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(61)]
+    words = ["[PAD]", "[UNK]", "[EOS]", *words]
+    words += [f"w{i}" for i in range(64 - len(words))]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                                      eos_token="[EOS]")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    path = tmp_path_factory.mktemp("checkpoint")
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama and a word-level tokenizer saved as a checkpoint directory."""
+    return save_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 def _continuation(checkpoint, prompt, **kw):
