@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     budget_llm = LLM(path, dtype=args.dtype, kv_cache_bytes=args.budget, skip_tokenizer_init=True)
     _, peak = run_pagedkv(budget_llm, work, NEW_TOKENS)
     c = budget_llm.cache.config
-    per_token = c.bytes_per_block * c.num_layers // (c.num_planes * c.block_size)
-    dense = args.budget // (per_token * (max(len(q) for q in work) + NEW_TOKENS))
+    dense = args.budget // (c.bytes_per_token * (max(len(q) for q in work) + NEW_TOKENS))
 
     def rate(seconds: list[float], n: int, new: int) -> float:
         return n * new / statistics.median(seconds)

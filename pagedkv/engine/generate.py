@@ -29,9 +29,6 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, k
     ids = [llm.add_request(None, p, params) for p in prompts]
     c = llm.cache.config
     per_block = c.memory_bytes // c.num_blocks
-    per_token = c.bytes_per_block * c.num_layers // (c.num_planes * c.block_size)  # every layer of a token
-    lengths = {i: 0 for i in ids}
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
     finished: dict[str, Any] = {}
     peak_blocks = 0
     start = time.perf_counter()
@@ -39,13 +36,10 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, k
         print(f"> {prompts[0]}")
     while llm.has_unfinished_requests():
         for out in llm.step():
-            rid = out.request_id
-            tokens[rid] += out.new_token_ids
-            lengths[rid] = len(out.prompt_token_ids) + len(tokens[rid])
             if len(prompts) == 1 and out.new_token_ids and llm.tokenizer is not None:
                 print(llm.tokenizer.decode(out.new_token_ids, skip_special_tokens=True), end=" ", flush=True)
             if out.finished:
-                finished[rid] = out
+                finished[out.request_id] = out
         peak_blocks = max(peak_blocks, int(llm.cache.stats()["blocks_used"]))
     seconds = time.perf_counter() - start
     if len(prompts) == 1:
@@ -57,9 +51,10 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, k
             print(out.text)
         if out.finish_reason == "error":
             print(f"(not run: {out.error})")
-    new_tokens = sum(len(t) for t in tokens.values())
+    new_tokens = sum(len(out.outputs[0].token_ids) for out in finished.values())
     cached = sum(out.num_cached_tokens for out in finished.values())
-    dense = len(prompts) * max(lengths.values()) * per_token  # one padded batch, every row as long as the longest
+    longest = max(len(out.prompt_token_ids) + len(out.outputs[0].token_ids) for out in finished.values())
+    dense = len(prompts) * longest * c.bytes_per_token  # one padded batch, every row as long as the longest
     print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s, model load excluded, "
           f"{len(prompts)} prompts in one continuous batch); KV cache ({c.dtype}): "
           f"{human_bytes(peak_blocks * per_block)} in use at most, a dense cache {human_bytes(dense)}; "

@@ -194,6 +194,12 @@ class CacheConfig:
         return tokens * self.head_dim * self.format.itemsize + scales
 
     @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token's K and V take in every layer, scales included: what a dense cache
+        holds per token (a block's bytes are shared by the layers of one plane each)."""
+        return self.bytes_per_block * self.num_layers // (self.num_planes * self.block_size)
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes of the whole pool, scales included (fp8: a k and v scale per plane)."""
         per_layer = self.num_planes * 2 * 4 if self.format.scale == "tensor" else 0

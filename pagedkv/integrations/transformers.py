@@ -420,6 +420,5 @@ class PagedCache(Cache):
         c = self.kv.config
         per_block = c.memory_bytes // c.num_blocks  # every plane of a block (a group's layers)
         used = self.kv.stats()["blocks_used"]
-        per_token = c.bytes_per_block * c.num_layers // (c.num_planes * c.block_size)  # every layer of a token
-        dense = len(self.seq_ids) * self.get_seq_length() * per_token
+        dense = len(self.seq_ids) * self.get_seq_length() * c.bytes_per_token
         return {"pool_bytes": c.memory_bytes, "used_bytes": int(used) * per_block, "dense_bytes": int(dense)}
