@@ -56,8 +56,21 @@ class Request:
 
     @property
     def token_ids(self) -> list[int]:
-        """Prompt and output so far."""
+        """Prompt and output so far (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of prompt and output so far."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The ``n`` tokens after the ``num_computed`` ones, without copying the whole sequence (a
+        decode step takes one token of a long one)."""
+        start, prompt = self.num_computed, len(self.prompt_token_ids)
+        if start >= prompt:
+            return self.output_token_ids[start - prompt:start - prompt + n]
+        return (self.prompt_token_ids[start:start + n] + self.output_token_ids[:max(0, start + n - prompt)])
 
     @property
     def finished(self) -> bool:
@@ -115,7 +128,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chosen: list[tuple[Request, int]] = []
         for r in list(self.running):  # oldest first
-            n = min(len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed, budget)
+            n = min(r.num_tokens - r.num_computed, budget)
             if n > 0:
                 chosen.append((r, n))
                 budget -= n
@@ -137,8 +150,8 @@ class Scheduler:
             self.running.append(r)
             chosen.append((r, started))
             budget -= started
-        tokens = [r.token_ids[r.num_computed:r.num_computed + n] for r, n in chosen]
-        samples = [r.num_computed + n == len(r.prompt_token_ids) + len(r.output_token_ids) for r, n in chosen]
+        tokens = [r.next_tokens(n) for r, n in chosen]
+        samples = [r.num_computed + n == r.num_tokens for r, n in chosen]
         return Batch([r for r, _ in chosen], tokens, samples)
 
     def _fits(self, chosen: Sequence[tuple[Request, int]]) -> bool:
@@ -193,8 +206,7 @@ class Scheduler:
             p = r.params
             if token in p.stop_token_ids or (token == eos_token_id and not p.ignore_eos):
                 self.finish(r, "stop")
-            elif len(r.output_token_ids) >= p.max_tokens or len(r.prompt_token_ids) + len(r.output_token_ids) \
-                    >= r.max_len:
+            elif len(r.output_token_ids) >= p.max_tokens or r.num_tokens >= r.max_len:
                 self.finish(r, "length")
 
     def finish(self, r: Request, reason: str) -> None:
