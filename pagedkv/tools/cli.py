@@ -7,7 +7,7 @@ import sys
 
 from .._version import __version__
 from ..backends import BACKENDS, available_backends, get_backend
-from ..errors import PagedKVError
+from ..errors import ConfigError, PagedKVError
 from ..geometry.formats import FORMATS
 
 
@@ -210,8 +210,7 @@ def _serve(args) -> int:
         return 2
     keys = [k.strip() for k in (args.api_key or os.environ.get("PAGEDKV_API_KEY") or "").split(",") if k.strip()]
     if args.salt_by_key and not keys:
-        print("pagedkv: error: --salt-by-key needs API keys (--api-key or PAGEDKV_API_KEY)", file=sys.stderr)
-        return 2
+        raise ConfigError("--salt-by-key needs API keys (--api-key or PAGEDKV_API_KEY)")
     from ..offload.stores import open_store
 
     stores = [open_store(args.store, "pagedkv-serve")] if args.store else []
