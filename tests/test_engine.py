@@ -7,6 +7,8 @@ preemption forced by a small pool, aborts. Tiny models with random weights (noth
 downloaded).
 """
 
+from dataclasses import replace
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -160,6 +162,38 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
                     for p in prompts]
     together = LLM(model, num_blocks=64, block_size=4).generate(prompts[::-1], params)
     assert [o.outputs[0].token_ids for o in together][::-1] == alone_tokens
+
+
+def test_n_completions_fork_the_prompt_and_share_its_blocks():
+    """``n=3``: the prompt is computed once and forked; greedy, every completion is the model's own
+    tokens; seeded, completion i is what a request alone gets with ``seed + i``; while they run
+    the three hold the prompt's full blocks once; at the end the pool holds nothing."""
+    model = llama()
+    prompt = random_prompts([14], seed=21)[0]  # 3 full blocks of 4 and a partial one
+    llm = LLM(model, num_blocks=64, block_size=4)
+    out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, n=3))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in out.outputs] == [alone(model, prompt, 6)] * 3
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True, n=3)
+    got = llm.generate(prompt, seeded)[0]
+    for i, c in enumerate(got.outputs):
+        one = LLM(model, num_blocks=64, block_size=4).generate(prompt, replace(seeded, n=1, seed=5 + i))[0]
+        assert c.token_ids == one.outputs[0].token_ids and c.finish_reason == "length"
+    assert len({tuple(c.token_ids) for c in got.outputs}) > 1  # three seeds, not one sample copied
+    fresh = LLM(model, num_blocks=64, block_size=4, enable_prefix_caching=False)
+    fresh.add_request("r", prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, n=3))
+    fresh.step()  # the prompt and the forks' first tokens
+    fresh.step()  # each fork writes its first token: a copy of the shared partial block each
+    assert fresh.cache.stats()["blocks_used"] == 3 + 3  # full prompt blocks once, a last block each
+    fresh.abort("r", index=1)
+    outs = {}
+    while fresh.has_unfinished_requests():
+        for o in fresh.step():
+            outs[o.request_id] = o
+    assert [c.finish_reason for c in outs["r"].outputs] == ["length", "abort", "length"]
+    assert len(outs["r"].outputs[1].token_ids) == 2 and len(outs["r"].outputs[2].token_ids) == 4
+    fresh.cache.check()
+    assert fresh.cache.stats()["blocks_used"] == 0
 
 
 def test_stop_tokens_and_streaming():

@@ -132,20 +132,81 @@ def test_stop_strings_and_seeded_sampling(client, checkpoint):
     assert a == b
 
 
-def test_concurrent_clients_each_get_their_own_tokens(server, client, checkpoint, engine):
-    """Eight clients at once, streaming: requests batched together, each with its tokens alone."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_n_completions_whole_and_streamed(client, engine, checkpoint):
+    """``n=3``: three choices by index; greedy, each is the engine's own; seeded, the streamed
+    pieces of each index put together are the whole answer's choice of that index."""
+    kw = {"model": model_name(checkpoint), "prompt": "w4 w8 w15 w16 w23 w42", "max_tokens": 6}
+    want = engine.generate(kw["prompt"], SamplingParams(max_tokens=6, temperature=0))[0].outputs[0]
+    greedy = client.completions.create(temperature=0, n=3, **kw)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.text for c in greedy.choices] == [want.text] * 3
+    assert greedy.usage.completion_tokens == 3 * len(want.token_ids)
+    whole = client.completions.create(temperature=1.0, seed=11, n=3, **kw)
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    reasons = {}
+    for chunk in client.completions.create(temperature=1.0, seed=11, n=3, stream=True, **kw):
+        for c in chunk.choices:
+            pieces[c.index].append(c.text)
+            if c.finish_reason is not None:
+                reasons[c.index] = c.finish_reason
+    assert ["".join(pieces[i]) for i in range(3)] == [c.text for c in whole.choices]
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
+    chat = client.chat.completions.create(model=model_name(checkpoint), messages=[{"role": "user", "content": "w1"}],
+                                          max_tokens=4, temperature=0, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
 
-    prompts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3 + i)) for i in range(8)]
+
+def _ask_all(url, checkpoint, prompts, max_tokens):
+    """Every prompt streamed at once, each by a client of its own (the async client, one task each);
+    the text each got."""
+    import asyncio
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+            async def ask(prompt):
+                stream = await client.completions.create(model=model_name(checkpoint), prompt=prompt,
+                                                         max_tokens=max_tokens, temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in stream])
+
+            return await asyncio.gather(*(ask(p) for p in prompts))
+
+    return asyncio.run(run())
+
+
+def _metrics(url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def _holds_nothing(url):
+    """The server's engine has no request left and holds no block (its cached ones are free)."""
+    value = {name: f.samples[0].value for name, f in _metrics(url).items() if f.samples}
+    return (value["pagedkv_kv_blocks_used"], value["pagedkv_requests_running"],
+            value["pagedkv_requests_waiting"]) == (0, 0, 0)
+
+
+def test_64_concurrent_streaming_clients_each_get_their_own_tokens(server, checkpoint, engine):
+    """64 clients at once, streaming: their requests batched together, each getting the tokens it
+    gets alone; afterwards the engine holds nothing."""
+    prompts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(3 + i % 9)) for i in range(64)]
     want = [o.outputs[0].text for o in engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))]
+    assert _ask_all(server, checkpoint, prompts, 6) == want
+    assert _holds_nothing(server)
 
-    def ask(prompt):
-        stream = client.completions.create(model=model_name(checkpoint), prompt=prompt, max_tokens=6, temperature=0,
-                                           stream=True)
-        return "".join(c.choices[0].text for c in stream)
 
-    with ThreadPoolExecutor(8) as pool:
-        assert list(pool.map(ask, prompts)) == want
+def test_a_burst_larger_than_the_pool_waits_or_is_preempted(checkpoint, engine):
+    """A pool of 16 blocks of 4 tokens (64 slots) and 24 requests of about 4 blocks each at once:
+    they queue (and the newest running ones are preempted when decoding outgrows the pool) rather
+    than fail, and each gets the tokens it gets alone."""
+    prompts = [" ".join(f"w{(i * 5 + j) % 40 + 1}" for j in range(5 + i % 4)) for i in range(24)]
+    want = [o.outputs[0].text for o in engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
+    with serving(checkpoint, "--kv-cache-bytes", str(16 * 2048)) as url:
+        assert _metrics(url)["pagedkv_kv_blocks_total"].samples[0].value == 16
+        assert _ask_all(url, checkpoint, prompts, 8) == want
+        assert _holds_nothing(url)
 
 
 def _post(url, body, key=KEY, raw=None):
@@ -170,6 +231,7 @@ def _post(url, body, key=KEY, raw=None):
     ({"prompt": "w1", "max_tokens": 300}, KEY, 400, "max_tokens"),
     ({"prompt": " ".join(["w1"] * 300), "max_tokens": 2}, KEY, 400, "tokens"),
     ({"max_tokens": 2}, KEY, 400, "prompt"),
+    ({"prompt": "w1", "max_tokens": 2, "n": 17}, KEY, 400, "n"),
     (None, KEY, 400, "not valid JSON"),
 ])
 def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, client, checkpoint, body, key, status, words):
@@ -178,6 +240,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, client,
     assert got == status and words in answer["error"]["message"]
     served = client.completions.create(model=model_name(checkpoint), prompt="w2", max_tokens=2)  # still serving
     assert served.usage.completion_tokens >= 1 and served.choices[0].finish_reason in ("stop", "length")
+    assert _holds_nothing(server)
 
 
 def test_models_and_health(server, client, checkpoint):
@@ -228,13 +291,9 @@ def test_a_client_that_vanishes_mid_stream_frees_its_blocks(checkpoint):
 
 def test_metrics_say_what_the_engine_holds(server, client, checkpoint):
     """/metrics in Prometheus' text format: the pool's blocks, the requests, the latencies."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     for _ in range(2):  # the second finds the first's whole block in the prefix cache
         client.completions.create(model=model_name(checkpoint), prompt="w4 w5 w6 w7 w8", max_tokens=4, temperature=0)
-    request = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    families = _metrics(server)
     value = {name: f.samples[0].value for name, f in families.items() if f.samples}
     assert value["pagedkv_kv_blocks_total"] == (4 << 20) // (2 * 2 * 4 * 2 * 16 * 4)  # 4 MiB of float32 blocks
     assert value["pagedkv_kv_blocks_used"] == 0 and value["pagedkv_requests_running"] == 0  # all finished

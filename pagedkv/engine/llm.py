@@ -187,16 +187,20 @@ class LLM:
             self.scheduler.add(r)
         return request_id
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
         """End a request now (its blocks go back); its output says ``finish_reason == "abort"``.
-        Unknown or finished requests are left as they are."""
+        With ``index``, only that completion of it (the others go on). Unknown or finished
+        requests and completions are left as they are."""
         r = self._requests.get(request_id)
-        if r is not None and not r.finished:
-            self.scheduler.finish(r, "abort")
+        if r is None:
+            return
+        for c in (r, *r.forks):
+            if not c.finished and index in (None, c.index):
+                self.scheduler.finish(c, "abort")
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is running or waiting, or finished without :meth:`step` saying so yet."""
-        return self.scheduler.has_unfinished() or any(r.finished for r in self._requests.values())
+        return self.scheduler.has_unfinished() or any(map(_done, self._requests.values()))
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -212,30 +216,48 @@ class LLM:
                     self.scheduler.finish(r, "error")
                     r.error = f"the model's forward failed: {e}"
                 raise
+            rows = list(range(len(sampling)))
+            for row, i in enumerate(sampling):  # a prompt just computed whose request wants n completions
+                r = batch.requests[i]
+                if r.params.n > 1 and r.index == 0 and not r.forks and not r.output_token_ids:
+                    for index in range(1, r.params.n):  # each samples from the prompt's logits too
+                        self.scheduler.fork(r, index, r.num_computed + len(batch.token_ids[i]))
+                        batch.requests.append(r.forks[-1])
+                        batch.token_ids.append([])
+                        batch.samples.append(True)
+                        sampling.append(len(batch.requests) - 1)
+                        rows.append(row)
+            logits = logits[rows] if len(rows) > logits.shape[0] else logits
             tokens = sample(logits, [batch.requests[i] for i in sampling])
             asked = {i: logprobs_of(logits[row], tokens[row], batch.requests[i].params.logprobs or 0)
                      for row, i in enumerate(sampling) if batch.requests[i].params.logprobs is not None}
             self.scheduler.advance(batch, dict(zip(sampling, tokens, strict=True)), self.eos_token_id, asked)
         changed = []
         for r in list(self._requests.values()):
-            if r.finished or len(r.output_token_ids) > r.reported:
+            completions = [r, *r.forks]
+            if _done(r) or any(len(c.output_token_ids) > c.reported for c in completions):
                 changed.append(self._output(r, new=True))
-                r.reported = len(r.output_token_ids)
-                if r.finished:
+                for c in completions:
+                    c.reported = len(c.output_token_ids)
+                if changed[-1].finished:
                     del self._requests[r.request_id]
         return changed
 
     def _output(self, r: Request, new: bool = False) -> RequestOutput:
-        text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True) if self.tokenizer else None
+        completions = [r, *r.forks]
+        outputs = []
+        for c in completions:
+            text = self.tokenizer.decode(c.output_token_ids, skip_special_tokens=True) if self.tokenizer else None
+            outputs.append(CompletionOutput(c.index, list(c.output_token_ids), text, c.finish_reason, c.error,
+                                            list(c.logprobs) if c.params.logprobs is not None else None,
+                                            list(c.output_token_ids[c.reported:]) if new else []))
         ttft = None if r.first_token_time is None else r.first_token_time - r.arrival
-        return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
-                             [CompletionOutput(0, list(r.output_token_ids), text, r.finish_reason, r.error,
-                                               list(r.logprobs) if r.params.logprobs is not None else None)],
-                             r.finished, r.num_cached_tokens or 0, ttft,
-                             list(r.output_token_ids[r.reported:]) if new else [])
+        return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids), outputs, _done(r),
+                             r.num_cached_tokens or 0, ttft)
 
     def stream(self, request_id: str) -> Iterator[int]:
-        """The tokens of one request as they come, running steps (of every request) as needed."""
+        """The tokens of one request (its first completion) as they come, running steps (of every
+        request) as needed."""
         r = self._requests.get(request_id)
         if r is None:
             raise ArgumentError(f"no request {request_id!r} (finished requests are forgotten by step())")
@@ -274,10 +296,10 @@ class LLM:
             bar = tqdm(total=len(ids), desc="requests", unit="req")
         start = time.perf_counter()
         try:
-            while any(not r.finished for r in requests):
+            while not all(map(_done, requests)):
                 self.step()
                 if bar is not None:
-                    done = sum(r.finished for r in requests)
+                    done = sum(map(_done, requests))
                     bar.update(done - bar.n)
         finally:
             if bar is not None:
@@ -286,3 +308,9 @@ class LLM:
         for r in requests:
             self._requests.pop(r.request_id, None)
         return [self._output(r) for r in requests]
+
+
+def _done(r: Request) -> bool:
+    """Whether every completion of request ``r`` is over (its forks exist from its first token
+    on, and one that never got there has none to wait for)."""
+    return r.finished and all(c.finished for c in r.forks)

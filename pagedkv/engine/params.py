@@ -36,6 +36,10 @@ class SamplingParams:
         logprobs: with each new token, the log-probabilities (of the model's own distribution,
             before temperature, top-k and top-p) of that token and of the ``logprobs`` most
             likely ones (None: none; 0: the chosen token's alone).
+        n: completions of the one prompt. The prompt is computed once; then its sequence is
+            forked, every completion sharing the prompt's blocks (copy-on-write), each drawing
+            its own first token from the prompt's last logits. With a seed, completion ``i``
+            samples with ``seed + i`` (as vLLM does).
 
     Raises ArgumentError for a value out of range, when made.
     """
@@ -48,6 +52,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default=())
     ignore_eos: bool = False
     logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         def integer(name: str, value: object, low: int) -> None:
@@ -56,6 +61,7 @@ class SamplingParams:
 
         integer("max_tokens", self.max_tokens, 1)
         integer("top_k", self.top_k, 0)
+        integer("n", self.n, 1)
         if self.logprobs is not None:
             integer("logprobs", self.logprobs, 0)
         if self.seed is not None:
@@ -84,13 +90,14 @@ class CompletionOutput:
     """One completion of a request (vLLM's name).
 
     Attributes:
-        index: 0 (one completion a request).
+        index: which of the request's ``n`` completions (0 to n - 1).
         token_ids: the new tokens so far.
         text: their text, with a tokenizer (None without one).
         finish_reason: one of :data:`FINISH_REASONS`, None while running.
         error: what went wrong, with ``finish_reason == "error"``.
         logprobs: with ``SamplingParams(logprobs=k)``, for each new token a dict of token id to
             log-probability: the token itself and the ``k`` most likely (None otherwise).
+        new_token_ids: from :meth:`pagedkv.LLM.step`: the tokens this step produced.
     """
 
     index: int
@@ -99,6 +106,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -110,12 +118,11 @@ class RequestOutput:
         request_id: the request's id.
         prompt: the prompt's text, if it was given as text.
         prompt_token_ids: the prompt's tokens.
-        outputs: one :class:`CompletionOutput`.
-        finished: whether the request is over.
+        outputs: one :class:`CompletionOutput` per completion (``SamplingParams.n``), by index.
+        finished: whether the request is over (every completion).
         num_cached_tokens: prompt tokens served from the prefix cache (or a store), not computed.
         time_to_first_token: seconds from the request's arrival to its first new token (None
             before it).
-        new_token_ids: from :meth:`pagedkv.LLM.step`: the tokens this step produced.
     """
 
     request_id: str
@@ -125,4 +132,8 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     time_to_first_token: float | None = None
-    new_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        """From :meth:`pagedkv.LLM.step`: the tokens the first completion got in this step."""
+        return self.outputs[0].new_token_ids

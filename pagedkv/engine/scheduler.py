@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..cache import PagedKVCache
@@ -53,6 +53,8 @@ class Request:
     generator: Any = None  #: its own torch generator, for a seeded request (the sampler makes it)
     logprobs: list[dict[int, float]] = field(default_factory=list)  #: per new token, with params.logprobs
     reported: int = 0  #: output tokens already handed out by LLM.step
+    index: int = 0  #: which completion of its request (SamplingParams.n)
+    forks: list[Request] = field(default_factory=list)  #: completions 1..n-1, once the prompt is computed
 
     @property
     def token_ids(self) -> list[int]:
@@ -172,6 +174,20 @@ class Scheduler:
             r.num_cached_tokens = min(cached, len(r.prompt_token_ids))
         return n
 
+    def fork(self, parent: Request, index: int, num_computed: int) -> Request:
+        """Completion ``index`` of ``parent``'s request: a running request on a fork of its
+        sequence (sharing every block, copy-on-write), whose ``num_computed`` tokens are in
+        the cache; it samples its first token from the parent's logits (the caller's part)."""
+        p = parent.params
+        params = replace(p, n=1, seed=None if p.seed is None else p.seed + index)
+        child = Request(parent.request_id, parent.prompt, parent.prompt_token_ids, params, parent.max_len,
+                        parent.cache_salt, arrival=parent.arrival, num_computed=num_computed,
+                        num_cached_tokens=parent.num_cached_tokens, index=index)
+        child.seq_id = self.cache.fork(parent.seq_id)
+        self.running.append(child)
+        parent.forks.append(child)
+        return child
+
     def _preempt(self, r: Request) -> None:
         """Free ``r``'s blocks and put it first in line, to be recomputed from its tokens so far."""
         self.running.remove(r)
@@ -210,7 +226,8 @@ class Scheduler:
                 self.finish(r, "length")
 
     def finish(self, r: Request, reason: str) -> None:
-        """End ``r`` (running or waiting) with ``reason``; its blocks go back."""
+        """End ``r`` (running or waiting) with ``reason``; its blocks go back. (Its forks, the
+        request's other completions, go on: each finishes of its own.)"""
         if r in self.running:
             self.running.remove(r)
         if r in self.waiting:

@@ -4,7 +4,8 @@ Endpoints (the shapes of OpenAI's API, as vLLM's server serves them): ``GET /v1/
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the tokenizer's chat template),
 each streamed as server-sent events with ``"stream": true``; ``GET /health``; ``GET /metrics``
 (:mod:`.metrics`). Sampling takes
-``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop`` (strings); ``usage`` counts the
+``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` (strings) and ``n`` (completions
+forked from the one computed prompt, sharing its blocks); ``usage`` counts the
 prompt tokens served from the prefix cache (``prompt_tokens_details.cached_tokens``). A request
 may carry a ``cache_salt``: requests of other salts never share prefix blocks (tenants cannot
 time each other's prompts). With an API key, every endpoint but ``/health`` answers 401 without
@@ -39,6 +40,8 @@ from .metrics import Metrics
 
 #: the largest request body taken, in bytes
 MAX_BODY_BYTES = 1 << 20
+#: the most completions one request may ask for (``n``)
+MAX_N = 16
 
 
 class _Body(BaseModel):
@@ -51,7 +54,7 @@ class _Body(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     cache_salt: str | None = None
 
 
@@ -132,7 +135,8 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
         if prompt_len + max_tokens > llm.max_model_len:
             raise ValueError(f"max_tokens: the prompt's {prompt_len} tokens and {max_tokens} new ones are more than "
                              f"this model serves ({llm.max_model_len})")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                              n=body.n)
 
     async def run(body: _Body, prompt: Any, chat: bool, request: Request) -> Any:
         if body.model is not None and body.model != model_name:
@@ -153,18 +157,21 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
         created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         started = time.perf_counter()
         if body.stream:
-            return StreamingResponse(_stream(engine, request_id, queue, stops, chat, kind, created, cid, model_name,
-                                             metrics, started), media_type="text/event-stream")
-        text, reason, last = await _collect(engine, request_id, queue, stops)
+            return StreamingResponse(_stream(engine, request_id, queue, stops, body.n, chat, kind, created, cid,
+                                             model_name, metrics, started), media_type="text/event-stream")
+        texts, last = await _collect(engine, request_id, queue, stops, body.n)
         metrics.observe(last, time.perf_counter() - started)
-        if reason == "error":
-            return _error(400, last.outputs[0].error or "the request could not run")
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": cid, "object": kind, "created": created, "model": model_name, "choices": [choice],
+        if any(c.finish_reason == "error" for c in last.outputs):
+            return _error(400, next(c.error for c in last.outputs if c.error) or "the request could not run")
+        choices = []
+        for text in texts:
+            choice: dict[str, Any] = {"index": text.index, "finish_reason": text.reason(last), "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text.text}
+            else:
+                choice["text"] = text.text
+            choices.append(choice)
+        return {"id": cid, "object": kind, "created": created, "model": model_name, "choices": choices,
                 "usage": _usage(last)}
 
     @app.post("/v1/completions")
@@ -184,65 +191,78 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:
-    prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    prompt, completion = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
 
 
 class _Text:
-    """A request's text as it grows, cut at the first stop string."""
+    """The text of completion ``index`` of a request as it grows, cut at the first stop string."""
 
-    def __init__(self, engine: EngineThread, request_id: str, stops: list[str]) -> None:
-        self.engine, self.request_id, self.stops = engine, request_id, stops
+    def __init__(self, engine: EngineThread, request_id: str, stops: list[str], index: int) -> None:
+        self.engine, self.request_id, self.stops, self.index = engine, request_id, stops, index
         self.tokens: list[int] = []
-        self.text, self.sent, self.stopped = "", 0, False
+        self.text, self.sent, self.stopped, self.done = "", 0, False, False
 
     def add(self, out: RequestOutput) -> str:
         """The new text since the last call (held back while it may begin a stop string)."""
-        self.tokens += out.new_token_ids
+        mine = [c for c in out.outputs if c.index == self.index]
+        if not mine or self.done:  # not forked yet, or over
+            return ""
+        c = mine[0]
+        self.tokens += c.new_token_ids
+        finished = c.finish_reason is not None
         tokenizer = self.engine.llm.tokenizer
         self.text = tokenizer.decode(self.tokens, skip_special_tokens=True) if tokenizer else ""
         for stop in self.stops:
             at = self.text.find(stop)
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True
-        if self.stopped and not out.finished:
-            self.engine.abort(self.request_id)
-        hold = 0 if self.stopped or out.finished else max((len(s) - 1 for s in self.stops), default=0)
+        if self.stopped and not finished:
+            self.engine.abort(self.request_id, self.index)
+        self.done = self.stopped or finished
+        hold = 0 if self.done else max((len(s) - 1 for s in self.stops), default=0)
         end = max(self.sent, len(self.text) - hold)
         new, self.sent = self.text[self.sent:end], end
         return new
 
     def reason(self, out: RequestOutput) -> str | None:
-        return "stop" if self.stopped else out.outputs[0].finish_reason
+        if self.stopped:
+            return "stop"
+        return next((c.finish_reason for c in out.outputs if c.index == self.index), out.outputs[0].finish_reason)
 
 
-async def _collect(engine: EngineThread, request_id: str, queue, stops: list[str]) -> tuple[str, Any, RequestOutput]:
-    text = _Text(engine, request_id, stops)
+async def _collect(engine: EngineThread, request_id: str, queue, stops: list[str],
+                   n: int) -> tuple[list[_Text], RequestOutput]:
+    texts = [_Text(engine, request_id, stops, i) for i in range(n)]
     try:
         while True:
             out = await queue.get()
-            text.add(out)
+            for text in texts:
+                text.add(out)
             if out.finished:
-                return text.text, text.reason(out), out
+                return texts, out
     except asyncio.CancelledError:  # the client went away before the answer: its request ends
         engine.abort(request_id)
         raise
 
 
-async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str], chat: bool, kind: str,
+async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str], n: int, chat: bool, kind: str,
                   created: int, cid: str, model: str, metrics: Metrics, started: float) -> AsyncIterator[str]:
-    text = _Text(engine, request_id, stops)
+    """Server-sent events: per completion, its pieces of text as they come and a last chunk with
+    its finish reason; the last event carries the usage, then ``[DONE]``."""
+    texts = [_Text(engine, request_id, stops, i) for i in range(n)]
     chunk_kind = "chat.completion.chunk" if chat else kind
 
-    def event(piece: str | None, reason: str | None, usage: dict | None = None, role: bool = False) -> str:
+    def event(index: int, piece: str | None, reason: str | None, usage: dict | None = None,
+              role: bool = False) -> str:
         if chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if piece:
                 delta["content"] = piece
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
-            choice = {"index": 0, "text": piece or "", "finish_reason": reason, "logprobs": None}
+            choice = {"index": index, "text": piece or "", "finish_reason": reason, "logprobs": None}
         body: dict[str, Any] = {"id": cid, "object": chunk_kind, "created": created, "model": model,
                                 "choices": [choice]}
         if usage is not None:
@@ -252,22 +272,33 @@ async def _stream(engine: EngineThread, request_id: str, queue, stops: list[str]
     finished = False
     try:
         if chat:
-            yield event(None, None, role=True)
+            for i in range(n):
+                yield event(i, None, None, role=True)
         while True:
             out = await queue.get()
-            piece = text.add(out)
+            if out.finished and any(c.finish_reason == "error" for c in out.outputs):
+                finished = True
+                metrics.observe(out, time.perf_counter() - started)
+                message = next(c.error for c in out.outputs if c.error)
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            ended = []
+            for text in texts:
+                was_done = text.done
+                piece = text.add(out)
+                if text.done and not was_done:
+                    ended.append((text, piece))
+                elif piece:
+                    yield event(text.index, piece, None)
+            for j, (text, piece) in enumerate(ended):
+                last = out.finished and j == len(ended) - 1
+                yield event(text.index, piece, text.reason(out), _usage(out) if last else None)
             if out.finished:
                 finished = True
                 metrics.observe(out, time.perf_counter() - started)
-                if out.outputs[0].finish_reason == "error":
-                    error = {"error": {"message": out.outputs[0].error, "type": "server_error"}}
-                    yield f"data: {json.dumps(error)}\n\n"
-                else:
-                    yield event(piece, text.reason(out), _usage(out))
                 yield "data: [DONE]\n\n"
                 return
-            if piece:
-                yield event(piece, None)
     finally:
         if not finished:  # the client went away mid-stream: its request ends, its blocks go back
             engine.abort(request_id)

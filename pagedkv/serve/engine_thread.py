@@ -43,10 +43,11 @@ class EngineThread:
         self.wake.set()
         return request_id, queue
 
-    def abort(self, request_id: str) -> None:
-        """End a request (its client went away); its blocks go back at once."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """End a request (its client went away), or with ``index`` one completion of it (it met a
+        stop string); its blocks go back at once."""
         with self.lock:
-            self.llm.abort(request_id)
+            self.llm.abort(request_id, index)
         self.wake.set()
 
     def stop(self) -> None:
