@@ -22,6 +22,7 @@ openai = pytest.importorskip("openai")
 
 from pagedkv import LLM, SamplingParams  # noqa: E402
 
+from .test_stores import redis_cluster, redis_url  # noqa: E402, F401  (fixtures: a real Redis, a real cluster)
 from .test_transformers import save_checkpoint  # noqa: E402
 
 KEY = "test-key"
@@ -303,20 +304,32 @@ def test_metrics_say_what_the_engine_holds(server, client, checkpoint):
     assert 0 < value["pagedkv_prefix_cache_hit_rate"] <= 1
 
 
-def test_two_servers_share_prefixes_through_a_store(checkpoint, tmp_path):
-    """Two server processes over one blocks directory: a prompt the first served is found by the
-    second, which loads its whole blocks from the store instead of computing them."""
-    prompt = "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"  # 10 tokens: two whole blocks of 4 before the last
-    answers = []
-    for _ in range(2):
-        with serving(checkpoint, "--store", str(tmp_path / "blocks")) as url:
+@pytest.mark.parametrize("kind", ["directory", "redis", "redis cluster"])
+def test_two_servers_share_prefixes_through_a_store(checkpoint, engine, tmp_path, request, kind):
+    """Two server processes at once over one store (a directory, a Redis server, a Redis Cluster
+    of three masters): a prompt sharing two whole blocks with one the first served is answered by
+    the second with those blocks loaded from the store, and the tokens the engine gives it."""
+    if kind == "directory":
+        spec = str(tmp_path / "blocks")
+    elif kind == "redis":
+        spec = request.getfixturevalue("redis_url")
+    else:
+        spec = request.getfixturevalue("redis_cluster").url
+    first_prompt = "w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"  # two whole blocks of 4 before the last
+    second_prompt = "w11 w12 w13 w14 w15 w16 w17 w18 w30 w31 w32"
+    want = engine.generate(second_prompt, SamplingParams(max_tokens=6, temperature=0))[0].outputs[0].text
+    with serving(checkpoint, "--store", spec) as a, serving(checkpoint, "--store", spec) as b:
+        answers = []
+        for url, prompt in ((a, first_prompt), (b, second_prompt)):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
             answers.append(client.completions.create(model=model_name(checkpoint), prompt=prompt, max_tokens=6,
                                                      temperature=0))
-    first, second = answers
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
-    assert second.usage.prompt_tokens_details.cached_tokens == 8
-    assert second.choices[0].text == first.choices[0].text
+        first, second = answers
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens == 8
+        assert second.choices[0].text == want
+        served = {s.labels["tier"]: s.value for s in _metrics(b)["pagedkv_prompt_tokens_served"].samples}
+        assert served["disk" if kind == "directory" else "redis"] == 8
 
 
 def test_each_api_key_is_a_tenant_of_its_own(checkpoint):

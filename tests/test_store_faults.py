@@ -160,6 +160,7 @@ def test_a_store_needs_a_model_id_and_a_directory_keeps_its_namespace(tmp_path):
     (lambda d: RedisStore("redis://127.0.0.1:6379/0", "ns", ttl=1.5), "ttl"),
     (lambda d: RedisStore("redis://127.0.0.1:6379/0", ""), "namespace"),
     (lambda d: RedisStore("redis://h:notaport", "ns"), "cannot use the URL"),
+    (lambda d: RedisStore("redis+cluster://h:notaport", "ns"), "cannot use the URL"),
     (lambda d: RedisStore(42, "ns"), "redis.Redis client"),
     (lambda d: open_store("", "ns"), "directory or a redis"),
 ])

@@ -75,6 +75,82 @@ def redis_url():
     proc.wait(timeout=10)
 
 
+class RedisCluster:
+    """A real Redis Cluster of three masters (no replicas) on free localhost ports, made with
+    ``redis-cli --cluster create``; ``url`` names it for RedisStore; :meth:`stop` ends it."""
+
+    def __init__(self, directory):
+        import redis
+
+        server = shutil.which("redis-server") or shutil.which("valkey-server")
+        cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
+        if server is None or cli is None:
+            if os.environ.get("PAGEDKV_REQUIRE_REDIS") == "1":
+                pytest.fail("no redis-server and redis-cli on PATH (PAGEDKV_REQUIRE_REDIS=1)")
+            pytest.skip("no redis-server and redis-cli installed (apt-get install redis-server)")
+        self.ports = [self._free_node_port() for _ in range(3)]
+        self.procs = {}
+        for port in self.ports:  # a node that loses a peer keeps serving its own slots
+            self.procs[port] = subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(directory),
+                 "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in self.ports:
+            self._wait(lambda p=port: redis.Redis(port=p).ping())
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas",
+                        "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        for port in self.ports:
+            self._wait(lambda p=port: redis.Redis(port=p).cluster("info")["cluster_state"] == "ok")
+        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    @staticmethod
+    def _free_node_port():
+        """A free port at most 55535 whose cluster bus port (10000 above) is free too."""
+        import random
+
+        while True:
+            port = random.randint(20000, 55535)
+            try:
+                with socket.socket() as a, socket.socket() as b:
+                    a.bind(("127.0.0.1", port))
+                    b.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+
+    @staticmethod
+    def _wait(ready, seconds=30.0):
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if ready():
+                    return
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "the Redis Cluster did not come up"
+            time.sleep(0.05)
+
+    def kill(self, port):
+        self.procs[port].kill()
+        self.procs[port].wait(timeout=10)
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """A real Redis Cluster for this module's tests (see RedisCluster)."""
+    pytest.importorskip("redis")
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
 def _stores(kind, tmp_path, redis_url=None):
     if kind == "host":
         return HostStore(max_bytes=1 << 20)
@@ -83,9 +159,13 @@ def _stores(kind, tmp_path, redis_url=None):
     return RedisStore(redis_url, namespace=f"test-{tmp_path.name}")
 
 
-@pytest.fixture(params=["host", "disk", "redis"])
+@pytest.fixture(params=["host", "disk", "redis", "redis cluster"])
 def store(request, tmp_path):
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    url = None
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    elif request.param == "redis cluster":
+        url = request.getfixturevalue("redis_cluster").url
     return _stores(request.param, tmp_path, url)
 
 
@@ -283,6 +363,51 @@ print(json.dumps({{"tokens": tokens, "tiers": cache.stats()["tiers"]["tokens"]}}
     result = json.loads(out)
     assert result["tokens"] == generate_dense(TinyLlama(TINY), PREFIX + [7, 7], 3)[0]
     assert result["tiers"]["redis"] == 16 and result["tiers"]["pool"] == 0
+
+
+def test_a_cluster_spreads_blocks_over_its_nodes_and_serves_prefixes(redis_cluster):
+    """Blocks of a long prompt land on every node (their keys hash to slots all over); another pool
+    finds them all there, and generates the dense cache's tokens."""
+    import redis
+
+    namespace = f"spread-{os.getpid()}"
+    prompt = PREFIX * 3 + [1, 2, 3]  # 51 tokens: with the new ones, 13 whole blocks written through
+    _serve([RedisStore(redis_cluster.url, namespace)], [prompt])
+    held = [len(redis.Redis(port=p).keys(f"{namespace}:*")) for p in redis_cluster.ports]
+    assert sum(held) == 13 and all(held), held
+    got, cached, _ = _serve([RedisStore(redis_cluster.url, namespace)], [prompt[:-1] + [7]])
+    assert got == [generate_dense(TinyLlama(TINY), prompt[:-1] + [7], 3)[0]]
+    assert cached[0]["redis"] == 48 and cached[0]["pool"] == 0
+
+
+def test_a_cluster_node_that_goes_down_misses_its_keys_only(tmp_path):
+    """One of three masters killed: its keys are misses (warned, counted), the other nodes' keys
+    are served, and a cache over the cluster still generates the dense cache's tokens."""
+    import redis
+
+    cluster = RedisCluster(tmp_path)
+    try:
+        store = RedisStore(cluster.url, "down")
+        keys = _keys(24)
+        store.put([(k, bytes([i])) for i, k in enumerate(keys)])
+        node_of = {}
+        for port in cluster.ports:
+            for name in redis.Redis(port=port).keys("down:*"):
+                node_of[name.decode()] = port
+        victim = cluster.ports[1]
+        cluster.kill(victim)
+        with pytest.warns(RuntimeWarning, match=f"redis store failed to read blocks on 127.0.0.1:{victim}"):
+            got = store.get(keys)
+        for i, k in enumerate(keys):
+            lost = node_of[f"down:{k.digest.hex()}"] == victim
+            assert got[i] == (None if lost else bytes([i])), i
+        assert 0 < got.count(None) < len(keys) and store.stats()["errors"] >= 1
+        want = generate_dense(TinyLlama(TINY), PREFIX + [7, 7], 3)[0]
+        with pytest.warns(RuntimeWarning, match="redis store failed"):
+            tokens, _, _ = _serve([RedisStore(cluster.url, "down-2")], [PREFIX + [7, 7]])
+        assert tokens == [want]
+    finally:
+        cluster.stop()
 
 
 def test_an_unreachable_server_warns_and_misses(tmp_path):

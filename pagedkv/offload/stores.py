@@ -10,8 +10,8 @@ miss, never loaded), kept in tiers. The stores themselves move bytes:
   several processes may share the directory); bounded, oldest read evicted first,
   temporary files included (a writer killed mid-write leaves one: any process that
   evicts removes it once it is older than a write can take);
-- :class:`RedisStore`: a Redis or Valkey server through redis-py (pipelined batch
-  reads and writes, optional time to live, keys under a namespace).
+- :class:`RedisStore`: a Redis or Valkey server, or a Redis Cluster, through redis-py
+  (batches pipelined per server, optional time to live, keys under a namespace).
 
 Every store may be shared by several models: :class:`~pagedkv.PagedKVCache` keys and
 stamps each value with its ``model_id`` and geometry (see :mod:`pagedkv.offload.tiers`); a
@@ -266,12 +266,28 @@ class DirectoryStore(_Counts):
                 pass
 
 
+#: URL schemes that name a Redis Cluster (any one of its nodes) rather than one server
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
 class RedisStore(_Counts):
-    """Blocks in a Redis or Valkey server (``pip install redis``): ``client`` is a
-    ``redis.Redis`` or a URL (``redis://host:port/db``). Keys are ``"{namespace}:{digest}"``:
-    give each model its own ``namespace`` (the fingerprint in every value keeps other
-    geometries and formats out anyway). ``ttl``: seconds a block lives (None: until the
-    server's memory policy evicts it). A server that fails warns and counts as a miss."""
+    """Blocks in a Redis or Valkey server, or a Redis Cluster (``pip install redis``).
+
+    ``client``: a ``redis.Redis`` or ``redis.cluster.RedisCluster``, or a URL:
+    ``redis://host:port/db`` (``rediss://``, ``unix://``) for one server,
+    ``redis+cluster://host:port`` (``rediss+cluster://``) for a cluster, named by any of its
+    nodes. Keys are ``"{namespace}:{digest}"``: give each deployment its own ``namespace``
+    (the model's fingerprint in every key and value keeps other models, geometries and formats
+    apart anyway). ``ttl``: seconds a block lives (None: until the server's memory policy
+    evicts it).
+
+    Each batch (look-up, read, write, delete) is one pipeline per server: on a cluster, the
+    keys are grouped by the node that holds their slot, so blocks spread over the nodes and a
+    batch costs one round trip to each node it touches. A server or node that fails (down,
+    timing out, or no longer holding a slot after a failover) warns and its keys count as
+    misses; the other nodes' keys are served as usual, and a cluster's map of slots is
+    re-read at the next batch.
+    """
 
     name = "redis"
     trusted = False
@@ -281,75 +297,119 @@ class RedisStore(_Counts):
         namespace = _namespace(namespace, in_file_names=False)
         if ttl is not None:
             positive_int("RedisStore's ttl (whole seconds, or None)", ttl)
+        self._connect: Any = None  # a cluster named by URL: its client, made at first use
         if isinstance(client, str):
             import redis
+            from redis.connection import parse_url
 
+            cluster = client.startswith(CLUSTER_SCHEMES)
+            url = client.replace("+cluster", "", 1) if cluster else client
+            options = {"socket_timeout": 5, "socket_connect_timeout": 5}
             try:
-                client = redis.Redis.from_url(client, socket_timeout=5, socket_connect_timeout=5)
-            except ValueError as e:  # a URL redis-py cannot read: a port that is not a number, say
+                if cluster:
+                    parse_url(url)  # a URL redis-py cannot read fails here, not at first use
+                else:
+                    client = redis.Redis.from_url(url, **options)
+            except ValueError as e:  # a port that is not a number, say
                 raise ConfigError(f"RedisStore cannot use the URL {client!r}: {e}") from e
-        elif not all(callable(getattr(client, m, None)) for m in ("pipeline", "mget", "delete")):
-            raise ConfigError(f"RedisStore needs a redis.Redis client or a redis:// URL, got {client!r}")
+            if cluster:
+                from redis.cluster import RedisCluster
+
+                # require_full_coverage=False: with a node down, the others' slots still serve
+                self._connect = lambda: RedisCluster.from_url(url, require_full_coverage=False, **options)
+                client = None
+        elif not all(callable(getattr(client, m, None)) for m in ("pipeline", "get", "delete")):
+            raise ConfigError(f"RedisStore needs a redis.Redis client, a RedisCluster or a redis:// URL, "
+                              f"got {client!r}")
         self.client, self.namespace, self.ttl = client, namespace, ttl
+        self._stale = False  # a node failed: re-read the cluster's map of slots before the next batch
 
     def _key(self, key: BlockKey) -> str:
         return f"{self.namespace}:{key.digest.hex()}"
 
-    def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
-        if not keys:
-            return 0
+    def _servers(self, names: list[str], what: str) -> list[tuple[Any, list[int]]] | None:
+        """The keys ``names`` grouped by the server that holds them: (a client of that server, the
+        positions of its keys), or None (warned) when no server can be reached at all."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for k in keys:
-                pipe.exists(self._key(k))
-            present = pipe.execute()
-        except Exception as e:  # redis-py's ConnectionError, TimeoutError...
-            self._failed("look blocks up", e)
-            return 0
+            if self.client is None:
+                self.client = self._connect()
+            client = self.client
+            if not callable(getattr(client, "get_node_from_key", None)):  # one server holds every key
+                return [(client, list(range(len(names))))]
+            if self._stale:
+                self._stale = False
+                client.nodes_manager.initialize()
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for i, name in enumerate(names):
+                node = client.get_node_from_key(name)
+                groups.setdefault(node.name, (client.get_redis_connection(node), []))[1].append(i)
+            return list(groups.values())
+        except Exception as e:  # redis-py's ConnectionError, RedisClusterException (no node answers)...
+            self._failed(what, e)
+            return None
+
+    def _batch(self, names: list[str], what: str, command: Any) -> list[Any]:
+        """``command(pipe, i)`` queued for every key, one pipeline per server; each key's reply, or
+        None where its server failed (warned)."""
+        replies: list[Any] = [None] * len(names)
+        if not names:
+            return replies
+        for server, positions in self._servers(names, what) or ():
+            try:
+                pipe = server.pipeline(transaction=False)
+                for i in positions:
+                    command(pipe, i)
+                got = pipe.execute(raise_on_error=False)
+            except Exception as e:  # this server only: the others' keys are served
+                self._stale = True
+                self._failed(f"{what} on {_where(server)}", e)
+                continue
+            errors = [r for r in got if isinstance(r, Exception)]
+            if errors:  # a key this node no longer holds (MOVED after a failover), say
+                self._stale = True
+                self._failed(f"{what} on {_where(server)}", errors[0])
+            for i, reply in zip(positions, got, strict=True):
+                replies[i] = None if isinstance(reply, Exception) else reply
+        return replies
+
+    def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
+        names = [self._key(k) for k in keys]
+        present = self._batch(names, "look blocks up", lambda pipe, i: pipe.exists(names[i]))
         n = 0
         while n < len(present) and present[n]:
             n += 1
         return n
 
     def get(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        if not keys:
-            return []
-        try:
-            values = self.client.mget([self._key(k) for k in keys])
-        except Exception as e:
-            self._failed("read blocks", e)
-            values = [None] * len(keys)
-        return self._served(list(values))
+        names = [self._key(k) for k in keys]
+        return self._served(self._batch(names, "read blocks", lambda pipe, i: pipe.get(names[i])))
 
     def put(self, items: Sequence[tuple[BlockKey, bytes]]) -> None:
-        if not items:
-            return
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for k, v in items:
-                pipe.set(self._key(k), v, ex=self.ttl)
-            pipe.execute()
-        except Exception as e:
-            self._failed("write blocks", e)
-            return
-        self.counts["puts"] += len(items)
-        self.counts["bytes_written"] += sum(len(v) for _, v in items)
+        names = [self._key(k) for k, _ in items]
+        done = self._batch(names, "write blocks", lambda pipe, i: pipe.set(names[i], items[i][1], ex=self.ttl))
+        written = [len(v) for (_, v), ok in zip(items, done, strict=True) if ok]
+        self.counts["puts"] += len(written)
+        self.counts["bytes_written"] += sum(written)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
-        if keys:
-            try:
-                self.client.delete(*[self._key(k) for k in keys])
-            except Exception as e:
-                self._failed("delete blocks", e)
+        names = [self._key(k) for k in keys]
+        self._batch(names, "delete blocks", lambda pipe, i: pipe.delete(names[i]))
+
+
+def _where(server: Any) -> str:
+    """``host:port`` of a redis-py client, for a warning."""
+    kwargs = getattr(getattr(server, "connection_pool", None), "connection_kwargs", {})
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs else "the server"
 
 
 def open_store(spec: str, namespace: str, max_bytes: int = 1 << 32) -> BlockStore:
-    """A store named by ``spec``: ``redis://HOST:PORT[/DB]`` (or ``rediss://``, ``unix://``) a
-    :class:`RedisStore` under ``namespace``; anything else a directory, a :class:`DirectoryStore`
-    of ``max_bytes`` whose file names start with ``namespace``. Raises ConfigError for a spec
+    """A store named by ``spec``: ``redis://HOST:PORT[/DB]`` (or ``rediss://``, ``unix://``, or
+    ``redis+cluster://HOST:PORT`` for a Redis Cluster) a :class:`RedisStore` under
+    ``namespace``; anything else a directory, a :class:`DirectoryStore` of ``max_bytes`` whose
+    file names start with ``namespace``. Raises ConfigError for a spec
     that names neither (a URL with a bad port, a path that is a file or cannot be written)."""
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"a store is a directory or a redis:// URL, got {spec!r}")
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)):
         return RedisStore(spec, namespace)
     return DirectoryStore(spec, max_bytes, namespace=namespace)

@@ -113,8 +113,9 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
     sv.add_argument("--max-num-seqs", type=_positive, default=64, help="requests running at once (default 64)")
     sv.add_argument("--store", default=None, metavar="DIR_OR_URL",
-                    help="a blocks store behind the prefix cache, shared with other servers: a directory or "
-                         "redis://HOST:PORT (prompt blocks computed by one server are loaded by the others)")
+                    help="a blocks store behind the prefix cache, shared with other servers: a directory, "
+                         "redis://HOST:PORT, or redis+cluster://HOST:PORT for a Redis Cluster (any node of it); "
+                         "prompt blocks computed by one server are loaded by the others")
     sv.add_argument("--api-key", default=None,
                     help="require Authorization: Bearer KEY on every endpoint but /health; several keys "
                          "separated by commas (default: the PAGEDKV_API_KEY environment variable, if set)")
