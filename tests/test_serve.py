@@ -42,9 +42,14 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("served"), ["user", "assistant", "system"], CHAT_TEMPLATE)
 
 
+#: the process id of each running server, by URL
+SERVER_PIDS: dict[str, int] = {}
+
+
 @contextlib.contextmanager
 def serving(checkpoint, *args):
-    """``pagedkv serve`` as its own process on a free port, with an API key; its URL."""
+    """``pagedkv serve`` as its own process on a free port, with an API key; its URL (its process
+    id in SERVER_PIDS)."""
     port = _free_port()
     env = {**os.environ, "PAGEDKV_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "pagedkv", "serve", checkpoint, "--port", str(port),
@@ -63,8 +68,10 @@ def serving(checkpoint, *args):
                     proc.kill()
                     raise RuntimeError(f"the server did not start:\n{proc.stdout.read().decode()[-3000:]}") from None
                 time.sleep(0.3)
+        SERVER_PIDS[url] = proc.pid
         yield url
     finally:
+        SERVER_PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -346,3 +353,76 @@ def test_each_api_key_is_a_tenant_of_its_own(checkpoint):
         assert [cached("alice"), cached("alice"), cached("bob"), cached("bob")] == [0, 8, 0, 8]
         with pytest.raises(openai.AuthenticationError):
             cached(KEY)  # the environment's key is not one of those given
+
+
+def _rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc")
+def test_soak_memory_stays_flat(checkpoint):
+    """Opt-in (``-m slow``; ``PAGEDKV_SOAK_SECONDS``, default 120): 16 clients stream requests of
+    varied prompts, lengths and sampling without pause, a quarter of them hanging up mid-stream;
+    after the first third of the time (allocator and caches warm), the server's resident memory
+    grows by less than 16 MiB, and at the end the engine holds nothing."""
+    import asyncio
+    import random
+
+    seconds = float(os.environ.get("PAGEDKV_SOAK_SECONDS", "120"))
+    with serving(checkpoint) as url:
+        pid, samples = SERVER_PIDS[url], []
+
+        async def client(seed, deadline):
+            rng = random.Random(seed)
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+                while time.monotonic() < deadline:
+                    prompt = " ".join(f"w{rng.randrange(3, 60)}" for _ in range(rng.randrange(1, 40)))
+                    stream = await c.completions.create(model=model_name(checkpoint), prompt=prompt, stream=True,
+                                                        max_tokens=rng.randrange(1, 40), temperature=rng.random())
+                    hang_up = rng.random() < 0.25
+                    async for _ in stream:
+                        if hang_up:
+                            await stream.close()
+                            break
+
+        async def watch(deadline):
+            while time.monotonic() < deadline:
+                samples.append((time.monotonic(), _rss_bytes(pid)))
+                await asyncio.sleep(1)
+
+        async def run():
+            deadline = time.monotonic() + seconds
+            await asyncio.gather(watch(deadline), *(client(i, deadline) for i in range(16)))
+
+        start = time.monotonic()
+        asyncio.run(run())
+        warm = [rss for t, rss in samples if t - start >= seconds / 3]
+        assert len(warm) >= 3 and max(warm) - warm[0] < 16 << 20, [rss >> 20 for _, rss in samples]
+        deadline = time.monotonic() + 30
+        while not _holds_nothing(url):
+            assert time.monotonic() < deadline, "requests still held after the soak"
+            time.sleep(0.2)
+
+
+def test_the_readmes_client_example_prints_what_the_readme_says(tmp_path, capsys):
+    """The README's ``openai`` example, run against ``pagedkv serve`` on the checkpoint it names (the
+    serve benchmark's small random Llama and word-level tokenizer), prints the output the README
+    shows under it."""
+    import pathlib
+    import re
+
+    from benchmarks.serve_prefix import build_model, save_tokenizer
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code, shown = re.search(r"```python\n(from openai import.*?)```\n```\n(.*?)```", readme, re.S).groups()
+    path = str(tmp_path / "tiny-llama")
+    build_model(path, "float32")
+    save_tokenizer(path)
+    with serving(path, "--kv-cache-bytes", str(64 << 20), "--block-size", "16", "--api-key", "secret") as url:
+        exec(compile(code.replace("http://localhost:8123", url), "README.md", "exec"), {})
+    assert capsys.readouterr().out == shown

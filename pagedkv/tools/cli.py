@@ -110,6 +110,15 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
     sv.add_argument("--kv-cache-bytes", type=_positive, default=None, help="the KV pool's size (default 1 GiB)")
+    sv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="the model's dtype (default: the checkpoint's)")
+    sv.add_argument("--kv-dtype", choices=list(FORMATS), default=None,
+                    help="how the pool stores K/V (default: the model's dtype, exact)")
+    sv.add_argument("--max-model-len", type=_positive, default=None,
+                    help="the longest request, prompt and output (default: the model's and the pool's bound)")
+    sv.add_argument("--prepack-weights", action="store_true",
+                    help="run the linear layers on weights reordered once for oneDNN (faster on the CPU, "
+                         "a second copy of those weights)")
     sv.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
     sv.add_argument("--max-num-seqs", type=_positive, default=64, help="requests running at once (default 64)")
     sv.add_argument("--store", default=None, metavar="DIR_OR_URL",
@@ -215,8 +224,10 @@ def _serve(args) -> int:
     from ..offload.stores import open_store
 
     stores = [open_store(args.store, "pagedkv-serve")] if args.store else []
-    llm = LLM(args.model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(2048, args.max_num_seqs), stores=stores)
+    llm = LLM(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, kv_cache_bytes=args.kv_cache_bytes,
+              block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=max(2048, args.max_num_seqs), stores=stores, max_model_len=args.max_model_len,
+              prepack_weights=args.prepack_weights)
     app = create_app(llm, model_name=os.path.basename(os.path.normpath(args.model)), api_keys=keys,
                      salt_by_key=args.salt_by_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
