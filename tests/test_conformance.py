@@ -7,6 +7,7 @@ import pytest
 import pagedkv
 from pagedkv.testing import (
     KernelMismatch,
+    KernelSignatureError,
     check_copy_blocks,
     check_gather,
     check_paged_attention,
@@ -130,24 +131,38 @@ def vllm_swap_blocks(src, dst, mapping):
     dst[mapping[:, 1]] = src[mapping[:, 0]]
 
 
-def vllm_attention(q, key_cache, value_cache, tables, lens, scale, query_lens=None, *, bug=None):
-    h = key_cache.shape[2]
+def vllm_attention(q, key_cache, value_cache, tables, lens, scale, query_lens=None, *, soft_cap=None,
+                   sliding_window=None, bug=None):
+    bs, h = key_cache.shape[1], key_cache.shape[2]
+    if bug == "raises at block size 1" and bs == 1:
+        raise ValueError("block_size 1 is not supported")
     group = q.shape[1] // h
+    if bug == "scale hard-coded":
+        scale = 1 / np.sqrt(q.shape[2])
     out = np.zeros(q.shape, np.float32)
     counts = np.ones(len(lens), int) if query_lens is None else query_lens
     row = 0
     for b in range(len(lens)):
-        k, v = vllm_gather(key_cache, value_cache, tables[b:b + 1], lens[b:b + 1])
+        n = lens[b]
+        if bug == "a full last page dropped" and n and n % bs == 0:  # last_page_len = n % bs
+            n -= bs
+        k, v = vllm_gather(key_cache, value_cache, tables[b:b + 1], np.array([n]))
         for j in range(counts[b]):
             pos = lens[b] - counts[b] + j
             if pos < 0:  # a sequence with no context attends to nothing
                 row += 1
                 continue
+            first = 0
+            if sliding_window is not None and bug != "window ignored":
+                first = max(0, pos - sliding_window + (2 if bug == "window one short" else 1))
+            last = min(pos + 1, n)
             for hq in range(q.shape[1]):
                 kv = hq % h if bug == "GQA heads interleaved" else hq // group
-                s = (k[:pos + 1, kv] @ q[row, hq]) * np.float32(scale)
-                w = np.exp(s) if bug == "softmax without the max shift" else np.exp(s - s.max())
-                out[row, hq] = (w @ v[:pos + 1, kv]) / w.sum()
+                s = (k[first:last, kv] @ q[row, hq]) * np.float32(scale)
+                if soft_cap is not None and bug != "soft cap ignored":
+                    s = np.float32(soft_cap) * np.tanh(s / np.float32(soft_cap))
+                w = np.exp(s) if bug == "softmax without the max shift" else np.exp(s - s.max(initial=-np.inf))
+                out[row, hq] = (w @ v[first:last, kv]) / w.sum() if last > first else 0
             row += 1
     return out
 
@@ -208,8 +223,13 @@ def test_dropped_padding_check_writes_the_last_slot():
     assert e.where["slot"] == e.case["num_blocks"] * e.case["block_size"] - 1  # -1 wrapped around
 
 
+def bugged(bug):
+    """vLLM-shaped attention with ``bug`` planted."""
+    return lambda *a, **k: vllm_attention(*a, **k, bug=bug)
+
+
 def test_wrong_gqa_head_mapping():
-    e = caught(check_paged_attention, lambda *a: vllm_attention(*a, bug="GQA heads interleaved"),
+    e = caught(check_paged_attention, bugged("GQA heads interleaved"),
                convention="vllm")
     group = e.case["query_heads"] // e.case["num_kv_heads"]
     hq = e.where["head"]
@@ -218,9 +238,60 @@ def test_wrong_gqa_head_mapping():
 
 def test_softmax_without_the_max_shift_overflows():
     with np.errstate(over="ignore", invalid="ignore"):
-        e = caught(check_paged_attention, lambda *a: vllm_attention(*a, bug="softmax without the max shift"),
-                   convention="vllm")
+        e = caught(check_paged_attention, bugged("softmax without the max shift"), convention="vllm")
     assert e.case["magnitude"] == 30.0 and "got nan" in str(e)
+
+
+def test_a_kernel_that_hard_codes_the_scale_fails_on_another_scale():
+    """vLLM's and FlashInfer's kernels take ``scale``; a kernel that uses 1/sqrt(head_dim) instead is
+    right for most models and wrong for Gemma's query_pre_attn_scalar: the kit draws scales."""
+    e = caught(check_paged_attention, bugged("scale hard-coded"), convention="vllm")
+    assert not np.isclose(e.case["scale"], 1 / np.sqrt(e.case["head_dim"]))
+
+
+def test_a_kernel_that_ignores_the_soft_cap_fails_with_one():
+    e = caught(check_paged_attention, bugged("soft cap ignored"), convention="vllm")
+    assert e.case["soft_cap"] is not None
+
+
+@pytest.mark.parametrize("bug", ["window ignored", "window one short"])
+def test_a_kernel_that_mishandles_the_sliding_window_fails(bug):
+    e = caught(check_paged_attention, bugged(bug), convention="vllm")
+    assert e.case["sliding_window"] is not None and max(e.case["context_lens"]) > e.case["sliding_window"] - 1
+
+
+def test_a_kernel_that_drops_a_full_last_page_fails():
+    """``last_page_len = len % block_size`` is 0 for a full last page: the kit draws full ones."""
+    e = caught(check_paged_attention, bugged("a full last page dropped"), convention="vllm")
+    assert any(n and n % e.case["block_size"] == 0 for n in e.case["context_lens"])
+
+
+def test_a_kernel_that_raises_gets_a_mismatch_with_its_case():
+    with pytest.raises(KernelMismatch, match="raised ValueError: block_size 1 is not supported") as info:
+        check_paged_attention(bugged("raises at block size 1"), convention="vllm", max_examples=200)
+    assert info.value.case["block_size"] == 1 and isinstance(info.value.__cause__, ValueError)
+
+
+def test_a_kernel_with_two_bugs_gets_one_mismatch():
+    """One bug raises (at block size 1), the other gives wrong numbers: hypothesis finds both, from
+    two places, and the kit reports one, as a KernelMismatch (not an ExceptionGroup of two)."""
+    def two_bugs(*a, **k):
+        return vllm_attention(*a, **k, bug="raises at block size 1" if a[1].shape[1] == 1 else "scale hard-coded")
+
+    with pytest.raises(KernelMismatch) as info:
+        check_paged_attention(two_bugs, convention="vllm", max_examples=300)
+    assert type(info.value) is KernelMismatch
+
+
+def test_a_signature_that_does_not_match_is_one_line():
+    def no_soft_cap(q, key_cache, value_cache, tables, lens, scale, query_lens=None):
+        return vllm_attention(q, key_cache, value_cache, tables, lens, scale, query_lens)
+
+    with pytest.raises(KernelSignatureError) as info:
+        check_paged_attention(no_soft_cap, convention="vllm", max_examples=20)
+    message = str(info.value)
+    assert "\n" not in message and "soft_cap" in message and "block_tables, context_lens, scale" in message
+    check_paged_attention(no_soft_cap, convention="vllm", max_examples=20, soft_cap=False, sliding_window=False)
 
 
 def test_unknown_convention():

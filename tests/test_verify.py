@@ -24,6 +24,23 @@ def forgets_padding(key, value, key_cache, value_cache, slot_mapping):
         key_cache[slot // bs, slot % bs] = key[t]
         value_cache[slot // bs, slot % bs] = value[t]
 
+def attention_without_options(q, key_cache, value_cache, block_tables, context_lens, scale, query_lens=None):
+    """Decode attention in vLLM's layout, exact enough in float64; takes no soft cap or window."""
+    bs, h = key_cache.shape[1], key_cache.shape[2]
+    group = q.shape[1] // h
+    out = np.zeros(q.shape, np.float32)
+    for b, n in enumerate(context_lens):
+        if n == 0:
+            continue
+        rows = [block_tables[b, p // bs] * bs + p % bs for p in range(n)]
+        k = key_cache.reshape(-1, h, key_cache.shape[3])[rows].astype(np.float64)
+        v = value_cache.reshape(-1, h, value_cache.shape[3])[rows].astype(np.float64)
+        for hq in range(q.shape[1]):
+            s = k[:, hq // group] @ q[b, hq].astype(np.float64) * scale
+            w = np.exp(s - s.max())
+            out[b, hq] = w @ v[:, hq // group] / w.sum()
+    return out
+
 def torch_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     """The same with torch tensors: index_copy_ on flattened views."""
     keep = slot_mapping >= 0
@@ -79,3 +96,13 @@ def test_the_command_offers_every_convention_of_the_checkers():
     from pagedkv.tools.cli import VERIFY_CONVENTIONS
 
     assert sorted(VERIFY_CONVENTIONS) == sorted(CONVENTIONS)
+
+
+def test_a_kernel_without_the_options_gets_one_line_then_passes_without_them(kernels, capsys):
+    args = ["verify", f"{kernels}:attention_without_options", "--routine", "paged_attention", "--convention",
+            "vllm", "--examples", "20", "--no-varlen"]
+    assert main(args) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("FAIL") and "unexpected keyword argument 'soft_cap'" in out[1]
+    assert "paged_attention(q, key_cache, value_cache, block_tables, context_lens, scale" in out[1]
+    assert main(args + ["--no-soft-cap", "--no-sliding-window"]) == 0, capsys.readouterr().out

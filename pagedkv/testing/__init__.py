@@ -16,6 +16,7 @@
 from . import strategies, tolerance
 from .checkers import (
     KernelMismatch,
+    KernelSignatureError,
     check_copy_blocks,
     check_gather,
     check_paged_attention,
@@ -25,6 +26,6 @@ from .checkers import (
 )
 
 __all__ = [
-    "strategies", "tolerance", "KernelMismatch", "check_write", "check_read", "check_gather",
+    "strategies", "tolerance", "KernelMismatch", "KernelSignatureError", "check_write", "check_read", "check_gather",
     "check_copy_blocks", "check_swap_blocks", "check_paged_attention",
 ]

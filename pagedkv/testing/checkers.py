@@ -17,8 +17,8 @@ Conventions (``convention=``), the shapes your function receives:
     slot_mapping)``, ``gather(pool, layer, block_tables, context_lens)`` (returning
     key and value, and, as pagedkv's does, ``cu_seqlens``, which is checked too),
     ``copy_blocks(pool, src, dst)``, ``swap_blocks(src_pool, dst_pool, src,
-    dst)``, ``paged_attention(q, pool, layer, block_tables, context_lens,
-    scale=..., query_lens=...)``.
+    dst)``, ``paged_attention(q, pool, layer, block_tables, context_lens, *,
+    scale, query_lens, soft_cap, sliding_window)``.
 ``"vllm"``, ``"hnd"``, ``"vllm_paged"``, ``"vllm_cpu"``, ``"flashinfer_nhd"``, ``"flashinfer_hnd"``, ``"transformers"``
     each layer's caches in that layout of :mod:`pagedkv.memory.conventions` (``caches``: K and
     V caches, or one K/V tensor): ``write(key, value, *caches, slot_mapping)`` (in place),
@@ -26,13 +26,20 @@ Conventions (``convention=``), the shapes your function receives:
     context_lens) -> (key, value)``, ``copy_blocks(*per-kind lists over layers,
     block_mapping)`` (``block_mapping`` int64 ``[N, 2]`` of (src, dst)),
     ``swap_blocks(src_cache, dst_cache, block_mapping)`` (called for each cache of each
-    layer), ``paged_attention(q, *caches, block_tables, context_lens, scale, query_lens)``.
+    layer), ``paged_attention(q, *caches, block_tables, context_lens, scale, query_lens, *,
+    soft_cap, sliding_window)``.
     ``"transformers"`` (K and V ``[num_blocks * block_size, H, D]``, a row per slot) has no
     block size in its shapes: ``write`` and ``read`` only.
 ``"flashinfer"``
     vLLM-shaped caches with FlashInfer's page lists: ``gather(key_cache, value_cache,
     kv_indptr, kv_indices, kv_last_page_len)`` and ``paged_attention(q, key_cache,
-    value_cache, kv_indptr, kv_indices, kv_last_page_len, scale)`` (decode).
+    value_cache, kv_indptr, kv_indices, kv_last_page_len, scale, *, soft_cap,
+    sliding_window)`` (decode).
+
+``soft_cap`` and ``sliding_window`` (each None or a value) are keyword arguments, passed
+unless ``check_paged_attention(soft_cap=False, sliding_window=False)``. A function whose
+signature cannot take the call gets a :class:`KernelSignatureError` of one line saying the
+call; a function that raises gets a :class:`KernelMismatch` with the case it raised on.
 
 Arrays are numpy unless you pass ``to_user`` (numpy -> your array type: a
 torch or CuPy converter) and ``from_user`` (back to numpy).
@@ -52,6 +59,7 @@ behind by ``copy_blocks``, is found and named in every convention).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -71,7 +79,7 @@ from .compare import KernelMismatch, compare_pool, compare_rows, row_in_sequence
 from .tolerance import RTOL, attention_atol, score_bound
 
 __all__ = [
-    "KernelMismatch", "check_write", "check_read", "check_gather", "check_copy_blocks",
+    "KernelMismatch", "KernelSignatureError", "check_write", "check_read", "check_gather", "check_copy_blocks",
     "check_swap_blocks", "check_paged_attention",
 ]
 
@@ -105,9 +113,42 @@ def _configs(convention: str, dtype: str | Sequence[str] = "float32", routine: s
     return configs
 
 
+class KernelSignatureError(TypeError):
+    """Your function cannot be called the way its routine's checker calls it (one line: the
+    call the checker makes and what your signature says)."""
+
+
 def _run(test, max_examples: int) -> None:
-    settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-             suppress_health_check=list(HealthCheck))(test)()
+    """Run a checker's hypothesis test; a failure comes out as one exception for the smallest
+    failing case (not a group of every distinct failure found, not hypothesis' report)."""
+    try:
+        settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+                 report_multiple_bugs=False, suppress_health_check=list(HealthCheck))(test)()
+    except KernelSignatureError as e:
+        raise KernelSignatureError(str(e)) from None
+    except KernelMismatch as e:
+        raise KernelMismatch(e.message, e.case, e.where) from e.__cause__
+
+
+def _call(fn: Callable, routine: str, call: str, case: dict, *args, **kwargs):
+    """``fn(*args, **kwargs)``: the user's function, called as ``routine(call)`` says. A signature
+    that cannot take those arguments is a KernelSignatureError saying so; an exception the
+    function raises is a KernelMismatch with the case it raised on."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: the call itself will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            name = getattr(fn, "__qualname__", type(fn).__name__)
+            raise KernelSignatureError(f"{routine}: {name}{signature} cannot be called as the checker calls it, "
+                                       f"{routine}({call}): {e}") from None
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise KernelMismatch(f"{routine}: your function raised {type(e).__name__}: {e}", case, {}) from e
 
 
 def _case(config: CacheConfig, **extra) -> dict:
@@ -163,6 +204,17 @@ def _flat(config: CacheConfig, caches: list[tuple], from_user, convention: str,
     return pool.host, pool.scales if pool.scales is None else pool.host_scales
 
 
+def _names(pool: KVPool, convention: str) -> str:
+    """The names of one layer's caches in ``convention``, for a message."""
+    caches = "kv_cache" if convention in ("flashinfer_nhd", "flashinfer_hnd", "vllm_cpu") else "key_cache, value_cache"
+    return caches + (", k_scales, v_scales" if pool.scales is not None else "")
+
+
+def _fp8(pool: KVPool) -> str:
+    """``", k_scale, v_scale"`` where fp8's per-tensor scales follow the arguments, for a message."""
+    return ", k_scale, v_scale" if pool.kv_scales is not None else ""
+
+
 def _scales(pool: KVPool, layer: int) -> tuple[float, ...]:
     """fp8: the layer's ``(k_scale, v_scale)`` as floats, the extra arguments of a layout
     convention's kernels; other formats: none."""
@@ -192,11 +244,13 @@ def check_write(fn: Callable, *, convention: str = "pagedkv", dtype: str | Seque
         case = _case(config, layer=layer, slot_mapping=slots)
         if convention == "pagedkv":
             actual = pst.filled_pool(config, seed)
-            fn(actual, layer, to_user(key), to_user(value), to_user(slots))
+            _call(fn, "write", "pool, layer, key, value, slot_mapping", case, actual, layer, to_user(key),
+                  to_user(value), to_user(slots))
             got, scales = _user_pool(actual, from_user)
         else:
             caches = _caches(expected, to_user, convention)
-            fn(to_user(key), to_user(value), *caches[layer], to_user(slots), *_scales(expected, layer))
+            _call(fn, "write", f"key, value, {_names(expected, convention)}, slot_mapping{_fp8(expected)}", case,
+                  to_user(key), to_user(value), *caches[layer], to_user(slots), *_scales(expected, layer))
             got, scales = _flat(config, caches, from_user, convention, case)
         ref.write(expected, layer, key, value, slots)
         compare_pool("write", expected, got, case, scales)
@@ -214,9 +268,10 @@ def check_read(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequen
         layer = data.draw(st.integers(0, config.num_layers - 1), label="layer")
         case = _case(config, layer=layer, slot_mapping=slots)
         if convention == "pagedkv":
-            got = fn(pool, layer, to_user(slots))
+            got = _call(fn, "read", "pool, layer, slot_mapping", case, pool, layer, to_user(slots))
         else:
-            got = fn(*_caches(pool, to_user, convention)[layer], to_user(slots), *_scales(pool, layer))
+            got = _call(fn, "read", f"{_names(pool, convention)}, slot_mapping{_fp8(pool)}", case,
+                        *_caches(pool, to_user, convention)[layer], to_user(slots), *_scales(pool, layer))
         for name, want, g in zip(("K", "V"), ref.read(pool, layer, slots), got, strict=True):
             compare_rows(f"read ({name})", want, from_user(g), case,
                           lambda r: {"slot": int(slots[r])})
@@ -234,13 +289,17 @@ def check_gather(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequ
         layer = 0 if convention == "flashinfer" else data.draw(st.integers(0, config.num_layers - 1))
         case = _case(config, layer=layer, block_tables=tables, context_lens=lens)
         if convention == "pagedkv":
-            got = fn(pool, layer, to_user(tables), to_user(lens))
+            got = _call(fn, "gather", "pool, layer, block_tables, context_lens", case, pool, layer, to_user(tables),
+                        to_user(lens))
         elif convention == "flashinfer":
             indptr, indices, last = page_lists(tables, lens, config.block_size)
-            got = fn(*_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices), to_user(last),
-                     *_scales(pool, 0))
+            got = _call(fn, "gather", f"key_cache, value_cache, kv_indptr, kv_indices, kv_last_page_len{_fp8(pool)}",
+                        case, *_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices),
+                        to_user(last), *_scales(pool, 0))
         else:
-            got = fn(*_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens), *_scales(pool, layer))
+            got = _call(fn, "gather", f"{_names(pool, convention)}, block_tables, context_lens{_fp8(pool)}", case,
+                        *_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens),
+                        *_scales(pool, layer))
         want_k, want_v, want_cu = ref.gather(pool, layer, tables, lens)
         got = list(got)
         if convention == "pagedkv" and len(got) == 3:  # pagedkv's own gather returns cu_seqlens too
@@ -264,11 +323,13 @@ def check_copy_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
         case = _case(config, src=src, dst=dst)
         if convention == "pagedkv":
             actual = pst.filled_pool(config, seed)
-            fn(actual, to_user(src), to_user(dst))
+            _call(fn, "copy_blocks", "pool, src, dst", case, actual, to_user(src), to_user(dst))
             got, scales = _user_pool(actual, from_user)
         else:
             caches = _caches(expected, to_user, convention)
-            fn(*[list(per_kind) for per_kind in zip(*caches, strict=True)], to_user(np.stack([src, dst], axis=1)))
+            _call(fn, "copy_blocks", f"lists over layers of each of {_names(expected, convention)}, block_mapping",
+                  case, *[list(per_kind) for per_kind in zip(*caches, strict=True)],
+                  to_user(np.stack([src, dst], axis=1)))
             got, scales = _flat(config, caches, from_user, convention, case)
         ref.copy_blocks(expected, src, dst)
         compare_pool("copy_blocks", expected, got, case, scales)
@@ -291,14 +352,14 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
         case = _case(config, src=src, dst=dst)
         scales = None
         if convention == "pagedkv":
-            fn(source, actual, to_user(src), to_user(dst))
+            _call(fn, "swap_blocks", "src_pool, dst_pool, src, dst", case, source, actual, to_user(src), to_user(dst))
             got, scales = _user_pool(actual, from_user)
         else:
             sources, dests = _caches(source, to_user, convention), _caches(expected, to_user, convention)
             mapping = to_user(np.stack([src, dst], axis=1))
             for s_layer, d_layer in zip(sources, dests, strict=True):
                 for s, d in zip(s_layer, d_layer, strict=True):
-                    fn(s, d, mapping)
+                    _call(fn, "swap_blocks", "src_cache, dst_cache, block_mapping", case, s, d, mapping)
             got, scales = _flat(config, dests, from_user, convention, case)
         ref.swap_blocks(source, expected, src, dst)
         compare_pool("swap_blocks", expected, got, case, scales)
@@ -308,16 +369,23 @@ def check_swap_blocks(fn: Callable, *, convention: str = "pagedkv", dtype: str |
 def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: str | Sequence[str] = "float32",
                           max_examples: int = 100,
                           rtol: float | None = None, atol: float | None = None, varlen: bool = True,
+                          soft_cap: bool = True, sliding_window: bool = True,
                           to_user: Callable = _identity, from_user: Callable = _identity) -> None:
     """Check a paged attention kernel against the float64 reference.
 
-    Cases cover grouped-query heads (Hq = 1..3 x H), random block tables,
-    context lengths from 0 up to several blocks, variable-length causal
-    queries (``varlen``; not for ``"flashinfer"``), and inputs large enough to
-    overflow a softmax that does not subtract the max. The default tolerance
-    is :mod:`pagedkv.testing.tolerance`'s bound for float32 kernels.
+    Cases draw every argument the kernel takes: grouped-query heads (Hq = 1..3 x H); block
+    sizes from 1 to 16; random block tables, blocks repeated within and across sequences;
+    context lengths from 0 up to several blocks, last pages full or holding one token;
+    ``scale`` (1/sqrt(head_dim) or far from it: a kernel that hard-codes 1/sqrt(D) fails);
+    variable-length causal queries (``varlen``; not for ``"flashinfer"``); a ``soft_cap``
+    (``cap * tanh(s / cap)`` of the scaled scores) and a ``sliding_window`` (each query sees
+    its last W positions, its own included), each None or a value, passed as keyword
+    arguments (``soft_cap=False`` / ``sliding_window=False``: never passed, for kernels
+    without them); fp8 layers with random per-tensor scales; and inputs large enough to
+    overflow a softmax that does not subtract the max. The default tolerance is
+    :mod:`pagedkv.testing.tolerance`'s bound for float32 kernels.
     """
-    @given(_configs(convention, dtype, "paged_attention"), st.data(), st.integers(0, 2**32 - 1))
+    @given(_configs(convention, dtype, "paged_attention", max_block_size=16), st.data(), st.integers(0, 2**32 - 1))
     def test(config, data, seed):
         rng = np.random.default_rng(seed)
         magnitude = data.draw(st.sampled_from([1.0, 1.0, 30.0]), label="magnitude")  # 30: exp overflows unshifted
@@ -328,23 +396,37 @@ def check_paged_attention(fn: Callable, *, convention: str = "pagedkv", dtype: s
         query_lens = None
         if varlen and convention != "flashinfer" and data.draw(st.booleans(), label="varlen"):
             query_lens = np.array([data.draw(st.integers(0, min(int(n), 4))) for n in lens], dtype=np.int32)
+        default_scale = float(1.0 / np.sqrt(config.head_dim))
+        scale = data.draw(st.one_of(st.just(default_scale), st.sampled_from([0.05, 0.5, 1.0, 2.0]),
+                                    st.floats(0.01, 3.0)), label="scale")
+        options: dict = {}
+        if soft_cap:
+            options["soft_cap"] = data.draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0, 10.0]),
+                                                      st.floats(0.1, 50.0)), label="soft_cap")
+        if sliding_window:
+            options["sliding_window"] = data.draw(st.one_of(st.none(), st.integers(1, 12)), label="sliding_window")
         rows = len(lens) if query_lens is None else int(query_lens.sum())
         q = (rng.standard_normal((rows, config.num_kv_heads * group, config.head_dim), dtype=np.float32)
              * np.float32(magnitude))
-        scale = 1.0 / np.sqrt(config.head_dim)
         case = _case(config, layer=layer, block_tables=tables, context_lens=lens, query_heads=q.shape[1],
-                     query_lens=query_lens, magnitude=magnitude)
+                     query_lens=query_lens, scale=scale, **options, magnitude=magnitude)
+        keywords = "".join(f", {k}" for k in options)
         if convention == "pagedkv":
-            got = fn(to_user(q), pool, layer, to_user(tables), to_user(lens), scale=scale,
-                     query_lens=None if query_lens is None else to_user(query_lens))
+            got = _call(fn, "paged_attention", f"q, pool, layer, block_tables, context_lens, *, scale, query_lens"
+                        f"{keywords}", case, to_user(q), pool, layer, to_user(tables), to_user(lens), scale=scale,
+                        query_lens=None if query_lens is None else to_user(query_lens), **options)
         elif convention == "flashinfer":
             indptr, indices, last = page_lists(tables, lens, config.block_size)
-            got = fn(to_user(q), *_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices),
-                     to_user(last), scale, *_scales(pool, 0))
+            got = _call(fn, "paged_attention", f"q, key_cache, value_cache, kv_indptr, kv_indices, kv_last_page_len, "
+                        f"scale{_fp8(pool)}{', *' + keywords if keywords else ''}", case, to_user(q),
+                        *_caches(pool, to_user, convention)[0], to_user(indptr), to_user(indices), to_user(last),
+                        scale, *_scales(pool, 0), **options)
         else:
-            got = fn(to_user(q), *_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens), scale,
-                     None if query_lens is None else to_user(query_lens), *_scales(pool, layer))
-        want = ref.paged_attention(q, pool, layer, tables, lens, scale=scale, query_lens=query_lens)
+            got = _call(fn, "paged_attention", f"q, {_names(pool, convention)}, block_tables, context_lens, scale, "
+                        f"query_lens{_fp8(pool)}{', *' + keywords if keywords else ''}", case, to_user(q),
+                        *_caches(pool, to_user, convention)[layer], to_user(tables), to_user(lens), scale,
+                        None if query_lens is None else to_user(query_lens), *_scales(pool, layer), **options)
+        want = ref.paged_attention(q, pool, layer, tables, lens, scale=scale, query_lens=query_lens, **options)
         kv_max = max(float(np.abs(pool.k_decoded(i)).max()) for i in range(config.num_layers))
         kv_max = max([kv_max] + [float(np.abs(pool.v_decoded(i)).max()) for i in range(config.num_layers)])
         q_max = float(np.abs(q).max(initial=0.0))

@@ -14,6 +14,7 @@ class KernelMismatch(AssertionError):
     """A kernel disagreed with the reference.
 
     Attributes:
+        message: what was wrong, without the case.
         case: the (smallest) failing case, as a dict of plain values.
         where: coordinates of the first wrong element (``layer``, ``kv``, ``block``,
             ``pos``, ``head``, ``dim``, ``slot`` for the pool; ``row``, ``head``,
@@ -22,7 +23,7 @@ class KernelMismatch(AssertionError):
 
     def __init__(self, message: str, case: dict, where: dict) -> None:
         super().__init__(f"{message}\ncase: {case}")
-        self.case, self.where = case, where
+        self.message, self.case, self.where = message, case, where
 
 
 def _same(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:

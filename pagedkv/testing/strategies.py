@@ -56,12 +56,17 @@ def block_tables(draw, config: CacheConfig, *, max_seqs: int = 4, max_blocks_per
     """``(block_tables int32 [B, M], context_lens int32 [B])``.
 
     Blocks may repeat within and across rows (forks and shared prefixes do
-    this); entries past a sequence's length are -1, which must never be read.
+    this); entries past a sequence's length are -1, which must never be read. Lengths are
+    drawn anywhere, and often at a last page's edges (full, or holding one token).
     """
     bs = config.block_size
     b = draw(st.integers(1, max_seqs))
     m = draw(st.integers(1, max_blocks_per_seq))
-    lens = [draw(st.integers(min(min_len, m * bs), m * bs)) for _ in range(b)]
+    low = min(min_len, m * bs)
+    last_page = st.one_of(st.integers(low, m * bs),  # any length, or a last page full or holding one token
+                          st.integers(cdiv(low, bs), m).map(lambda k: k * bs),
+                          st.integers(0, m - 1).map(lambda k: k * bs + 1).filter(lambda n: n >= low))
+    lens = [draw(last_page) for _ in range(b)]
     tables = np.full((b, m), -1, dtype=np.int32)
     for i, n in enumerate(lens):
         used = cdiv(n, bs)

@@ -11,6 +11,7 @@ tensors (on the GPU when there is one) or CuPy arrays instead of numpy arrays.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import traceback
@@ -54,29 +55,41 @@ def converters(kind: str | None) -> tuple[Callable, Callable]:
 
 
 def verify(spec: str, routine: str, convention: str, dtype: str = "float32", examples: int = 100,
-           arrays: str | None = None, out: TextIO | None = None) -> int:
+           arrays: str | None = None, out: TextIO | None = None, *, varlen: bool = True, soft_cap: bool = True,
+           sliding_window: bool = True) -> int:
     """Run the check; print PASS or FAIL to ``out`` (standard output by default; see the module
-    docstring); return the exit status."""
+    docstring); return the exit status. ``varlen``, ``soft_cap``, ``sliding_window``: for
+    ``paged_attention``, whether the cases draw query lengths, soft caps and windows (False
+    for a kernel without them)."""
     out = sys.stdout if out is None else out
     if routine not in ROUTINES:
         raise ValueError(f"routine must be one of {ROUTINES}, got {routine!r}")
     fn = load_function(spec)
     calls = [0]
 
+    @functools.wraps(fn)  # its signature, which the checker compares with its call
     def counted(*args, **kwargs):
         calls[0] += 1
         return fn(*args, **kwargs)
 
     to_user, from_user = converters(arrays)
     check = getattr(checkers, f"check_{routine}")
+    options = dict(varlen=varlen, soft_cap=soft_cap, sliding_window=sliding_window) \
+        if routine == "paged_attention" else {}
+    title = f"FAIL: {spec} as {routine} ({convention}, {dtype})"
     try:
         check(counted, convention=convention, dtype=dtype, max_examples=examples, to_user=to_user,
-              from_user=from_user)
-    except checkers.KernelMismatch as e:
-        print(f"FAIL: {spec} as {routine} ({convention}, {dtype})\n{e}", file=out)
+              from_user=from_user, **options)
+    except checkers.KernelSignatureError as e:
+        print(f"{title}\n{e}", file=out)
         return 1
-    except Exception:  # the function itself raised: its traceback, for the smallest case hypothesis found
-        print(f"FAIL: {spec} as {routine} ({convention}, {dtype}) raised\n{traceback.format_exc()}", file=out)
+    except checkers.KernelMismatch as e:
+        print(f"{title}\n{e}", file=out)
+        if e.__cause__ is not None:  # the function raised: where, for that case
+            print("".join(traceback.format_exception(e.__cause__)).rstrip(), file=out)
+        return 1
+    except Exception:  # the checker could not handle what the function returned: the traceback
+        print(f"{title} raised\n{traceback.format_exc()}", file=out)
         return 1
     print(f"PASS: {spec} as {routine} ({convention}, {dtype}): {calls[0]} calls, every one equal to the "
           "reference" + (" within the attention tolerance" if routine == "paged_attention" else " bit for bit"),

@@ -1,4 +1,5 @@
-"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate``, ``verify``, ``serve`` (``pagedkv --help``)."""
+"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate``, ``verify``, ``serve``, ``accuracy``
+(``pagedkv --help``)."""
 
 from __future__ import annotations
 
@@ -131,6 +132,26 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--salt-by-key", action="store_true",
                     help="salt each API key's requests apart: tenants never share prefix blocks, so none can "
                          "time another's prompts")
+    a = sub.add_parser("accuracy", help="what each KV storage format costs a transformers model (needs the hf extra)",
+                       description="Runs a text teacher-forced through the checkpoint with a float32 pool and with a "
+                                   "pool of each storage format (and vLLM's fp8 encoder), and reports per format the "
+                                   "KL divergence of the next-token distributions, top-1 agreement, perplexity, the "
+                                   "stored K/V's error per layer and whether it is within the format's rounding.")
+    a.add_argument("model", metavar="MODEL_DIR", help="checkpoint directory")
+    a.add_argument("--text", metavar="FILE", help="a text file, tokenized with the checkpoint's tokenizer (default: "
+                                                  "random tokens)")
+    a.add_argument("--tokens", type=_positive, default=256,
+                   help="tokens of the text: the random text's length, or the file's first ones (default 256)")
+    a.add_argument("--formats", nargs="+", choices=[f for f in FORMATS if f != "float32"], default=None,
+                   help="storage formats to measure (default: all)")
+    a.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
+    a.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also compare N greedy tokens from the text's start (default 0: none)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random text (default 0)")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the model's dtype (default: the checkpoint's)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    a.add_argument("--plot", metavar="FILE.png", help="also draw the report (needs matplotlib)")
     v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
@@ -144,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
                    help="the shapes your function takes (default pagedkv)")
     v.add_argument("--dtype", choices=list(FORMATS), default="float32", help="storage format (default float32)")
     v.add_argument("--examples", type=_positive, default=100, help="cases to draw (default 100)")
+    v.add_argument("--no-varlen", dest="varlen", action="store_false",
+                   help="paged_attention: decode only, one query a sequence (query_lens always None)")
+    v.add_argument("--no-soft-cap", dest="soft_cap", action="store_false",
+                   help="paged_attention: never pass soft_cap= (for a kernel without it)")
+    v.add_argument("--no-sliding-window", dest="sliding_window", action="store_false",
+                   help="paged_attention: never pass sliding_window= (for a kernel without it)")
     arrays = v.add_mutually_exclusive_group()
     arrays.add_argument("--torch", action="store_const", const="torch", dest="arrays",
                         help="hand your function torch tensors (on the GPU if there is one)")
@@ -155,11 +182,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify,
-                    "serve": _serve}
+                    "serve": _serve, "accuracy": _accuracy}
         return commands[args.command](args)
     except PagedKVError as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
+
+
+def _accuracy(args) -> int:
+    try:
+        import torch
+
+        from ..integrations.accuracy import accuracy_report
+        from ..integrations.generate import load
+    except ImportError as e:
+        print(f"pagedkv: error: accuracy needs the hf extra: pip install \"pagedkv[hf]\" ({e})", file=sys.stderr)
+        return 2
+    if args.generate < 0:
+        raise ConfigError(f"--generate must be 0 or more, got {args.generate}")
+    tokenizer, model = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                            tokenizer=args.text is not None)
+    ids, text = None, None
+    if args.text is not None:
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                content = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --text {args.text!r}: {e}") from e
+        ids = tokenizer(content)["input_ids"][:args.tokens]
+        if len(ids) < 2:
+            raise ConfigError(f"--text {args.text!r} holds fewer than 2 tokens")
+        text = f"the first {len(ids)} tokens of {args.text}"
+    report = accuracy_report(model, ids, num_tokens=args.tokens, formats=args.formats, block_size=args.block_size,
+                             generate=args.generate, seed=args.seed, text=text)
+    print(report.to_json() if args.json else report.table())
+    if args.plot:
+        report.plot(args.plot)
+        if not args.json:
+            print(f"\nplot written to {args.plot}")
+    return 0
 
 
 def _verify(args) -> int:
@@ -169,7 +230,8 @@ def _verify(args) -> int:
         print(f"pagedkv: error: verify needs hypothesis: pip install \"pagedkv[test]\" ({e})", file=sys.stderr)
         return 2
     try:
-        return verify(args.function, args.routine, args.convention, args.dtype, args.examples, args.arrays)
+        return verify(args.function, args.routine, args.convention, args.dtype, args.examples, args.arrays,
+                      varlen=args.varlen, soft_cap=args.soft_cap, sliding_window=args.sliding_window)
     except (ImportError, AttributeError, ValueError) as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
