@@ -18,6 +18,7 @@ The package is layered; each layer imports only from the layers listed before it
 ``backends``       the kernels behind it: ``numpy`` (the reference), ``numba``, ``cuda``
 ``blocks``         the bookkeeping: block pool, prefix cache, sequences, :class:`BlockManager`
 ``offload``        blocks outside the pool: stored blocks, stores, tiers
+``explain``        why a prompt's blocks would or would not come from the cache
 ``cache``          :class:`PagedKVCache`, the facade over all of the above
 ``integrations``   bridges to other libraries (transformers), each behind its own extra
 ``engine``         :class:`LLM`: many requests of a transformers model over one pool

@@ -35,6 +35,7 @@ from .blocks.block_pool import BlockPool
 from .blocks.manager import BlockManager, SlidingWindowManager
 from .blocks.sequence import count
 from .errors import ConfigError, InvariantError, OutOfBlocksError, StepError
+from .explain import EvictionLog, PrefixExplanation, explain_prefix
 from .geometry.config import CacheConfig
 from .memory.pool import KVPool
 from .offload.stores import BlockStore
@@ -152,6 +153,9 @@ class PagedKVCache:
             BlockManager(config.block_size, shared, enable_prefix_caching=enable_prefix_caching, group=i)
             for i, g in enumerate(config.layer_groups))
         self.manager = self.managers[0]
+        self._evictions = EvictionLog(capacity=4 * config.num_blocks)  # for explain_prefix
+        shared.subscribe(self._evictions)
+        self._salts: dict[Hashable, None] = {}  # the newest salts of add_sequence, for explain_prefix
         self._planes = tuple(config.plane_of(layer) for layer in range(config.num_layers))
         self._epoch = 0  # moves on whenever blocks may change hands: older steps are stale
         self._open: Step | None = None  # the step between begin_step and end_step
@@ -174,6 +178,8 @@ class PagedKVCache:
         limit = None
         if max_cached_tokens is not None:
             limit = count(max_cached_tokens, "max_cached_tokens") // self.config.block_size
+        if prompt_token_ids is not None:
+            self._remember_salt(cache_salt)
         if len(self.managers) > 1:
             seq_id = self._add_grouped(seq_id, prompt_token_ids, cache_salt, limit)
         else:
@@ -189,6 +195,26 @@ class PagedKVCache:
                 self._moved_unless_open()
                 raise
         return Added(seq_id, self.manager.context_len(seq_id))
+
+    def _remember_salt(self, salt: Hashable) -> None:
+        try:
+            self._salts.pop(salt, None)
+        except TypeError:  # not hashable: add_sequence says so
+            return
+        self._salts[salt] = None
+        if len(self._salts) > 64:
+            del self._salts[next(iter(self._salts))]
+
+    def explain_prefix(self, prompt_token_ids: Sequence[int], cache_salt: Hashable = None, *,
+                       reveal_other_salts: bool = True) -> PrefixExplanation:
+        """Where each block of a prompt's K/V would come from now (the pool, a store), or why
+        not (the last token's block, evicted and when, another salt, outside a sliding window,
+        never seen): :mod:`pagedkv.explain`. Changes nothing: no recency, counts or store
+        reads. ``reveal_other_salts=False`` never says that another tenant's salt holds the
+        tokens (a server's answer to one tenant)."""
+        others = list(self._salts) if reveal_other_salts else []
+        return explain_prefix(self.managers, self.tiers, self._evictions, prompt_token_ids, cache_salt,
+                              other_salts=others)
 
     def _add_grouped(self, seq_id: Hashable, prompt: Sequence[int] | None, salt: Hashable,
                      limit: int | None) -> Hashable:

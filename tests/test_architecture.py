@@ -15,8 +15,8 @@ PACKAGE = pathlib.Path(pagedkv.__file__).parent
 # The layers of the package, bottom up (the package docstring's table): a module imports only from
 # its own layer or the layers before it. A layer is a subpackage, or one of the few modules at the
 # top; "" is the package itself and __main__, which may import anything.
-LAYERS = ["errors", "geometry", "memory", "ops", "backends", "blocks", "offload", "cache", "integrations", "engine",
-          "serve", "testing", "tools", ""]
+LAYERS = ["errors", "geometry", "memory", "ops", "backends", "blocks", "offload", "explain", "cache", "integrations",
+          "engine", "serve", "testing", "tools", ""]
 BASE = {"_version", "_old_paths"}  # no imports of pagedkv; anything may import them
 
 

@@ -196,6 +196,18 @@ def test_n_completions_fork_the_prompt_and_share_its_blocks():
     assert fresh.cache.stats()["blocks_used"] == 0
 
 
+def test_the_engine_explains_where_a_prompts_blocks_come_from():
+    model = llama()
+    prompt = random_prompts([14], seed=22)[0]
+    llm = LLM(model, num_blocks=64, block_size=4)
+    before = llm.explain_prefix(prompt)
+    assert [b.source for b in before.blocks] == ["never_seen"] * 3 + ["last"]
+    llm.generate(prompt, GREEDY)
+    after = llm.explain_prefix(prompt + [5])
+    assert [b.source for b in after.blocks] == ["pool"] * 3 + ["last"] and after.num_cached_tokens == 12
+    assert llm.explain_prefix(prompt, cache_salt="t").blocks[0].source == "other_salt"
+
+
 def test_stop_tokens_and_streaming():
     model = llama()
     prompt = random_prompts([8], seed=10)[0]

@@ -350,7 +350,15 @@ def test_each_api_key_is_a_tenant_of_its_own(checkpoint):
                                                temperature=0)
             return answer.usage.prompt_tokens_details.cached_tokens
 
-        assert [cached("alice"), cached("alice"), cached("bob"), cached("bob")] == [0, 8, 0, 8]
+        assert [cached("alice"), cached("alice"), cached("bob")] == [0, 8, 0]
+        for key, want in (("alice", "pool"), ("bob", "pool")):
+            status, e = _post(f"{url}/v1/explain_prefix", {"prompt": prompt}, key)
+            assert status == 200 and e["num_cached_tokens"] == 8 and e["blocks"][0]["source"] == want
+        status, e = _post(f"{url}/v1/explain_prefix", {"prompt": prompt, "cache_salt": "x"}, "alice")
+        assert [b["source"] for b in e["blocks"]] == ["never_seen", "never_seen", "last"]  # no other tenant named
+        assert _post(f"{url}/v1/explain_prefix", {"prompt": prompt}, "wrong")[0] == 401
+        assert _post(f"{url}/v1/explain_prefix", {}, "alice")[0] == 400
+        assert cached("bob") == 8
         with pytest.raises(openai.AuthenticationError):
             cached(KEY)  # the environment's key is not one of those given
 

@@ -428,6 +428,9 @@ def test_a_batch_of_prompts_computes_a_shared_prefix_once(checkpoint, tmp_path, 
     out = capsys.readouterr().out
     assert "32 prompt tokens not computed" in out  # two whole blocks of 16 of the 40 shared tokens
     assert _continuation(checkpoint, f"{prefix} w5", max_new_tokens=4).strip() in out
+    assert main(["generate", "--model", checkpoint, "--batch", str(batch), "--max-new-tokens", "2", "--explain"]) == 0
+    out = capsys.readouterr().out  # each prompt explained as it is added (nothing cached yet)
+    assert "0 of 42 prompt tokens cached" in out and "never_seen" in out and "partial: 6 tokens short" in out
     assert main(["generate", "--model", checkpoint, "--batch", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
 

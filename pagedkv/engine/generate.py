@@ -18,15 +18,21 @@ from .params import SamplingParams
 
 
 def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, kv_dtype: str | None = None,
-             block_size: int = 16, kv_cache_bytes: int | None = None, max_num_seqs: int = 64) -> dict[str, Any]:
+             block_size: int = 16, kv_cache_bytes: int | None = None, max_num_seqs: int = 64,
+             explain: bool = False) -> dict[str, Any]:
     """Run ``prompts`` through :class:`~.llm.LLM` on the checkpoint at ``model_path``; print each
-    continuation and the totals; return the totals."""
+    continuation and the totals; return the totals. ``explain``: first print, for each prompt
+    as it is added, where each block of its K/V will come from or why not (:mod:`pagedkv.explain`)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise ConfigError("every prompt must hold some text; got an empty one")
     llm = LLM(model_path, kv_dtype=kv_dtype, block_size=block_size, kv_cache_bytes=kv_cache_bytes,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs))
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
-    ids = [llm.add_request(None, p, params) for p in prompts]
+    ids = []
+    for p in prompts:
+        if explain:
+            print(f"> {p}\n{llm.explain_prefix(p)}")
+        ids.append(llm.add_request(None, p, params))
     c = llm.cache.config
     per_block = c.memory_bytes // c.num_blocks
     finished: dict[str, Any] = {}

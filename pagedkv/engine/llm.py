@@ -36,6 +36,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..errors import ArgumentError, ConfigError
+from ..explain import PrefixExplanation
 from ..geometry.config import CacheConfig, positive_int
 from ..geometry.formats import get_format
 from ..integrations.generate import load
@@ -186,6 +187,14 @@ class LLM:
         else:
             self.scheduler.add(r)
         return request_id
+
+    def explain_prefix(self, prompt: Any, *, cache_salt: Hashable = None,
+                       reveal_other_salts: bool = True) -> PrefixExplanation:
+        """Where each block of ``prompt``'s K/V would come from if it were added now (the pool, a
+        store) or why not: :meth:`pagedkv.PagedKVCache.explain_prefix` (a text prompt is
+        tokenized first). Changes nothing."""
+        _, ids = self._token_ids(prompt)
+        return self.cache.explain_prefix(ids, cache_salt, reveal_other_salts=reveal_other_salts)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """End a request now (its blocks go back); its output says ``finish_reason == "abort"``.

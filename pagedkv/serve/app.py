@@ -3,7 +3,8 @@
 Endpoints (the shapes of OpenAI's API, as vLLM's server serves them): ``GET /v1/models``;
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the tokenizer's chat template),
 each streamed as server-sent events with ``"stream": true``; ``GET /health``; ``GET /metrics``
-(:mod:`.metrics`). Sampling takes
+(:mod:`.metrics`); ``POST /v1/explain_prefix`` (where each block of a prompt's K/V would
+come from, or why not: :mod:`pagedkv.explain`; never naming another tenant's salt). Sampling takes
 ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` (strings) and ``n`` (completions
 forked from the one computed prompt, sharing its blocks); ``usage`` counts the
 prompt tokens served from the prefix cache (``prompt_tokens_details.cached_tokens``). A request
@@ -69,6 +70,15 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ExplainBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    cache_salt: str | None = None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -173,6 +183,31 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
             choices.append(choice)
         return {"id": cid, "object": kind, "created": created, "model": model_name, "choices": choices,
                 "usage": _usage(last)}
+
+    @app.post("/v1/explain_prefix")
+    async def explain(body: ExplainBody, request: Request) -> Any:
+        """Where each block of a prompt's K/V would come from, or why not (pagedkv.explain),
+        for this tenant: another tenant's salt is never named."""
+        if body.model is not None and body.model != model_name:
+            return _error(404, f"no model {body.model!r} here; this server serves {model_name!r}", param="model")
+        prompt: Any = body.prompt
+        if prompt is None:
+            if not body.messages:
+                return _error(400, "give a prompt or messages", param="prompt")
+            try:
+                prompt = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                           add_generation_prompt=True)
+            except (ValueError, AttributeError) as e:
+                return _error(400, f"messages: the tokenizer has no chat template to apply ({e})", param="messages")
+        salt = body.cache_salt
+        if salt_by_key:
+            salt = f"{request.state.tenant}:{salt or ''}"
+        try:
+            with engine.lock:
+                report = llm.explain_prefix(prompt, cache_salt=salt, reveal_other_salts=False)
+        except (PagedKVError, ValueError) as e:
+            return _error(400, str(e))
+        return report.to_dict()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Any:

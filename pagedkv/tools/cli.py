@@ -95,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the KV pool's size in bytes (default 1 GiB; the engine)")
     g.add_argument("--max-num-seqs", type=_positive, default=64,
                    help="requests running at once, at most (default 64; the engine)")
+    g.add_argument("--explain", action="store_true",
+                   help="print, for each prompt, where each block of its K/V comes from or why not (the engine)")
     g.add_argument("--num-beams", type=_positive, default=1,
                    help="beam search width (default 1: greedy, on the engine; above 1: transformers' generate)")
     g.add_argument("--attention", choices=["pagedkv", "sdpa", "eager"], default=None,
@@ -260,12 +262,15 @@ def _generate(args) -> int:
             return 2
     else:
         prompts = [args.prompt]
+    if args.explain and (args.num_beams > 1 or args.attention is not None):
+        raise ConfigError("--explain explains the engine's prefix cache: not with --num-beams or --attention")
     if args.num_beams > 1 or args.attention is not None:
         generate(args.model, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype, num_beams=args.num_beams,
                  block_size=args.block_size, attention=args.attention)
     else:
         on_engine(args.model, prompts, max_new_tokens=args.max_new_tokens, kv_dtype=args.dtype,
-                  block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs)
+                  block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+                  explain=args.explain)
     return 0
 
 
