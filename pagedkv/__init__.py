@@ -83,10 +83,15 @@ _old_paths.install()
 
 def __getattr__(name: str):
     """``LLM``, ``SamplingParams`` and ``RequestOutput`` (the engine: :mod:`pagedkv.engine`, which
-    needs the ``hf`` extra for ``LLM``), and the modules of earlier releases (``pagedkv.stores``),
+    needs the ``hf`` extra for ``LLM``), ``plan_memory`` (:mod:`pagedkv.integrations.plan`), and
+    the modules of earlier releases (``pagedkv.stores``),
     imported on first use: ``import pagedkv`` imports neither torch nor transformers."""
     if name in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput"):
         from . import engine
 
         return getattr(engine, name)
+    if name == "plan_memory":  # reads transformers configs, torch never imported
+        from .integrations.plan import plan_memory
+
+        return plan_memory
     return _old_paths.attribute(name)

@@ -29,7 +29,6 @@ import itertools
 import os
 import time
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,11 +36,11 @@ import torch
 from ..cache import PagedKVCache
 from ..errors import ArgumentError, ConfigError
 from ..explain import PrefixExplanation
-from ..geometry.config import CacheConfig, positive_int
+from ..geometry.config import positive_int
 from ..geometry.formats import get_format
 from ..integrations.generate import load
-from ..integrations.hf_identity import kv_geometry, model_id_of
-from ..integrations.hf_layers import layer_groups
+from ..integrations.hf_identity import model_id_of
+from ..integrations.hf_layers import pool_config
 from ..integrations.transformers import EXACT_FORMATS
 from ..offload.stores import BlockStore
 from .params import CompletionOutput, RequestOutput, SamplingParams
@@ -113,20 +112,11 @@ class LLM:
         num_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ConfigError("pagedkv.LLM needs a model config with num_hidden_layers")
-        kv_heads, head_dim = kv_geometry(text)
         model_dtype = next(model.parameters()).dtype
         fmt = kv_dtype or EXACT_FORMATS.get(model_dtype, "float32")
-        if num_blocks is not None:
-            cache_config = CacheConfig(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                                       num_blocks=positive_int("num_blocks", num_blocks), block_size=block_size,
-                                       dtype=fmt)
-        else:
-            cache_config = CacheConfig.from_memory_budget(
-                DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes, num_layers=num_layers,
-                num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, dtype=fmt)
-        groups = layer_groups(config, text, num_layers, cache_config.num_slots)
-        if groups is not None:  # sliding layers: their group frees the blocks that leave the window
-            cache_config = replace(cache_config, layer_groups=groups)
+        cache_config = pool_config(config, dtype=fmt, block_size=block_size, num_blocks=num_blocks,
+                                   kv_cache_bytes=None if num_blocks is not None else
+                                   DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes)
         stores = tuple(stores)
         self.cache = PagedKVCache(cache_config, "auto", enable_prefix_caching=enable_prefix_caching, stores=stores,
                                   model_id=model_id_of(model) if stores else None)

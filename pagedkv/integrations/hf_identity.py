@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .hf_layers import kv_geometry  # noqa: F401  (re-exported: where it lived)
 
 
 def model_id(model: torch.nn.Module, *, sample: int = 64) -> str:
@@ -29,17 +30,6 @@ def model_id(model: torch.nn.Module, *, sample: int = 64) -> str:
             digest.update(np.ascontiguousarray(picked).tobytes())
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     return f"{name}@{digest.hexdigest()[:32]}"
-
-
-def kv_geometry(text: Any) -> tuple[int, int]:
-    """``(K/V heads, head dim)`` from a model's text config, as its attention layers compute them."""
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
-    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-        raise ConfigError("stores with prompt_ids need the K/V geometry from the config (num_key_value_heads, "
-                          "head_dim); this config does not say it")
-    return kv_heads, head_dim
 
 
 def config_dtype(config: Any) -> torch.dtype:

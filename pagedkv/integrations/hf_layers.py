@@ -12,10 +12,10 @@ Reads only the config: neither torch nor transformers is imported here.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
-from ..geometry.config import LayerGroup
+from ..geometry.config import CacheConfig, LayerGroup, positive_int
 
 #: the kinds of layer (transformers' ``layer_types``) whose attention pagedkv serves
 SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -74,3 +74,45 @@ def layer_groups(config: Any, text: Any, num_layers: int, num_slots: int) -> tup
     size = math.gcd(len(sliding), len(full)) if full else len(sliding)
     return tuple(LayerGroup(tuple(layers[i:i + size]), w)
                  for layers, w in ((sliding, window), (full, None)) for i in range(0, len(layers), size))
+
+
+def kv_geometry(text: Any) -> tuple[int, int]:
+    """``(K/V heads, head dim)`` from a model's text config, as its attention layers compute them."""
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+        raise ConfigError("stores with prompt_ids need the K/V geometry from the config (num_key_value_heads, "
+                          "head_dim); this config does not say it")
+    return kv_heads, head_dim
+
+
+def pool_config(config: Any, *, dtype: str, block_size: int, kv_cache_bytes: int | None = None,
+                num_blocks: int | None = None) -> CacheConfig:
+    """The pool a transformers model's K/V need: its geometry, ``dtype`` (a storage format) and
+    ``block_size``, sized by ``num_blocks`` or by a budget of ``kv_cache_bytes`` (one of them),
+    with the model's layer groups (sliding layers apart) when the pool outgrows their window.
+    A budget is spent on blocks of the grouped geometry (a block holds one group's layers), so
+    a model with sliding layers gets every block its budget pays for."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text, "num_hidden_layers", None)
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise ConfigError("a pool for this model needs a config with num_hidden_layers")
+    if (kv_cache_bytes is None) == (num_blocks is None):
+        raise ConfigError("size the pool by kv_cache_bytes or by num_blocks (one of them)")
+    kv_heads, head_dim = kv_geometry(text)
+    base: dict[str, Any] = dict(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                                block_size=block_size, dtype=dtype)
+    groups = layer_groups(config, text, num_layers, 1 << 62)  # as if the pool outgrew any window
+    if num_blocks is None:
+        assert kv_cache_bytes is not None
+        windowless = None if groups is None else [LayerGroup(g.layers) for g in groups]
+        num_blocks = CacheConfig.from_memory_budget(kv_cache_bytes, **base, layer_groups=windowless).num_blocks
+    num_blocks = positive_int("num_blocks", num_blocks)
+    if groups is not None and layer_groups(config, text, num_layers, num_blocks * block_size) is None:
+        # the window never fills this pool: nothing ever leaves it, so no groups (and a budget buys
+        # blocks of every layer)
+        groups = None
+        if kv_cache_bytes is not None:
+            num_blocks = CacheConfig.from_memory_budget(kv_cache_bytes, **base).num_blocks
+    return CacheConfig(num_blocks=num_blocks, **base, layer_groups=cast(Any, groups))

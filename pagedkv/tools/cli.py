@@ -1,5 +1,5 @@
-"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate``, ``verify``, ``serve``, ``accuracy``
-(``pagedkv --help``)."""
+"""The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate``, ``verify``, ``serve``, ``accuracy``,
+``plan`` (``pagedkv --help``)."""
 
 from __future__ import annotations
 
@@ -154,6 +154,26 @@ def parser() -> argparse.ArgumentParser:
                    help="the model's dtype (default: the checkpoint's)")
     a.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     a.add_argument("--plot", metavar="FILE.png", help="also draw the report (needs matplotlib)")
+    pl = sub.add_parser("plan", help="exactly how much KV memory a deployment takes (reads a transformers config)",
+                        description="Bytes per block and per token in every layer group (sliding windows bounded by "
+                                    "their window, scales included), the blocks a sequence holds at its end and at "
+                                    "its worst, how many sequences fit, and token occupancy against block usage: the "
+                                    "pool pagedkv.LLM would make from the same arguments, to the byte.")
+    pl.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
+                    help="a checkpoint directory or a config.json (only the config is read)")
+    pl.add_argument("--kv-dtype", choices=list(FORMATS), default=None,
+                    help="how the pool stores K/V (default: the config's dtype where it is one, else float32)")
+    pl.add_argument("--max-model-len", type=_positive, default=None,
+                    help="the longest sequence (default: the config's max_position_embeddings)")
+    pl.add_argument("--max-num-seqs", type=_positive, default=1, help="sequences at once (default 1)")
+    pl.add_argument("--block-size", type=_positive, default=16, help="tokens per block (default 16)")
+    pl.add_argument("--kv-cache-bytes", type=_positive, default=None,
+                    help="the pool's budget (default: what the sequences need at their worst)")
+    pl.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                    help="tokens of a prefix every sequence shares (default 0)")
+    pl.add_argument("--chunk", type=_positive, default=None,
+                    help="the most prompt tokens computed in one step (default: max-model-len)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
@@ -184,11 +204,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify,
-                    "serve": _serve, "accuracy": _accuracy}
+                    "serve": _serve, "accuracy": _accuracy, "plan": _plan}
         return commands[args.command](args)
     except PagedKVError as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
+
+
+def _plan(args) -> int:
+    import json
+
+    from ..integrations.plan import plan_memory
+
+    try:
+        plan = plan_memory(args.model, kv_dtype=args.kv_dtype, max_model_len=args.max_model_len,
+                           max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                           kv_cache_bytes=args.kv_cache_bytes, shared_prefix=args.shared_prefix, chunk=args.chunk)
+    except ImportError as e:
+        print(f"pagedkv: error: plan reads configs with transformers: pip install \"pagedkv[hf]\" ({e})",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0
 
 
 def _accuracy(args) -> int:
