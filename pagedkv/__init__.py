@@ -35,7 +35,7 @@ from . import _old_paths
 from ._version import __version__
 from .backends import BACKENDS, Backend, available_backends, get_backend, resolve_backend
 from .blocks.block_pool import BlockPool
-from .blocks.events import AllBlocksCleared, BlockRemoved, BlockStored, EventLog
+from .blocks.events import AllBlocksCleared, BlockRemoved, BlockStored, EventIndex, EventLog, EventPublisher, Sequenced
 from .blocks.manager import BlockManager, SlidingWindowManager
 from .blocks.sequence import Appended
 from .cache import Added, PagedKVCache, Step
@@ -68,7 +68,8 @@ from .memory.pool import KVPool
 from .ops.plan import Plan
 
 __all__ = [
-    "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventLog", "events",
+    "AllBlocksCleared", "BlockRemoved", "BlockStored", "EventIndex", "EventLog", "EventPublisher", "Sequenced",
+    "events",
     "BACKENDS", "Added", "AllocatorError", "Appended", "ArgumentError", "Backend", "BackendUnavailableError",
     "BlockCopyError", "BlockIndexError", "BlockManager", "BlockPool", "CacheConfig", "ConfigError",
     "ContextLengthError", "ContiguityError", "DTypeError", "DuplicateSlotError", "InvariantError", "KVPool",

@@ -314,6 +314,12 @@ class BlockPool:
         with self.lock:
             return {key: block for (ns, key), block in self._index.items() if ns == namespace}
 
+    def cached_entries(self) -> dict[tuple[int, bytes], int]:
+        """Every cached block by ``(namespace, digest)`` (the names KV events use): what a
+        consumer that applied every event so far knows (a copy; O(cached blocks))."""
+        with self.lock:
+            return {(ns, _digest(key)): block for (ns, key), block in self._index.items()}
+
     def _check(self, block: int) -> int:
         if not 0 <= block < self.num_blocks:
             raise BlockIndexError(f"block {block} is outside 0..{self.num_blocks - 1}")
