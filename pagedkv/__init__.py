@@ -38,7 +38,7 @@ from .blocks.block_pool import BlockPool
 from .blocks.events import AllBlocksCleared, BlockRemoved, BlockStored, EventIndex, EventLog, EventPublisher, Sequenced
 from .blocks.manager import BlockManager, SlidingWindowManager
 from .blocks.sequence import Appended
-from .cache import Added, PagedKVCache, Step
+from .cache import Added, PagedKVCache, Step, warmup
 from .errors import (
     AllocatorError,
     ArgumentError,
@@ -76,7 +76,7 @@ __all__ = [
     "LayerGroup", "LayerIndexError", "OutOfBlocksError", "PagedKVCache", "PagedKVError", "Plan", "PoolMismatchError",
     "SequenceExistsError", "ShapeError", "SlidingWindowManager",
     "SlotIndexError", "Step", "StepError", "Strides", "UnknownSequenceError",
-    "__version__", "available_backends", "formats", "get_backend", "layout", "resolve_backend",
+    "__version__", "available_backends", "formats", "get_backend", "layout", "resolve_backend", "warmup",
 ]
 
 _old_paths.install()

@@ -95,3 +95,34 @@ def test_bad_arguments_say_what_is_wrong_without_a_traceback(args, words):
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and re.search(r"^pagedkv( \w+)?: error: ", out.stderr, re.M), out.stderr
     assert words in out.stderr, out.stderr
+
+
+def test_warmup_compiles_ahead_and_says_so(capsys):
+    from pagedkv.tools.cli import main
+
+    assert main(["warmup", "--backend", "numpy", "--dtype", "float32", "int8"]) == 0
+    assert "kernels for float32, int8 (NHD) ready on the numpy backend" in capsys.readouterr().out
+
+
+def test_a_kernel_compiling_is_announced_with_its_time(capsys, monkeypatch):
+    """The first compile of a pagedkv kernel in a process says so on standard error (loading one
+    from numba's disk cache fires no compile event, so a warm start says nothing)."""
+    import numba
+
+    from pagedkv.backends.numba.notice import NOTICE
+
+    monkeypatch.delenv("PAGEDKV_QUIET", raising=False)
+    monkeypatch.setattr(NOTICE, "said", False)
+
+    def kernel_for_the_notice(x):
+        return x + 1
+
+    kernel_for_the_notice.__module__ = "pagedkv.backends.numba.example"
+    before = NOTICE.seconds
+    assert numba.njit(kernel_for_the_notice)(1) == 2
+    err = capsys.readouterr().err
+    assert "compiling numba kernels on first use" in err and "kernel_for_the_notice:" in err
+    assert NOTICE.seconds > before
+    monkeypatch.setenv("PAGEDKV_QUIET", "1")
+    numba.njit(kernel_for_the_notice)(2)
+    assert capsys.readouterr().err == ""

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..cache import PagedKVCache
+from ..cache import PagedKVCache, warmup
 from ..errors import ArgumentError, ConfigError
 from ..explain import PrefixExplanation
 from ..geometry.config import positive_int
@@ -120,6 +120,9 @@ class LLM:
         stores = tuple(stores)
         self.cache = PagedKVCache(cache_config, "auto", enable_prefix_caching=enable_prefix_caching, stores=stores,
                                   model_id=model_id_of(model) if stores else None)
+        #: seconds spent compiling (or loading) the kernels before the first step, so that no
+        #: request's time includes them
+        self.warmup_seconds = warmup([cache_config.dtype], backend=self.cache.backend.NAME)
         limit = getattr(text, "max_position_embeddings", None)
         self.max_model_len = min(cache_config.num_slots, limit if isinstance(limit, int) and limit > 0 else 1 << 62)
         if max_model_len is not None:

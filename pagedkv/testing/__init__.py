@@ -1,4 +1,4 @@
-"""Test tooling for paged-KV kernels (needs ``pip install "pagedkv[test]"``).
+"""Test tooling for paged-KV kernels (needs ``pip install "pagedkv[verify]"``: hypothesis).
 
 - :mod:`pagedkv.testing.strategies`: hypothesis strategies for cache geometries,
   slot mappings with padding, block tables with shared and repeated blocks,

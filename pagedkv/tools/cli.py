@@ -1,5 +1,5 @@
 """The ``pagedkv`` command: ``demo``, ``bench``, ``info``, ``generate``, ``verify``, ``serve``, ``accuracy``,
-``plan`` (``pagedkv --help``)."""
+``plan``, ``warmup`` (``pagedkv --help``)."""
 
 from __future__ import annotations
 
@@ -174,11 +174,20 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--chunk", type=_positive, default=None,
                     help="the most prompt tokens computed in one step (default: max-model-len)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
-    v = sub.add_parser("verify", help="check your own kernel against the reference (needs the test extra)",
+    w = sub.add_parser("warmup", help="compile the numba kernels ahead of time (they are cached on disk)",
+                       description="Compiles (or loads from numba's disk cache) every kernel a pool of the given "
+                                   "storage formats and layouts runs, so that a later process starts at once: run it "
+                                   "when building a container image, say. Prints each kernel as it compiles.")
+    w.add_argument("--dtype", nargs="+", choices=list(FORMATS), default=["float32"],
+                   help="storage formats (default float32)")
+    w.add_argument("--layout", nargs="+", choices=["NHD", "HND"], default=["NHD"], help="pool layouts (default NHD)")
+    w.add_argument("--backend", choices=["numba", "numpy", "auto"], default="auto",
+                   help="the backend to warm (default auto: numba, else numpy, which needs none)")
+    v = sub.add_parser("verify", help="check your own kernel against the reference (needs the verify extra)",
                        description="Imports MODULE:FUNCTION, runs the conformance checker of --routine on cases "
                                    "drawn by hypothesis in --convention's shapes, and prints PASS with the number "
                                    "of calls, or FAIL with the smallest failing case and the first wrong element. "
-                                   "Exits 1 on a failure. Needs pip install \"pagedkv[test]\"; the signatures "
+                                   "Exits 1 on a failure. Needs pip install \"pagedkv[verify]\"; the signatures "
                                    "each convention expects are in pagedkv.testing.checkers.")
     v.add_argument("function", metavar="MODULE:FUNCTION", help="your kernel, e.g. mykernels:reshape_and_cache")
     v.add_argument("--routine", required=True,
@@ -204,11 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"demo": _demo, "bench": _bench, "info": _info, "generate": _generate, "verify": _verify,
-                    "serve": _serve, "accuracy": _accuracy, "plan": _plan}
+                    "serve": _serve, "accuracy": _accuracy, "plan": _plan, "warmup": _warmup}
         return commands[args.command](args)
     except PagedKVError as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
+
+
+def _warmup(args) -> int:
+    from ..cache import warmup
+
+    seconds = warmup(args.dtype, backend=args.backend, layouts=args.layout)
+    print(f"pagedkv: kernels for {', '.join(args.dtype)} ({', '.join(args.layout)}) ready on the "
+          f"{get_backend(args.backend).NAME} backend in {seconds:.1f} s")
+    return 0
 
 
 def _plan(args) -> int:
@@ -266,7 +284,7 @@ def _verify(args) -> int:
     try:
         from ..testing.verify import verify
     except ImportError as e:
-        print(f"pagedkv: error: verify needs hypothesis: pip install \"pagedkv[test]\" ({e})", file=sys.stderr)
+        print(f"pagedkv: error: verify needs hypothesis: pip install \"pagedkv[verify]\" ({e})", file=sys.stderr)
         return 2
     try:
         return verify(args.function, args.routine, args.convention, args.dtype, args.examples, args.arrays,

@@ -7,9 +7,9 @@ the helpers of :mod:`pagedkv.geometry.layout` compiled for the CPU, so the arith
 is the reference's, line for line; one kernel serves both layouts because
 only the strides differ.
 
-Kernels are compiled on first use (1-10 s each, once per storage element type:
-the README's JIT warm-up) and cached on disk (``cache=True``), so a second
-process starts fast.
+Kernels are compiled on first use (1-10 s each, once per storage element type;
+:mod:`.notice` says so on standard error) and cached on disk (``cache=True``), so a
+second process starts fast; :func:`pagedkv.warmup` compiles them ahead of time.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .._host import (  # the host side of the contract, the same for both CPU ba
     to_queries,
     to_tokens,
 )
+from . import notice  # noqa: F401  (says when kernels compile)
 from .codecs import NO_CODEC, SCALE_KINDS, TENSOR, TOKEN
 from .common import block_base, block_scale_base, row_scale, scale_index, token_base
 from .decode import decode_attention_kernel
