@@ -43,7 +43,7 @@ def measure(dtype: str = "float32", prepack_weights: bool = False) -> dict[str, 
 
 
 class Engine:
-    """Output tokens/s of pagedkv.LLM over transformers' generate (the README's table has the
+    """Output tokens/s of pagedkv.LLM over transformers' generate (docs/performance.md's table has the
     whole workload and vLLM)."""
 
     params = (["float32", "bfloat16"], [False, True])

@@ -1,5 +1,5 @@
 """JIT warm-up: how long the numba backend's first call of each routine takes in a new process
-with an empty kernel cache, per storage element type (the README's "JIT warm-up" figures).
+with an empty kernel cache, per storage element type (docs/performance.md's "JIT warm-up" figures).
 
 numba compiles a kernel once per argument types, so a pool of each element type (float32;
 uint16 for bfloat16 and float16; uint8 for the fp8 formats; int8) compiles its own kernels.

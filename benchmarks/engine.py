@@ -18,7 +18,7 @@ same bytes holds (every request reserving its full length).
 
     python -m benchmarks.engine --dtype bfloat16 [--vllm-python /path/to/venv/bin/python]
 
-Needs the ``hf`` extra. Prints a markdown table (the README's and docs/performance.md's).
+Needs the ``hf`` extra. Prints a markdown table (docs/serving.md's and docs/performance.md's).
 """
 
 from __future__ import annotations

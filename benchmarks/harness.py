@@ -4,7 +4,7 @@ Builds on :mod:`pagedkv.tools.bench` (the workloads, CPU peers and timing that
 ``pagedkv bench`` needs too). Everything here is measured in one process, so
 that a ratio compares two timings taken under the same load.
 
-Run the README's table from the repository root::
+Run the performance record's table from the repository root::
 
     python -c "from benchmarks.harness import report; print(report())"
 """

@@ -114,14 +114,14 @@ def test_the_command_draws_a_plot(tmp_path, capsys):
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
-def test_the_readmes_example_output_is_what_the_command_prints(tmp_path, monkeypatch, capsys):
-    """The README's report, of the serve benchmark's model, is the command's output."""
+def test_the_formats_pages_example_output_is_what_the_command_prints(tmp_path, monkeypatch, capsys):
+    """The storage formats page's report, of the serve benchmark's model, is the command's output."""
     import pathlib
     import re
 
     from benchmarks.serve_prefix import build_model
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "formats.md").read_text()
     command, shown = re.search(r"```text\n\$ pagedkv (accuracy [^\n]*)\n(.*?)```", readme, re.S).groups()
     monkeypatch.chdir(tmp_path)
     build_model("tiny-llama", "float32")

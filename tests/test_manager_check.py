@@ -8,7 +8,7 @@ from pagedkv.testing.manager_check import SCENARIOS, BlockManagerMismatch, check
 
 
 class PagedkvAdapter:
-    """pagedkv's BlockManager through the checker's protocol: the README's example adapter."""
+    """pagedkv's BlockManager through the checker's protocol: the verify page's example adapter."""
 
     out_of_blocks = (pagedkv.OutOfBlocksError,)
 

@@ -417,20 +417,20 @@ def test_soak_memory_stays_flat(checkpoint):
             time.sleep(0.2)
 
 
-def test_the_readmes_client_example_prints_what_the_readme_says(tmp_path, capsys):
-    """The README's ``openai`` example, run against ``pagedkv serve`` on the checkpoint it names (the
-    serve benchmark's small random Llama and word-level tokenizer), prints the output the README
+def test_the_serving_pages_client_example_prints_what_the_page_says(tmp_path, capsys):
+    """The serving page's ``openai`` example, run against ``pagedkv serve`` on the checkpoint it names
+    (the serve benchmark's small random Llama and word-level tokenizer), prints the output the page
     shows under it."""
     import pathlib
     import re
 
     from benchmarks.serve_prefix import build_model, save_tokenizer
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
     code, shown = re.search(r"```python\n(from openai import.*?)```\n```\n(.*?)```", readme, re.S).groups()
     path = str(tmp_path / "tiny-llama")
     build_model(path, "float32")
     save_tokenizer(path)
     with serving(path, "--kv-cache-bytes", str(64 << 20), "--block-size", "16", "--api-key", "secret") as url:
-        exec(compile(code.replace("http://localhost:8123", url), "README.md", "exec"), {})
+        exec(compile(code.replace("http://localhost:8123", url), "serving.md", "exec"), {})
     assert capsys.readouterr().out == shown
