@@ -434,3 +434,20 @@ def test_the_serving_pages_client_example_prints_what_the_page_says(tmp_path, ca
     with serving(path, "--kv-cache-bytes", str(64 << 20), "--block-size", "16", "--api-key", "secret") as url:
         exec(compile(code.replace("http://localhost:8123", url), "serving.md", "exec"), {})
     assert capsys.readouterr().out == shown
+
+
+def test_kv_events_of_a_server_reach_an_indexer(checkpoint, redis_url):  # noqa: F811
+    """--kv-events: the server's numbered KV events go to a Redis Stream; an indexer following it
+    learns the blocks a request's prompt left in the prefix cache."""
+    from pagedkv.offload.kv_events import RedisIndexer
+
+    with serving(checkpoint, "--kv-events", redis_url) as url:
+        indexer = RedisIndexer(redis_url, f"pagedkv:kv-events:{model_name(checkpoint)}")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        client.completions.create(model=model_name(checkpoint), prompt="w31 w32 w33 w34 w35 w36 w37 w38 w39 w40",
+                                  max_tokens=2, temperature=0)
+        deadline = time.monotonic() + 30
+        while len(indexer.index.blocks) < 2:  # the prompt's two whole blocks of 4, cached
+            assert time.monotonic() < deadline, "no KV event reached the indexer"
+            indexer.poll(block_ms=100)
+        assert indexer.index.source is not None and not indexer.waiting

@@ -61,9 +61,13 @@ def generate(model_path: str, prompts: list[str], *, max_new_tokens: int = 32, k
     cached = sum(out.num_cached_tokens for out in finished.values())
     longest = max(len(out.prompt_token_ids) + len(out.outputs[0].token_ids) for out in finished.values())
     dense = len(prompts) * longest * c.bytes_per_token  # one padded batch, every row as long as the longest
-    print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s, model load excluded, "
+    used = peak_blocks * per_block
+    why = (f" (whole blocks of {c.block_size} tokens: short sequences leave most of their last block empty)"
+           if used > dense else "")
+    print(f"{new_tokens} new tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tokens/s; model load and "
+          f"{llm.warmup_seconds:.1f} s of compiling or loading the kernels excluded, "
           f"{len(prompts)} prompts in one continuous batch); KV cache ({c.dtype}): "
-          f"{human_bytes(peak_blocks * per_block)} in use at most, a dense cache {human_bytes(dense)}; "
+          f"{human_bytes(used)} in use at most, a dense cache {human_bytes(dense)}{why}; "
           f"prefix cache: {cached} prompt tokens not computed; {llm.scheduler.num_preemptions} preemptions")
-    return {"new_tokens": new_tokens, "seconds": seconds, "used_bytes": peak_blocks * per_block, "dense_bytes": dense,
+    return {"new_tokens": new_tokens, "seconds": seconds, "used_bytes": used, "dense_bytes": dense,
             "cached_tokens": cached}

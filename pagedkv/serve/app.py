@@ -25,7 +25,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,14 +87,15 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_by_key: bool = False,
-               default_max_tokens: int = 16) -> FastAPI:
+               default_max_tokens: int = 16, after_step: Callable[[], object] | None = None) -> FastAPI:
     """The application serving ``llm`` as ``model_name``; with ``api_keys``, only to clients that
     send one of them, and with ``salt_by_key`` each key's requests salted apart (tenants never
-    share prefix blocks)."""
+    share prefix blocks). ``after_step`` runs after each engine step (and twice a second when
+    idle): a KV event stream's ``flush``."""
     keys = [k for k in api_keys if k]
     if salt_by_key and not keys:
         raise ValueError("salt_by_key needs API keys: each key's requests are salted apart")
-    engine = EngineThread(llm)
+    engine = EngineThread(llm, after_step)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..engine.llm import LLM
@@ -23,8 +24,9 @@ log = logging.getLogger("pagedkv.serve")
 class EngineThread:
     """Runs ``llm`` for many asyncio clients (see the module docstring)."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, after_step: Callable[[], object] | None = None) -> None:
         self.llm = llm
+        self.after_step = after_step  # e.g. a KV event stream's flush: after each step, and twice a second when idle
         self.lock = threading.Lock()  # the engine is not thread-safe: one caller at a time
         self.wake = threading.Event()
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
@@ -55,12 +57,25 @@ class EngineThread:
         self.wake.set()
         self.thread.join(timeout=10)
 
+    def _after_step(self) -> None:
+        if self.after_step is not None:
+            try:
+                self.after_step()
+            except Exception:  # never the engine's concern
+                log.exception("after a step of the engine")
+
     def _run(self) -> None:
         while not self.stopped:
-            self.wake.wait()
+            self.wake.wait(timeout=None if self.after_step is None else 0.5)
+            with self.lock:
+                idle = not self.llm.has_unfinished_requests()
+                if idle:
+                    self.wake.clear()
+            if idle:
+                self._after_step()
+                continue
             with self.lock:
                 if not self.llm.has_unfinished_requests():
-                    self.wake.clear()
                     continue
                 try:
                     outputs = self.llm.step()
@@ -75,3 +90,4 @@ class EngineThread:
                 if target is not None:
                     loop, queue = target
                     loop.call_soon_threadsafe(queue.put_nowait, out)
+            self._after_step()

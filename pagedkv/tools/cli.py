@@ -128,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
                     help="a blocks store behind the prefix cache, shared with other servers: a directory, "
                          "redis://HOST:PORT, or redis+cluster://HOST:PORT for a Redis Cluster (any node of it); "
                          "prompt blocks computed by one server are loaded by the others")
+    sv.add_argument("--kv-events", default=None, metavar="REDIS_URL",
+                    help="publish the pool's numbered KV events to the Redis Stream pagedkv:kv-events:MODEL there, "
+                         "for an external index (pagedkv.offload.kv_events.RedisIndexer follows it)")
     sv.add_argument("--api-key", default=None,
                     help="require Authorization: Bearer KEY on every endpoint but /health; several keys "
                          "separated by commas (default: the PAGEDKV_API_KEY environment variable, if set)")
@@ -350,8 +353,15 @@ def _serve(args) -> int:
               block_size=args.block_size, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=max(2048, args.max_num_seqs), stores=stores, max_model_len=args.max_model_len,
               prepack_weights=args.prepack_weights)
-    app = create_app(llm, model_name=os.path.basename(os.path.normpath(args.model)), api_keys=keys,
-                     salt_by_key=args.salt_by_key)
+    name = os.path.basename(os.path.normpath(args.model))
+    after_step = None
+    if args.kv_events:
+        from ..blocks.events import EventPublisher
+        from ..offload.kv_events import RedisEventStream
+
+        after_step = RedisEventStream(args.kv_events, f"pagedkv:kv-events:{name}",
+                                      EventPublisher(llm.cache.manager.block_pool)).flush
+    app = create_app(llm, model_name=name, api_keys=keys, salt_by_key=args.salt_by_key, after_step=after_step)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
