@@ -10,6 +10,9 @@ would come from (the pool's prefix cache, or a store behind it, by tier), or why
 - ``"evicted"``: the pool held it, and it left (when, and whether the stores were given it);
 - ``"other_salt"``: the pool holds these tokens under another ``cache_salt`` (only where the
   caller may know: a server never tells one tenant of another's prompts);
+- ``"other_format"``: a store holds these tokens for this model in another storage format or
+  layout (or fp8 scales): a pool of another format wrote them, and their bytes do not fit this
+  pool (another model's blocks cannot be found: its weights are in their keys);
 - ``"outside_window"``: before the sliding window of the prompt's end, so never needed;
 - ``"never_seen"``: none of these (or prefix caching is off, said in the detail);
 - ``"pool"`` or ``"store"`` blocks after the first miss are marked ``usable=False``: keys chain,
@@ -36,7 +39,7 @@ from .blocks.prefix_key import BlockKey
 from .offload.tiers import Tiers
 
 #: the sources and reasons a block can have (see the module docstring)
-SOURCES = ("pool", "store", "last", "evicted", "other_salt", "outside_window", "never_seen")
+SOURCES = ("pool", "store", "last", "evicted", "other_salt", "other_format", "outside_window", "never_seen")
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,18 @@ def explain_prefix(managers: Sequence[BlockManager], tiers: Tiers | None, evicti
                 tier_of[j] = store.name
             stored_from += good
     cached = stored_from
+    foreign: dict[int, str] = {}  # block -> what a store holds it as, for this model in another format
+    if tiers is not None and cached < len(keys) and held[cached] is None and removed[cached] is None:
+        group = tiers.groups[0]
+        for store in tiers.stores:
+            for what, ident in group.other_identities():
+                rest = [group.store_key(k, ident) for k in keys[cached:]]
+                found = tiers.ask(store, "look blocks up", partial(store.longest_prefix, rest), 0)
+                for j in range(cached, cached + found):
+                    foreign.setdefault(j, f"the {store.name} store holds these tokens for this model as {what}: "
+                                          "written by a pool of another format, unusable here")
+                if found:
+                    break
     blocks = []
     for j in range(len(keys)):
         start = j * bs
@@ -181,6 +196,8 @@ def explain_prefix(managers: Sequence[BlockManager], tiers: Tiers | None, evicti
             detail = f"left the pool {_ago(left)}" + (
                 "; the stores were given it but no longer hold it" if given else "; no store behind the pool")
             blocks.append(BlockExplanation(j, start, bs, "evicted", detail, evicted_at=left, given_to_stores=given))
+        elif j in foreign:
+            blocks.append(BlockExplanation(j, start, bs, "other_format", foreign[j]))
         elif salted.get(j):
             blocks.append(BlockExplanation(j, start, bs, "other_salt", "the pool holds these tokens under another "
                                            "cache_salt: salts never share blocks"))

@@ -130,3 +130,16 @@ def test_the_explanation_agrees_with_add_sequence(salt):
         seq = cache.add_sequence(prompt_token_ids=p, cache_salt=salt)
         assert seq.num_cached_tokens == e.num_cached_tokens
         cache.free(seq.seq_id)
+
+
+def test_a_store_holding_the_tokens_in_another_format_says_so():
+    """A bfloat16 pool wrote the prompt's blocks to a shared store; a float32 pool of the same model
+    finds none of them usable, and is told why."""
+    store = HostStore(1 << 20)
+    writer = PagedKVCache(config(dtype="bfloat16"), "numpy", stores=[store], model_id="m")
+    compute(writer, PROMPT)
+    writer.close()
+    reader = PagedKVCache(config(), "numpy", stores=[store], model_id="m")
+    e = reader.explain_prefix(PROMPT)
+    assert sources(e) == ["other_format"] * 3 + ["last"] and e.num_cached_tokens == 0
+    assert "as bfloat16, NHD" in e.blocks[0].detail and "host store" in e.blocks[0].detail

@@ -42,6 +42,8 @@ from ..blocks.events import AllBlocksCleared, BlockRemoved, BlockStored, EventLo
 from ..blocks.manager import BlockManager
 from ..blocks.prefix_key import BlockKey
 from ..errors import OutOfBlocksError
+from ..geometry.formats import FORMATS
+from ..geometry.layout import LAYOUTS
 from ..memory.pool import KVPool
 from .stored_block import StoredBlock, decode_block, encode_pool_block, fingerprint, write_block
 from .stores import BlockStore
@@ -83,6 +85,23 @@ class _Group:
             fp["layer_group"] = {"index": self.index, "layers": self.layers,
                                  "sliding_window": self.manager.sliding_window}
         return _Identity(fp, hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).digest())
+
+    def other_identities(self) -> list[tuple[str, _Identity]]:
+        """The identities this model's blocks would have in a pool of another storage format or
+        layout (fp8 with unit scales, as a pool starts), to say why a store that holds them
+        serves none to this one (:mod:`pagedkv.explain`)."""
+        base = self.identity()
+        planes = self.tiers.pool.config.num_planes
+        out = []
+        for name, fmt in FORMATS.items():
+            for layout in LAYOUTS:
+                fp = dict(base.fp, dtype=name, layout=layout,
+                          kv_scales=[[1.0, 1.0]] * planes if fmt.scale == "tensor" else None)
+                if fp != base.fp:
+                    scales = " (unit fp8 scales)" if name == base.fp["dtype"] and layout == base.fp["layout"] else ""
+                    out.append((f"{name}, {layout}{scales}",
+                                _Identity(fp, hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).digest())))
+        return out
 
     def store_key(self, key: BlockKey, ident: _Identity | None = None) -> BlockKey:
         """The key a store keeps block ``key`` under for this group, model and pool (``ident``:
