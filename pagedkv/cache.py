@@ -410,18 +410,27 @@ class PagedKVCache:
         return step
 
 
-def warmup(dtypes: Sequence[str] = ("float32",), *, backend: str = "auto", layouts: Sequence[str] = ("NHD",)) -> float:
-    """Compile (or load from numba's disk cache) every kernel a :class:`PagedKVCache` of these
+#: what :func:`warmup` compiles by default: every routine a cache or a user calls
+ROUTINES = ("write", "attention", "copy_blocks", "gather", "read")
+
+
+def warmup(dtypes: Sequence[str] = ("float32",), *, backend: str = "auto", layouts: Sequence[str] = ("NHD",),
+           routines: Sequence[str] = ROUTINES) -> float:
+    """Compile (or load from numba's disk cache) the kernels a :class:`PagedKVCache` of these
     storage formats and layouts runs: writes, decode and prefill attention (with and without a
-    sliding window), gathers, reads and block copies, on a pool of a few blocks. Returns the
-    seconds it took. ``pagedkv warmup`` runs it (a container image built with it starts at
-    once); the engine and the demo run it before their clocks start."""
+    sliding window), block copies, and gathers and reads (``routines`` picks among
+    :data:`ROUTINES`), on a pool of a few blocks. Returns the seconds it took. ``pagedkv
+    warmup`` runs it (a container image built with it starts at once); the engine (its own
+    routines only) and the demo run it before their clocks start."""
+    unknown = set(routines) - set(ROUTINES)
+    if unknown:
+        raise ConfigError(f"warmup routines must be among {ROUTINES}, got {sorted(unknown)}")
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     for dtype in dtypes:
         for layout in layouts:
-            done = (get_backend(backend).NAME, str(dtype), layout)
-            if done in _WARM:
+            done = (get_backend(backend).NAME, str(dtype), layout, tuple(sorted(routines)))
+            if done in _WARM or any(w[:3] == done[:3] and set(routines) <= set(w[3]) for w in _WARM):
                 continue
             config = CacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=8, block_size=4, dtype=dtype,
                                  layout=layout)
@@ -432,18 +441,21 @@ def warmup(dtypes: Sequence[str] = ("float32",), *, backend: str = "auto", layou
                 n = sum(counts)
                 k, v = (rng.standard_normal((n, 2, 8), dtype=np.float32) for _ in range(2))
                 cache.write(0, k, v, step)
-                q = rng.standard_normal((n, 4, 8), dtype=np.float32)
-                cache.attention(0, q, step)
-                cache.attention(0, q, step, sliding_window=3, soft_cap=30.0)
+                if "attention" in routines:
+                    q = rng.standard_normal((n, 4, 8), dtype=np.float32)
+                    cache.attention(0, q, step)
+                    cache.attention(0, q, step, sliding_window=3, soft_cap=30.0)
                 cache.end_step(step)
             tables = np.array([[0, 1, 2], [3, 4, -1]], np.int32)
-            lens = np.array([10, 7], np.int32)
-            cache.backend.gather(cache.pool, 0, tables, lens)
-            cache.backend.read(cache.pool, 0, np.arange(6, dtype=np.int64))
-            cache.backend.copy_blocks(cache.pool, np.array([0], np.int64), np.array([5], np.int64))
+            if "gather" in routines:
+                cache.backend.gather(cache.pool, 0, tables, np.array([10, 7], np.int32))
+            if "read" in routines:
+                cache.backend.read(cache.pool, 0, np.arange(6, dtype=np.int64))
+            if "copy_blocks" in routines:
+                cache.backend.copy_blocks(cache.pool, np.array([0], np.int64), np.array([5], np.int64))
             cache.close()
             _WARM.add(done)
     return time.perf_counter() - start
 
 
-_WARM: set[tuple[str, str, str]] = set()  # (backend, format, layout) warmed in this process
+_WARM: set[tuple[str, str, str, tuple[str, ...]]] = set()  # (backend, format, layout, routines) warmed here

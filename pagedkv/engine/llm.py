@@ -122,7 +122,8 @@ class LLM:
                                   model_id=model_id_of(model) if stores else None)
         #: seconds spent compiling (or loading) the kernels before the first step, so that no
         #: request's time includes them
-        self.warmup_seconds = warmup([cache_config.dtype], backend=self.cache.backend.NAME)
+        self.warmup_seconds = warmup([cache_config.dtype], backend=self.cache.backend.NAME,
+                                     routines=("write", "attention", "copy_blocks"))
         limit = getattr(text, "max_position_embeddings", None)
         self.max_model_len = min(cache_config.num_slots, limit if isinstance(limit, int) and limit > 0 else 1 << 62)
         if max_model_len is not None:
