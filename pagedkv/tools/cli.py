@@ -386,7 +386,9 @@ def _bench(args) -> int:
 
     shapes = ["decode", "prefill"] if args.shape == "both" else [args.shape]
     backends = [n for n, why in available_backends().items() if why is None and n != "cuda"]
-    print(f"pagedkv bench, layout {args.layout}: GB/s moved (read + written), medians; higher is better")
+    print(f"pagedkv bench, layout {args.layout}: GB/s moved (read + written), medians; higher is better. Like "
+          "with like: write and copy_blocks change the pool in place in every column; gather returns new arrays "
+          "in every column (numpy and torch allocate theirs too), paying their first touch")
     header = ["routine", "shape", *backends, "numpy fancy", "torch", "copy limit"]
     rows = []
     for shape in shapes:
