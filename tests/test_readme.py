@@ -23,6 +23,17 @@ def page_text(name: str) -> str:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_what_a_block_says_it_prints_is_what_it_prints(page):
+    """A Python block followed by "prints" and a text block: run alone, it prints exactly that."""
+    block = r"```{}\n((?:(?!```).)*)```"  # one fenced block, never running into the next
+    for code, shown in re.findall(block.format("python") + r"\n\nprints\n\n" + block.format("text"), page.read_text(),
+                                  re.S):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout == shown
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_python_blocks_run(page, capsys):
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
     has_hf = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("torch") is not None
@@ -35,16 +46,9 @@ def test_python_blocks_run(page, capsys):
     capsys.readouterr()
 
 
-def test_the_readmes_example_prints_what_it_says():
-    code, shown = re.search(r"## A short example\n\n```python\n(.*?)```\n\nprints\n\n```text\n(.*?)```",
-                            page_text("README.md"), re.S).groups()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert done.stdout == shown
-
-
 def test_the_readme_is_read_in_five_minutes_and_links_what_exists():
     text = page_text("README.md")
-    assert len(text.splitlines()) <= 200
+    assert len(text.splitlines()) <= 200 and "```\n\nprints\n\n```text" in text  # an example that shows its output
     for link in re.findall(r"\]\(([^)#]+)", text):
         assert (ROOT / link).exists(), link
 
