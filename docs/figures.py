@@ -85,6 +85,37 @@ def copy_on_write(path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def sliding_window(path: pathlib.Path) -> None:
+    """One sequence growing over a full-attention manager and a sliding one (window 6) sharing a
+    pool: blocks held by each after every step."""
+    pool = pagedkv.BlockPool(32)
+    full = pagedkv.BlockManager(4, pool)
+    sliding = pagedkv.BlockManager(4, pool, sliding_window=6)
+    a, b = full.add_sequence(), sliding.add_sequence()
+    steps, held_full, held_sliding, tables = [], [], [], []
+    for n in range(1, 33):
+        full.append(a, 1)
+        sliding.append(b, 1)
+        steps.append(n)
+        held_full.append(sum(x >= 0 for x in full.block_table(a)))
+        held_sliding.append(sum(x >= 0 for x in sliding.block_table(b)))
+        if n in (8, 20, 32):
+            tables.append((n, sliding.block_table(b)))
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    ax.step(steps, held_full, where="post", label="full attention: every block")
+    ax.step(steps, held_sliding, where="post", label="sliding window of 6: the blocks it still reads")
+    for k, (n, table) in enumerate(tables):
+        ax.annotate(f"sliding table {table}", (n, held_sliding[n - 1]), textcoords="offset points",
+                    xytext=(-40 - 60 * k, -28), fontsize=7, arrowprops={"arrowstyle": "->", "lw": 0.6})
+    ax.set_ylim(0, max(held_full) + 1)
+    ax.set_xlabel("tokens in the sequence")
+    ax.set_ylabel("blocks held (block size 4)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def memory_over_time(path: pathlib.Path) -> None:
     """The demo's run: blocks in use, paged against a contiguous max-length reservation."""
     plot(run_demo(32, check=False, backend="numpy", progress=None), str(path))
@@ -94,6 +125,7 @@ def draw(directory: pathlib.Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     block_tables(directory / "block-tables.png")
     copy_on_write(directory / "copy-on-write.png")
+    sliding_window(directory / "sliding-window.png")
     memory_over_time(directory / "memory-over-time.png")
 
 
