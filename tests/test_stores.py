@@ -528,6 +528,10 @@ def test_two_writers_of_one_key_leave_one_whole_value(tmp_path, redis_url):
             w.start()
         seen = set()
         try:
+            deadline = time.monotonic() + 30
+            while store.get([key])[0] is None:  # the first write has landed (threads start late on a busy machine)
+                assert time.monotonic() < deadline, store.name
+                time.sleep(0.001)
             for _ in range(200):
                 (got,) = store.get([key])
                 if got is not None:
