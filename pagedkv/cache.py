@@ -33,7 +33,7 @@ import numpy as np
 
 from .backends import get_backend
 from .blocks.block_pool import BlockPool
-from .blocks.manager import BlockManager, SlidingWindowManager
+from .blocks.manager import BlockManager, SlidingWindowManager, common_hit
 from .blocks.sequence import count
 from .errors import ConfigError, InvariantError, OutOfBlocksError, StepError
 from .explain import EvictionLog, PrefixExplanation, explain_prefix
@@ -225,12 +225,7 @@ class PagedKVCache:
         with self.manager.block_pool.lock:
             if prompt is not None:
                 keys = self.manager.prompt_keys(prompt, salt)  # hashed once: the same in every group
-                while True:
-                    hits = [m.prefix_cache.longest_hit(keys, m.sliding_window, limit) for m in self.managers]
-                    if min(hits) == max(hits):
-                        limit = hits[0]
-                        break
-                    limit = min(hits)
+                limit = common_hit(self.managers, keys, limit)
             seq_id = self.manager.add_sequence(seq_id, prompt_token_ids=prompt, cache_salt=salt,
                                                max_cached_blocks=limit)
             for m in self.managers[1:]:
@@ -430,7 +425,7 @@ def warmup(dtypes: Sequence[str] = ("float32",), *, backend: str = "auto", layou
     for dtype in dtypes:
         for layout in layouts:
             done = (get_backend(backend).NAME, str(dtype), layout, tuple(sorted(routines)))
-            if done in _WARM or any(w[:3] == done[:3] and set(routines) <= set(w[3]) for w in _WARM):
+            if any(w[:3] == done[:3] and set(routines) <= set(w[3]) for w in _WARM):  # these, or more, warmed
                 continue
             config = CacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=8, block_size=4, dtype=dtype,
                                  layout=layout)

@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from .blocks.events import AllBlocksCleared, BlockRemoved
-from .blocks.manager import BlockManager
+from .blocks.manager import BlockManager, common_hit
 from .blocks.prefix_key import BlockKey
 from .offload.tiers import Tiers
 
@@ -133,13 +133,7 @@ def explain_prefix(managers: Sequence[BlockManager], tiers: Tiers | None, evicti
     keys = first.prompt_keys(token_ids, cache_salt)
     n = len(token_ids)
     with first.block_pool.lock:  # a consistent view: nothing moves while it is read
-        limit = None
-        while True:  # the managers agree on the longest run every one of them can serve
-            hits = [m.prefix_cache.longest_hit(keys, m.sliding_window, limit) for m in managers]
-            if min(hits) == max(hits):
-                break
-            limit = min(hits)
-        pool_hit = hits[0]
+        pool_hit = common_hit(managers, keys)  # as add_sequence takes it
         skipped = min(m.prefix_cache.needed(pool_hit, m.sliding_window) for m in managers)
         held = [first.block_pool.lookup(first.prefix_cache.namespace, k) for k in keys]
         removed = {j: evictions.removed.get((first.prefix_cache.namespace, k.digest)) for j, k in enumerate(keys)}

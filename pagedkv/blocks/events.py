@@ -123,7 +123,7 @@ class EventPublisher:
         self._buffer: deque[Sequenced] = deque(maxlen=buffer)
         self._pending: list[Sequenced] = []
         with block_pool.lock:
-            self._empty_at_start = not block_pool.cached_entries()  # replay from 0 is then the whole truth
+            self._empty_at_start = block_pool.num_cached == 0  # replay from 0 is then the whole truth
             block_pool.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:  # under the pool's lock

@@ -525,3 +525,15 @@ class SlidingWindowManager(BlockManager):
             if gone > seq.nulls:
                 self._release(self.table.null_entries(seq.row, seq.nulls, gone))
                 seq.nulls = gone
+
+
+def common_hit(managers: Sequence[BlockManager], keys: Sequence[prefix_key.BlockKey], limit: int | None = None) -> int:
+    """The most of ``keys``' blocks (at most ``limit``) that every manager of one pool (one per
+    layer group) can start a sequence with: each one's longest hit up to the others', until they
+    agree (a full group needs every block, a sliding one those in its window). Looks only; call
+    it under the pool's lock, with whatever takes the blocks."""
+    while True:
+        hits = [m.prefix_cache.longest_hit(keys, m.sliding_window, limit) for m in managers]
+        if min(hits) == max(hits):
+            return hits[0]
+        limit = min(hits)

@@ -24,6 +24,15 @@ def _index(value: object, limit: int, what: str, note: str = "") -> int:
     return value
 
 
+def human_bytes(n: float, digits: int = 1) -> str:
+    """``n`` bytes as B, KiB, MiB or GiB, whichever reads best, with ``digits`` decimals."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1024
+    return f"{n:.{digits}f} GiB"
+
+
 def positive_int(name: str, value) -> int:
     """``value`` as an int if it is a positive integer (not a bool), else a ConfigError naming ``name``."""
     if isinstance(value, bool):  # an int to Python, never a size

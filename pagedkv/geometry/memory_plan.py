@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import ConfigError
-from .config import CacheConfig, positive_int
+from .config import CacheConfig, human_bytes, positive_int
 from .layout import cdiv, window_start_block
 
 
@@ -101,11 +101,7 @@ class MemoryPlan:
         c = self.config
 
         def size(n: float) -> str:
-            for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-                if abs(n) < 1024 or unit == "TiB":
-                    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-                n /= 1024
-            raise AssertionError("unreachable")
+            return human_bytes(n, digits=2)
 
         lines = [f"KV cache: {c.num_layers} layers, {c.num_kv_heads} K/V heads of {c.head_dim}, {c.dtype}, "
                  f"blocks of {c.block_size} tokens",

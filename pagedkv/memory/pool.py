@@ -8,18 +8,9 @@ import numpy as np
 
 from ..errors import ConfigError, PoolMismatchError
 from ..geometry import formats, layout
-from ..geometry.config import CacheConfig
+from ..geometry.config import CacheConfig, human_bytes  # noqa: F401  (human_bytes: it lived here)
 from ..geometry.layout import K, Strides, V
 from .device import DEVICES, Array, zeros
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes as B, KiB, MiB or GiB, whichever reads best."""
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class KVPool:

@@ -38,6 +38,7 @@ from ..blocks.events import (
     Sequenced,
 )
 from ..errors import ConfigError
+from .stores import REDIS_TIMEOUTS
 
 
 def encode_event(event: Event) -> str:
@@ -69,7 +70,7 @@ def _client(client: Any) -> Any:
         import redis
 
         try:
-            return redis.Redis.from_url(client, socket_timeout=5, socket_connect_timeout=5)
+            return redis.Redis.from_url(client, **REDIS_TIMEOUTS)
         except ValueError as e:
             raise ConfigError(f"cannot use the Redis URL {client!r}: {e}") from e
     if not all(callable(getattr(client, m, None)) for m in ("xadd", "xread", "get", "set")):

@@ -268,6 +268,8 @@ class DirectoryStore(_Counts):
 
 #: URL schemes that name a Redis Cluster (any one of its nodes) rather than one server
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+#: how long a Redis connection and a reply may take (a server that hangs is a miss, not a stall)
+REDIS_TIMEOUTS = {"socket_timeout": 5, "socket_connect_timeout": 5}
 
 
 class RedisStore(_Counts):
@@ -304,19 +306,18 @@ class RedisStore(_Counts):
 
             cluster = client.startswith(CLUSTER_SCHEMES)
             url = client.replace("+cluster", "", 1) if cluster else client
-            options = {"socket_timeout": 5, "socket_connect_timeout": 5}
             try:
                 if cluster:
                     parse_url(url)  # a URL redis-py cannot read fails here, not at first use
                 else:
-                    client = redis.Redis.from_url(url, **options)
+                    client = redis.Redis.from_url(url, **REDIS_TIMEOUTS)
             except ValueError as e:  # a port that is not a number, say
                 raise ConfigError(f"RedisStore cannot use the URL {client!r}: {e}") from e
             if cluster:
                 from redis.cluster import RedisCluster
 
                 # require_full_coverage=False: with a node down, the others' slots still serve
-                self._connect = lambda: RedisCluster.from_url(url, require_full_coverage=False, **options)
+                self._connect = lambda: RedisCluster.from_url(url, require_full_coverage=False, **REDIS_TIMEOUTS)
                 client = None
         elif not all(callable(getattr(client, m, None)) for m in ("pipeline", "get", "delete")):
             raise ConfigError(f"RedisStore needs a redis.Redis client, a RedisCluster or a redis:// URL, "

@@ -60,6 +60,10 @@ class _Identity(NamedTuple):
     fp: dict[str, Any]
     tag: bytes
 
+    @classmethod
+    def of(cls, fp: dict[str, Any]) -> _Identity:
+        return cls(fp, hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).digest())
+
 
 class _Group:
     """One layer group's side of the tiers: its manager's events, store keys and fingerprint."""
@@ -84,7 +88,7 @@ class _Group:
         if self.index is not None:
             fp["layer_group"] = {"index": self.index, "layers": self.layers,
                                  "sliding_window": self.manager.sliding_window}
-        return _Identity(fp, hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).digest())
+        return _Identity.of(fp)
 
     def other_identities(self) -> list[tuple[str, _Identity]]:
         """The identities this model's blocks would have in a pool of another storage format or
@@ -99,8 +103,7 @@ class _Group:
                           kv_scales=[[1.0, 1.0]] * planes if fmt.scale == "tensor" else None)
                 if fp != base.fp:
                     scales = " (unit fp8 scales)" if name == base.fp["dtype"] and layout == base.fp["layout"] else ""
-                    out.append((f"{name}, {layout}{scales}",
-                                _Identity(fp, hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).digest())))
+                    out.append((f"{name}, {layout}{scales}", _Identity.of(fp)))
         return out
 
     def store_key(self, key: BlockKey, ident: _Identity | None = None) -> BlockKey:

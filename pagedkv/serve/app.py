@@ -149,18 +149,33 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                               n=body.n)
 
+    def other_model(name: str | None) -> JSONResponse | None:
+        """A 404 for a request naming a model this server does not serve."""
+        if name is not None and name != model_name:
+            return _error(404, f"no model {name!r} here; this server serves {model_name!r}", param="model")
+        return None
+
+    def salt_of(given: str | None, request: Request) -> str | None:
+        """A request's cache salt: with ``salt_by_key``, its key's tenant and within it its own."""
+        return f"{request.state.tenant}:{given or ''}" if salt_by_key else given
+
+    def chat_prompt(messages: list[ChatMessage]) -> str | JSONResponse:
+        """The messages through the tokenizer's chat template, or a 400 when it has none."""
+        try:
+            return llm.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                                     add_generation_prompt=True)
+        except (ValueError, AttributeError) as e:
+            return _error(400, f"messages: the tokenizer has no chat template to apply ({e})", param="messages")
+
     async def run(body: _Body, prompt: Any, chat: bool, request: Request) -> Any:
-        if body.model is not None and body.model != model_name:
-            return _error(404, f"no model {body.model!r} here; this server serves {model_name!r}", param="model")
+        if (wrong := other_model(body.model)) is not None:
+            return wrong
         try:
             ids = prompt if isinstance(prompt, list) else llm.tokenizer(prompt)["input_ids"]
             if not ids:
                 raise ValueError("prompt: empty")
             params = params_of(body, len(ids))
-            salt = body.cache_salt
-            if salt_by_key:  # the key's tenant, and within it the request's own salt
-                salt = f"{request.state.tenant}:{salt or ''}"
-            request_id, queue = engine.submit(list(ids), params, salt)
+            request_id, queue = engine.submit(list(ids), params, salt_of(body.cache_salt, request))
         except (PagedKVError, ValueError) as e:
             return _error(400, str(e))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -189,23 +204,19 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
     async def explain(body: ExplainBody, request: Request) -> Any:
         """Where each block of a prompt's K/V would come from, or why not (pagedkv.explain),
         for this tenant: another tenant's salt is never named."""
-        if body.model is not None and body.model != model_name:
-            return _error(404, f"no model {body.model!r} here; this server serves {model_name!r}", param="model")
+        if (wrong := other_model(body.model)) is not None:
+            return wrong
         prompt: Any = body.prompt
         if prompt is None:
             if not body.messages:
                 return _error(400, "give a prompt or messages", param="prompt")
-            try:
-                prompt = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                                           add_generation_prompt=True)
-            except (ValueError, AttributeError) as e:
-                return _error(400, f"messages: the tokenizer has no chat template to apply ({e})", param="messages")
-        salt = body.cache_salt
-        if salt_by_key:
-            salt = f"{request.state.tenant}:{salt or ''}"
+            prompt = chat_prompt(body.messages)
+            if isinstance(prompt, JSONResponse):
+                return prompt
         try:
             with engine.lock:
-                report = llm.explain_prefix(prompt, cache_salt=salt, reveal_other_salts=False)
+                report = llm.explain_prefix(prompt, cache_salt=salt_of(body.cache_salt, request),
+                                            reveal_other_salts=False)
         except (PagedKVError, ValueError) as e:
             return _error(400, str(e))
         return report.to_dict()
@@ -216,11 +227,9 @@ def create_app(llm: LLM, *, model_name: str, api_keys: Sequence[str] = (), salt_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Any:
-        try:
-            prompt = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                                       add_generation_prompt=True)
-        except (ValueError, AttributeError) as e:
-            return _error(400, f"messages: the tokenizer has no chat template to apply ({e})", param="messages")
+        prompt = chat_prompt(body.messages)
+        if isinstance(prompt, JSONResponse):
+            return prompt
         return await run(body, prompt, True, request)
 
     return app

@@ -67,25 +67,21 @@ class EngineThread:
     def _run(self) -> None:
         while not self.stopped:
             self.wake.wait(timeout=None if self.after_step is None else 0.5)
+            delivered = []
             with self.lock:
                 idle = not self.llm.has_unfinished_requests()
                 if idle:
                     self.wake.clear()
-            if idle:
-                self._after_step()
-                continue
-            with self.lock:
-                if not self.llm.has_unfinished_requests():
-                    continue
-                try:
-                    outputs = self.llm.step()
-                except Exception:  # the step's requests finished with an error; the next step reports them
-                    log.exception("a step of the engine failed")
-                    continue
-                delivered = [(self.queues.get(o.request_id), o) for o in outputs]
-                for o in outputs:
-                    if o.finished:
-                        self.queues.pop(o.request_id, None)
+                else:
+                    try:
+                        outputs = self.llm.step()
+                    except Exception:  # the step's requests finished with an error; the next step reports them
+                        log.exception("a step of the engine failed")
+                        continue
+                    delivered = [(self.queues.get(o.request_id), o) for o in outputs]
+                    for o in outputs:
+                        if o.finished:
+                            self.queues.pop(o.request_id, None)
             for target, out in delivered:
                 if target is not None:
                     loop, queue = target
